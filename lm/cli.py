@@ -1,0 +1,23 @@
+"""The command line: parse, train, and turn a UsageError into one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lm.errors import UsageError
+
+
+def main(task: str, argv=None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # quiet fork warnings from DataLoader
+    from lm.config import parse_args
+
+    try:
+        cfg = parse_args(task, argv)
+        from lm.train import train
+
+        train(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,50 @@
+"""AdamW parameter groups and the learning-rate schedule as a function of the step."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def parameter_groups(model: nn.Module, lr: float, weight_decay: float,
+                     new_params: frozenset[str] = frozenset(), new_lr: float | None = None) -> list[dict]:
+    """AdamW groups: no weight decay on 1-D tensors (biases, norm weights); `new_params` get `new_lr`."""
+    groups: dict[tuple[bool, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay, new = p.ndim >= 2, name in new_params
+        group = groups.setdefault((decay, new), {
+            "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr": new_lr if new and new_lr is not None else lr})
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
+    """Multiplier of the peak learning rate at optimizer step `step` (0-based), as HF's schedules."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if kind == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    raise ValueError(kind)
+
+
+def build_optimizer(groups: list[dict], cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the groups; the fused kernel where the device has one (CUDA, CPU)."""
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
+
+
+def build_scheduler(optimizer, total_steps: int, warmup_steps: int, kind: str):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, kind))
