@@ -1,0 +1,43 @@
+import dataclasses
+
+import pytest
+
+from lm.config import Config, build_parser, parse_args
+from lm.errors import UsageError
+
+
+def test_every_option_has_a_flag_and_help():
+    parser = build_parser("clm")
+    flags = {a.dest: a for a in parser._actions}
+    for f in dataclasses.fields(Config):
+        if f.name == "task":
+            continue
+        assert f.name in flags, f.name
+        assert flags[f.name].help
+
+
+def test_parse_args_types_and_task_defaults():
+    cfg = parse_args("mlm", ["--mlm-prob", "0.2", "--block-size", "64", "--line-by-line", "--max-train-steps", "5"])
+    assert (cfg.task, cfg.mlm_prob, cfg.block_size, cfg.line_by_line, cfg.max_train_steps) == ("mlm", 0.2, 64, True, 5)
+    assert cfg.head_lr == Config.for_task("mlm").head_lr
+    assert parse_args("clm", []) == Config.for_task("clm")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--block-size", "0"], "--block-size must be positive"),
+    (["--mlm-prob", "1"], "--mlm-prob must be between 0 and 1"),
+    (["--batch-size", "-1"], "--batch-size must be a positive integer"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--max-train-steps", "0"], "--max-train-steps must be a positive integer"),
+    (["--precision", "fp8"], "invalid choice"),
+    (["--block-size", "abc"], "invalid int value"),
+    (["--dataset", "x", "--train-file", "y.txt"], "either --dataset or --train-file"),
+])
+def test_bad_settings_raise_usage_errors(argv, message):
+    with pytest.raises(UsageError, match=message):
+        parse_args("mlm", argv)
+
+
+def test_line_by_line_is_mlm_only():
+    with pytest.raises(UsageError, match="masked LM only"):
+        parse_args("clm", ["--line-by-line"])

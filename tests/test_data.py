@@ -1,0 +1,96 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lm.data import (EpochSampler, build_examples, group_into_blocks, hold_out, pad_batch, read_texts, split_lines,
+                     tokenize)
+from lm.errors import UsageError
+
+
+def test_split_lines_keeps_newlines_and_empty_lines():
+    assert split_lines("a\n\nb\r\nc") == ["a\n", "\n", "b\n", "c"]
+    assert split_lines("a\n") == ["a\n"]
+
+
+def test_read_texts_formats(tmp_path):
+    (tmp_path / "t.txt").write_text("one\n\ntwo\n", encoding="utf-8")
+    (tmp_path / "t.csv").write_text("id,body\n1,hello\n2,\"multi\nline\"\n", encoding="utf-8")
+    (tmp_path / "t.jsonl").write_text('{"body": "x"}\n{"body": "y"}\n', encoding="utf-8")
+    (tmp_path / "t.json").write_text(json.dumps([{"body": "p"}, {"body": "q"}]), encoding="utf-8")
+    assert read_texts(str(tmp_path / "t.txt")) == ["one\n", "\n", "two\n"]
+    assert read_texts(str(tmp_path / "t.csv"), "body") == ["hello", "multi\nline"]
+    assert read_texts(str(tmp_path / "t.jsonl"), "body") == ["x", "y"]
+    assert read_texts(str(tmp_path / "t.json"), "body") == ["p", "q"]
+    with pytest.raises(UsageError, match="no column 'text'"):
+        read_texts(str(tmp_path / "t.csv"))
+
+
+@pytest.mark.parametrize("content, message", [(b"", "empty"), (b"caf\xe9\n", "not UTF-8")])
+def test_read_texts_rejects_bad_files(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(UsageError, match=message):
+        read_texts(str(path))
+
+
+def test_group_into_blocks_drops_only_the_final_remainder():
+    blocks = group_into_blocks(np.arange(10), 3)
+    assert blocks.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert group_into_blocks(np.arange(2), 3).shape == (0, 3)
+
+
+def test_tokenize_concatenates_texts_with_their_special_tokens(tokenizer):
+    texts = ["Hello world\n", "\n", "def f(x): return x\n"] * 700  # > one tokenizer batch of 1000
+    expected = [i for t in texts for i in tokenizer(t)["input_ids"]]
+    assert tokenize(texts, tokenizer).tolist() == expected
+    assert expected[0] == tokenizer.cls_token_id
+
+
+def test_blocks_span_text_boundaries(tokenizer):
+    texts = ["alpha beta gamma\n"] * 50
+    ids = tokenize(texts, tokenizer)
+    examples = build_examples(texts, tokenizer, 16, False, None, "train")
+    assert len(examples) == len(ids) // 16
+    assert np.array_equal(np.concatenate(examples.sequences), ids[: len(examples) * 16])
+    assert len(build_examples(texts, tokenizer, 16, False, 3, "train")) == 3
+    with pytest.raises(UsageError, match="fewer than one block"):
+        build_examples(["hi\n"], tokenizer, 16, False, None, "train")
+
+
+def test_line_by_line_skips_blank_lines_and_truncates(tokenizer):
+    examples = build_examples(["short\n", "\n", "   \n", "word " * 100 + "\n"], tokenizer, 8, True, None, "train")
+    assert [len(s) for s in examples.sequences] == [3, 8]
+
+
+def test_hold_out_takes_the_first_percent():
+    train, valid = hold_out([str(i) for i in range(100)], 5)
+    assert valid == ["0", "1", "2", "3", "4"] and train[0] == "5" and len(train) == 95
+
+
+def test_pad_batch_pads_right_with_a_mask():
+    batch = pad_batch([(4, torch.tensor([5, 6, 7])), (9, torch.tensor([8]))], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["index"].tolist() == [4, 9]
+
+
+def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
+    a, b = EpochSampler(50, seed=1), EpochSampler(50, seed=1)
+    first = list(a)
+    assert first == list(b) and sorted(first) == list(range(50))
+    a.set_epoch(1)
+    assert list(a) != first and sorted(a) == list(range(50))
+    a.set_epoch(0, start=20)
+    assert list(a) == first[20:]
+
+
+def test_epoch_sampler_shards_are_disjoint_and_interleave_to_the_single_order():
+    single = list(EpochSampler(40, seed=3))
+    shards = [list(EpochSampler(40, seed=3, rank=r, world=2)) for r in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == list(range(40))
+    # global batch i of a 2-rank run holds the same examples as batch i of size 2*B in one process
+    b = 4
+    for i in range(5):
+        assert sorted(shards[0][i * b:(i + 1) * b] + shards[1][i * b:(i + 1) * b]) == sorted(single[i * 2 * b:(i + 1) * 2 * b])

@@ -1,0 +1,61 @@
+import torch
+
+from lm.masking import IGNORE, MaskingCollator, example_generator, mask_tokens
+from lm.objectives import causal_labels
+
+
+def test_mask_tokens_never_picks_unmaskable_positions_and_labels_only_picked():
+    ids = torch.arange(1000, 5000)
+    maskable = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    inputs, labels = mask_tokens(ids, maskable, 0.3, mask_token_id=7, vocab_size=9000,
+                                 generator=torch.Generator().manual_seed(1))
+    picked = labels != IGNORE
+    assert not (picked & ~maskable).any()
+    assert torch.equal(labels[picked], ids[picked])
+    assert torch.equal(inputs[~picked], ids[~picked])
+    share = picked.sum() / maskable.sum()
+    assert 0.25 < share < 0.35
+    assert (inputs[picked] == 7).float().mean() > 0.7
+
+
+def test_mask_tokens_is_a_function_of_the_generator():
+    ids = torch.arange(100, 400)
+    maskable = torch.ones_like(ids, dtype=torch.bool)
+    a = mask_tokens(ids, maskable, 0.15, 1, 500, example_generator(0, 0, 0, 5))
+    b = mask_tokens(ids, maskable, 0.15, 1, 500, example_generator(0, 0, 0, 5))
+    c = mask_tokens(ids, maskable, 0.15, 1, 500, example_generator(0, 0, 1, 5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+
+
+def test_collator_masks_are_fresh_per_epoch_fixed_for_evaluation_and_independent_of_batching(tokenizer):
+    items = [(i, torch.tensor(tokenizer("the quick brown fox jumps over the lazy dog " * 5)["input_ids"]))
+             for i in range(4)]
+    train = MaskingCollator(tokenizer, 0.15, seed=0)
+    e0 = train(items)["labels"]
+    train.epoch = 1
+    e1 = train(items)["labels"]
+    assert not torch.equal(e0, e1)
+    train.epoch = 0
+    halves = torch.cat([train(items[:2])["labels"], train(items[2:])["labels"]])
+    assert torch.equal(halves, e0)  # a mask belongs to (epoch, example), not to the batch
+    evaluation = MaskingCollator(tokenizer, 0.15, seed=0, evaluation=True)
+    assert torch.equal(evaluation(items)["labels"], evaluation(items)["labels"])
+    assert not torch.equal(evaluation(items)["labels"], e0)
+
+
+def test_collator_never_masks_special_tokens_or_padding(tokenizer):
+    items = [(0, torch.tensor(tokenizer("a b c d e f g h " * 20)["input_ids"])), (1, torch.tensor([101, 2000, 102]))]
+    collate = MaskingCollator(tokenizer, 0.9, seed=0)
+    batch = collate(items)
+    picked = batch["labels"] != IGNORE
+    special = torch.isin(batch["labels"], torch.tensor(tokenizer.all_special_ids))
+    assert not special.any()
+    assert not (picked & (batch["attention_mask"] == 0)).any()
+    assert picked.any()
+
+
+def test_causal_labels_predict_the_next_token_and_ignore_padding():
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert causal_labels(ids, mask).tolist() == [[2, 3, 4, IGNORE], [6, IGNORE, IGNORE, IGNORE]]
