@@ -54,3 +54,26 @@ def configure(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+# Dense bf16/fp16 tensor-core peak of one GPU, TFLOP/s, by a substring of its name (first match wins).
+PEAK_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121),
+               ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 125), ("T4", 65)]
+
+
+def peak_flops(device: torch.device, precision: str, override: float | None = None) -> float | None:
+    """FLOP/s the device could do at this precision: --peak-flops, else the GPU table; None if unknown."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    tflops = next((t for key, t in PEAK_TFLOPS if key in name), None)
+    if tflops is None:
+        return None
+    return tflops * 1e12 / (2 if precision == "fp32" else 1)  # fp32 runs as TF32: half the bf16 rate
+
+
+def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights (forward + backward) plus attention's 12*L*H*T."""
+    return 6 * n_params + 12 * n_layers * hidden * seq_len
