@@ -12,8 +12,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's lm, in-process too
+# One thread per process: on shared cores torch's thread pool spin-waits and runs twice as slowly.
+# Set before torch is imported, so in-process runs use the same kernels as the scripts (bitwise equal).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Offline, quiet, and this checkout's lm first (an editable install may point elsewhere).
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+
+
+WORDS = ["the", "model", "reads", "a", "line", "of", "text", "and", "learns", "which", "word", "comes",
+         "next", "python", "list", "loop", "value", "function", "returns", "data"]
 
 
 def tiny_model(task: str, tokenizer, seed: int = 0):
@@ -55,10 +62,8 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 def corpus(tmp_path_factory) -> Path:
     """A .txt of 60 lines of seeded pseudo-words: enough for a few dozen 32-token blocks."""
     rng = random.Random(0)
-    words = ["the", "model", "reads", "a", "line", "of", "text", "and", "learns", "which", "word", "comes",
-             "next", "python", "list", "loop", "value", "function", "returns", "data"]
     path = tmp_path_factory.mktemp("corpus") / "train.txt"
-    path.write_text("".join(" ".join(rng.choices(words, k=12)) + ".\n" for _ in range(60)))
+    path.write_text("".join(" ".join(rng.choices(WORDS, k=12)) + ".\n" for _ in range(60)))
     return path
 
 
