@@ -26,6 +26,8 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
     p = Path(path)
     if p.suffix not in TEXT_SUFFIXES:
         raise UsageError(f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(TEXT_SUFFIXES)}")
+    if p.is_dir():
+        raise UsageError(f"{path}: is a directory; name a text file")
     if not p.is_file():
         raise UsageError(f"{path}: no such file")
     if not os.access(p, os.R_OK):
@@ -35,6 +37,8 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
             raw = f.read()
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); convert it, e.g. with iconv -t utf-8") from None
+    except OSError as e:  # os.access says yes to root, and some filesystems refuse reads it can't foresee
+        raise UsageError(f"{path}: cannot be read ({e.strerror}); check the file and its permissions") from None
     if not raw.strip():
         raise UsageError(f"{path}: the file is empty")
     if p.suffix == ".txt":
@@ -122,7 +126,8 @@ def load_hub_texts(name: str, config: str | None, text_column: str, pct: float) 
 def tokenize(texts: list[str], tokenizer, desc: str = "tokenizing", batch_size: int = 1000) -> np.ndarray:
     """Tokenize each text with the tokenizer's special tokens and concatenate in order: (N,) int64."""
     pieces = []
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False):
+    # delay: quick work draws no bar, so a fast failure leaves its one-line error alone on stderr
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False, delay=1):
         enc = tokenizer(texts[start:start + batch_size], add_special_tokens=True,
                         return_attention_mask=False, verbose=False)
         pieces.extend(enc["input_ids"])
@@ -140,7 +145,7 @@ def tokenize_lines(texts: list[str], tokenizer, max_length: int, desc: str = "to
     """Line-by-line examples: every non-blank text on its own, truncated to max_length tokens."""
     lines = [t for t in texts if t.strip()]
     examples = []
-    for start in tqdm(range(0, len(lines), 1000), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(lines), 1000), desc=desc, unit="batch", leave=False, delay=1):
         enc = tokenizer(lines[start:start + 1000], add_special_tokens=True, truncation=True,
                         max_length=max_length, return_attention_mask=False)
         examples.extend(np.asarray(ids, dtype=np.int64) for ids in enc["input_ids"])

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import threading
@@ -42,7 +43,6 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     whose forward(input_ids, attention_mask, labels) returns the summed loss over labelled tokens.
     """
     cfg = cfg.validated()
-    model_name = cfg.model or ("custom" if model is not None else None)
     seed_everything(cfg.seed)
 
     # -- everything that needs no model is checked first, so mistakes cost seconds
@@ -52,11 +52,15 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     out = Path(cfg.output_dir or f"runs/{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}")
     resume = checkpoint.resolve(cfg.resume_from, out) if cfg.resume_from else None
     check_output_dir(out, cfg, resume)
+    if tokenizer is None:
+        path, extra = resolve_model(cfg.model, cfg.task, cfg.cache_dir)
+    model_name = cfg.model or ("custom" if model is not None else path)
+    if resume is not None:
+        check_resumable(resume, cfg, model_name)
     train_texts, eval_texts = load_texts(cfg)
 
     # -- tokenizer and blocks
     if tokenizer is None:
-        path, extra = resolve_model(cfg.model, cfg.task, cfg.cache_dir)
         tokenizer = load_tokenizer(path, extra, cfg.task)
         model_config = model.config if model is not None else load_config(path, extra)
     else:
@@ -71,7 +75,6 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     fresh = frozenset()
     if model is None:
         model, fresh = load_model(path, extra, cfg.task)
-        model_name = cfg.model or path
     model.to(device)
     module = loss(model).to(device)
     groups = parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr)
@@ -98,7 +101,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
                 "window": {"loss_sum": 0.0, "tokens": 0, "inputs": 0, "seconds": 0.0},
                 "train_tokens": 0, "train_seconds": 0.0}
     if resume is not None:
-        progress = restore(resume, cfg, model_name, model, optimizer, scheduler, scaler)
+        progress = restore(resume, model, optimizer, scheduler, scaler)
     elif cfg.overwrite_output_dir:
         for old in checkpoint.all_checkpoints(out):
             shutil.rmtree(old)
@@ -220,11 +223,8 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
         if stop.signum is not None:
             path = save_checkpoint()
             writer.close()
-            resume_cmd = " ".join([os.path.basename(sys.argv[0]) or "train.py", *sys.argv[1:]])
-            if "--resume-from" not in resume_cmd:
-                resume_cmd += f" --resume-from {path}"
             print(f"stopped by signal {stop.signum} at step {step}; checkpoint {path}\n"
-                  f"resume with: python {resume_cmd}", file=sys.stderr)
+                  f"resume with: {resume_command(sys.argv, path)}", file=sys.stderr)
             raise SystemExit(128 + stop.signum)
 
     if last_eval != step:
@@ -282,15 +282,21 @@ def check_output_dir(out: Path, cfg: Config, resume: Path | None) -> None:
         raise UsageError(f"--output-dir {out}: {parent} is not writable")
 
 
-def restore(path: Path, cfg: Config, model_name, model, optimizer, scheduler, scaler) -> dict:
-    """Load a checkpoint into the run's objects; return its progress. Refuse another task's or model's."""
+def check_resumable(path: Path, cfg: Config, model_name: str) -> None:
+    """Refuse a checkpoint of another task, model or data: resuming it could not be exact."""
     state = checkpoint.read_state(path)
     saved = {**state["config"], "model": state["model"]}
     ours = {**cfg.to_dict(), "model": model_name}
     differ = [k for k in RESUME_FIXED if saved.get(k) != ours.get(k)]
     if differ:
         what = ", ".join(f"{k}={saved.get(k)!r} (now {ours.get(k)!r})" for k in differ)
-        raise UsageError(f"--resume-from {path}: the checkpoint is of a different run: {what}")
+        raise UsageError(f"--resume-from {path}: the checkpoint is of a different run: {what}; "
+                         "resume with the same settings, or start afresh in another --output-dir")
+
+
+def restore(path: Path, model, optimizer, scheduler, scaler) -> dict:
+    """Load a checkpoint (already checked by check_resumable) into the run's objects; return its progress."""
+    state = checkpoint.read_state(path)
     model.load_state_dict(checkpoint.load_tensors(path, "model.pt"))
     optimizer.load_state_dict(checkpoint.load_tensors(path, "optimizer.pt"))
     scheduler.load_state_dict(checkpoint.load_tensors(path, "scheduler.pt"))
@@ -300,6 +306,19 @@ def restore(path: Path, cfg: Config, model_name, model, optimizer, scheduler, sc
     print(f"resuming from {path} at step {state['step']}")
     return {k: state[k] for k in ("step", "epoch", "batches_done", "perplexity_before", "window",
                                   "train_tokens", "train_seconds")}
+
+
+def resume_command(argv: list[str], path: Path) -> str:
+    """The shell command that continues this run from `path`: argv with --resume-from replaced."""
+    args, skip = [], False
+    for arg in argv[1:]:
+        if skip or arg.startswith("--resume-from="):
+            skip = False
+            continue
+        skip = arg == "--resume-from"  # an earlier checkpoint of this run would repeat its steps
+        if not skip:
+            args.append(arg)
+    return shlex.join(["python", os.path.basename(argv[0]) or "train.py", *args, "--resume-from", str(path)])
 
 
 def write_json(path: Path, data: dict) -> None:

