@@ -3,7 +3,7 @@
 A checkpoint is OUTPUT_DIR/checkpoints/step-N/ with:
   model.pt      the model's state dict (the unwrapped module: no DDP or compile prefixes)
   optimizer.pt  AdamW state;  scheduler.pt  LR schedule state;  scaler.pt  fp16 grad scaler, if used
-  rng.pt        python, numpy, torch CPU and CUDA generator states (dropout, fresh weights)
+  rng.pt        per rank: python, numpy, torch CPU and CUDA generator states (dropout)
   state.json    step, epoch, batches done in the epoch, the log window, task, model and config
 The data order and the masks need no saved RNG: they are functions of (seed, epoch, example).
 """
@@ -46,8 +46,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(output_dir: Path, state: dict, model, optimizer, scheduler, scaler=None,
-         keep: int | None = None) -> Path:
-    """Write checkpoints/step-N into a temporary directory, rename it into place, then prune to `keep`."""
+         keep: int | None = None, rng: list[dict] | None = None) -> Path:
+    """Write checkpoints/step-N into a temporary directory, rename it into place, then prune to `keep`.
+
+    `rng` holds every rank's generator states (default: this process's alone).
+    """
     root = Path(output_dir) / DIRNAME
     final = root / f"step-{state['step']}"
     try:
@@ -61,7 +64,7 @@ def save(output_dir: Path, state: dict, model, optimizer, scheduler, scaler=None
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        torch.save(rng if rng is not None else [rng_state()], tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         if final.exists():  # the same step saved twice (e.g. --save-every at an epoch's end)
             shutil.rmtree(final)

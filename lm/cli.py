@@ -10,6 +10,7 @@ from lm.errors import UsageError
 
 def main(task: str, argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # quiet fork warnings from DataLoader
+    from lm import distributed
     from lm.config import parse_args
 
     try:
@@ -20,4 +21,6 @@ def main(task: str, argv=None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.shutdown()
     return 0

@@ -70,6 +70,10 @@ class Config:
     precision: str = option(
         "auto", "auto: bf16 autocast where the hardware runs it natively, else fp32",
         choices=("auto", "fp32", "bf16", "fp16"))
+    compile: bool = option(False, "torch.compile the model (slow first steps; pays off on long GPU runs)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
+    peak_flops: Optional[float] = option(
+        None, "peak FLOP/s of one device, for MFU; default: a table of known GPUs (none for CPUs)")
 
     # --- evaluation, logging, output ---
     eval_every: Optional[int] = option(None, "also evaluate every N optimizer steps")

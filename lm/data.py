@@ -186,11 +186,14 @@ class EpochSampler(Sampler):
 
     Because the order is a pure function of the epoch, no sampler RNG state needs saving: a resumed
     run rebuilds the permutation and starts at `start`. Rank r takes every world-th index, so the
-    union of the ranks' batches i is the single-process batch i of size world * batch_size.
+    union of the ranks' batches i is the single-process batch i of size world * batch_size. For
+    training, the last n % world examples are left out so that every rank runs as many batches.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1,
+                 drop_remainder: bool = True):
         self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.used = n - n % world if drop_remainder else n
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -204,10 +207,10 @@ class EpochSampler(Sampler):
         return torch.randperm(self.n, generator=g)
 
     def __iter__(self):
-        return iter(self.order()[self.start + self.rank:: self.world].tolist())
+        return iter(self.order()[: self.used][self.start + self.rank:: self.world].tolist())
 
     def __len__(self):
-        return len(range(self.start + self.rank, self.n, self.world))
+        return len(range(self.start + self.rank, self.used, self.world))
 
 
 # ---------------------------------------------------------------- a run's data

@@ -41,6 +41,19 @@ def choose_precision(requested: str, device_type: str, bf16_native: bool) -> tup
     return "fp32", f"auto: no native bf16 on {device_type}"
 
 
+def check_compile(compile: bool, device: torch.device) -> None:
+    """--compile needs Inductor's backend for the device: CUDA, or a CPU with a C++ compiler."""
+    if not compile:
+        return
+    if device.type == "mps":
+        raise UsageError("--compile is not supported on Apple MPS here; drop --compile or use --device cpu")
+    if device.type == "cpu":
+        import shutil
+
+        if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
+            raise UsageError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
+
+
 def autocast(device: torch.device, precision: str):
     """Mixed-precision context for forward passes; weights and optimizer state stay fp32."""
     if precision == "fp32":

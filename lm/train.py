@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -9,8 +10,8 @@ import random
 import shlex
 import shutil
 import signal
-import threading
 import sys
+import threading
 import time
 from datetime import datetime
 from itertools import islice
@@ -18,14 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lm import checkpoint
+from lm import checkpoint, distributed
 from lm.config import Config
 from lm.data import EpochSampler, build_examples, load_texts
 from lm.errors import UsageError
-from lm.hardware import autocast, choose_precision, configure, native_bf16, resolve_device
+from lm.hardware import (autocast, check_compile, choose_precision, configure, flops_per_token, native_bf16,
+                         peak_flops, resolve_device)
 from lm.masking import IGNORE
 from lm.modeling import load_config, load_model, load_tokenizer, max_positions, resolve_block_size, resolve_model
 from lm.objectives import TokenLoss, make_collator
@@ -41,14 +44,18 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
 
     `model` and `tokenizer` replace what `cfg.model` names. `loss` wraps the model into a module
     whose forward(input_ids, attention_mask, labels) returns the summed loss over labelled tokens.
+    Under torchrun every process calls this; rank 0 alone writes and prints.
     """
     cfg = cfg.validated()
     seed_everything(cfg.seed)
 
     # -- everything that needs no model is checked first, so mistakes cost seconds
     device = resolve_device(cfg.device)
-    configure(device)
     precision, precision_why = choose_precision(cfg.precision, device.type, native_bf16(device))
+    check_compile(cfg.compile, device)
+    world, device = distributed.init(device)
+    configure(device)
+    say = print if world.main else (lambda *a, **k: None)
     out = Path(cfg.output_dir or f"runs/{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}")
     resume = checkpoint.resolve(cfg.resume_from, out) if cfg.resume_from else None
     check_output_dir(out, cfg, resume)
@@ -59,40 +66,54 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
         check_resumable(resume, cfg, model_name)
     train_texts, eval_texts = load_texts(cfg)
 
-    # -- tokenizer and blocks
+    # -- tokenizer and blocks, prepared once: rank 0 tokenizes, the other ranks receive the result
     if tokenizer is None:
         tokenizer = load_tokenizer(path, extra, cfg.task)
         model_config = model.config if model is not None else load_config(path, extra)
     else:
         model_config = model.config
     block_size, note = resolve_block_size(cfg.block_size, max_positions(model_config, tokenizer))
-    if note:
+    if note and world.main:
         print(f"warning: {note}", file=sys.stderr)
-    train_set = build_examples(train_texts, tokenizer, block_size, cfg.line_by_line, cfg.max_train_samples, "train")
-    eval_set = build_examples(eval_texts, tokenizer, block_size, cfg.line_by_line, cfg.max_eval_samples, "validation")
+    examples = None
+    if world.main:
+        examples = (build_examples(train_texts, tokenizer, block_size, cfg.line_by_line, cfg.max_train_samples, "train"),
+                    build_examples(eval_texts, tokenizer, block_size, cfg.line_by_line, cfg.max_eval_samples,
+                                   "validation"))
+    train_set, eval_set = distributed.broadcast_from_main(world, examples)
 
     # -- model, loss, optimizer, schedule
     fresh = frozenset()
     if model is None:
         model, fresh = load_model(path, extra, cfg.task)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     module = loss(model).to(device)
+    if cfg.compile:
+        module.compile()  # in place: the saved state dict keeps its plain names
+    trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world.distributed else module
     groups = parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr)
     optimizer = build_optimizer(groups, cfg, device)
-    batches_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    sampler = EpochSampler(len(train_set), cfg.seed, rank=world.rank, world=world.size)
+    batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
     total_steps = cfg.max_train_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
     scheduler = build_scheduler(optimizer, total_steps, warmup, cfg.lr_scheduler)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    if world.distributed:  # same weights everywhere (DDP broadcast them); dropout differs per rank
+        torch.manual_seed(cfg.seed + world.rank)
 
-    sampler = EpochSampler(len(train_set), cfg.seed)
     collate = make_collator(cfg.task, tokenizer, cfg.mlm_prob, cfg.seed)
     # Private generators: a DataLoader otherwise draws its base seed from the global RNG at every
     # iter(), which would shift dropout after a resume mid-epoch.
     train_loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate,
                               generator=torch.Generator())
-    eval_loader = DataLoader(eval_set, cfg.eval_batch_size or cfg.batch_size, shuffle=False,
+    eval_loader = DataLoader(eval_set, cfg.eval_batch_size or cfg.batch_size,
+                             sampler=EpochSampler(len(eval_set), cfg.seed, shuffle=False, rank=world.rank,
+                                                  world=world.size, drop_remainder=False),
                              collate_fn=make_collator(cfg.task, tokenizer, cfg.mlm_prob, cfg.seed, evaluation=True),
                              generator=torch.Generator())
 
@@ -101,26 +122,30 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
                 "window": {"loss_sum": 0.0, "tokens": 0, "inputs": 0, "seconds": 0.0},
                 "train_tokens": 0, "train_seconds": 0.0}
     if resume is not None:
-        progress = restore(resume, model, optimizer, scheduler, scaler)
-    elif cfg.overwrite_output_dir:
+        progress = restore(resume, model, optimizer, scheduler, scaler, world)
+        say(f"resuming from {resume} at step {progress['step']}")
+    elif cfg.overwrite_output_dir and world.main:
         for old in checkpoint.all_checkpoints(out):
             shutil.rmtree(old)
 
-    print(f"model {model_name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
-          + (f", {len(fresh)} freshly initialised tensors (lr {cfg.head_lr or cfg.lr:g})" if fresh else ""))
-    print(f"device {device}, precision {precision} ({precision_why})")
-    print(f"data: {len(train_set)} train / {len(eval_set)} validation examples of <= {block_size} tokens; "
-          f"{cfg.batch_size * cfg.grad_accum_steps} examples per step, {total_steps} steps, output {out}")
+    n_params = sum(p.numel() for p in model.parameters())
+    token_flops = flops_per_token(n_params, model_config.num_hidden_layers, model_config.hidden_size, block_size)
+    peak = peak_flops(device, precision, cfg.peak_flops)  # None: MFU unknown (a CPU without --peak-flops)
+    say(f"model {model_name}: {n_params / 1e6:.1f}M parameters"
+        + (f", {len(fresh)} freshly initialised tensors (lr {cfg.head_lr or cfg.lr:g})" if fresh else ""))
+    say(f"device {device}" + (f" x {world.size} processes" if world.distributed else "")
+        + f", precision {precision} ({precision_why})" + (", compiled" if cfg.compile else ""))
+    say(f"data: {len(train_set)} train / {len(eval_set)} validation examples of <= {block_size} tokens; "
+        f"{cfg.batch_size * cfg.grad_accum_steps * world.size} examples per step, {total_steps} steps, output {out}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(out / "logs", purge_step=progress["step"] + 1 if resume else None)
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+    writer = summary_writer(out / "logs", world, purge_step=progress["step"] + 1 if resume else None)
     if resume is None:
         writer.add_text("config", "```\n" + json.dumps({**cfg.to_dict(), "precision": precision}, indent=2) + "\n```")
 
     def run_evaluation(step: int) -> float:
-        loss_value = evaluate(module, eval_loader, device, precision)
+        loss_value = evaluate(module, eval_loader, device, precision, world)
         writer.add_scalar("eval/loss", loss_value, step)
         writer.add_scalar("eval/perplexity", perplexity(loss_value), step)
         return loss_value
@@ -129,27 +154,34 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
         eval_loss = run_evaluation(0)
         metrics = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "eval_tokens": eval_set.num_tokens,
                    "precision": precision, "model": model_name}
-        write_json(out / "metrics.json", metrics)
-        print(f"perplexity: {perplexity(eval_loss):.4f}")
+        if world.main:
+            write_json(out / "metrics.json", metrics)
+        say(f"perplexity: {perplexity(eval_loss):.4f}")
         writer.close()
         return metrics
 
     if progress["perplexity_before"] is None:
         progress["perplexity_before"] = perplexity(run_evaluation(0))
-        print(f"perplexity before training: {progress['perplexity_before']:.3f}")
+        say(f"perplexity before training: {progress['perplexity_before']:.3f}")
 
     def save_checkpoint() -> Path:
-        state = {**progress, "task": cfg.task, "model": model_name, "config": cfg.to_dict()}
-        return checkpoint.save(out, state, model, optimizer, scheduler, scaler, cfg.save_total_limit)
+        rng = distributed.gather_to_main(world, checkpoint.rng_state())  # a collective: every rank calls it
+        if not world.main:
+            return None
+        state = {**progress, "task": cfg.task, "model": model_name, "config": cfg.to_dict(),
+                 "world_size": world.size}
+        return checkpoint.save(out, state, model, optimizer, scheduler, scaler, cfg.save_total_limit, rng=rng)
 
     # -- the loop
     step, window = progress["step"], progress["window"]
     last_eval = eval_loss = None
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True)
-    module.train()
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+               disable=not world.main)
+    trained.train()
+    stopping = False
     with StopOnSignal() as stop:
         while step < total_steps:
-            sampler.set_epoch(progress["epoch"], start=progress["batches_done"] * cfg.batch_size)
+            sampler.set_epoch(progress["epoch"], start=progress["batches_done"] * cfg.batch_size * world.size)
             collate.epoch = progress["epoch"]
             batches = iter(train_loader)
             while step < total_steps:
@@ -158,18 +190,21 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
                 if not micro:
                     break
                 # One optimizer step. Each micro-batch's summed loss is divided by the labelled tokens
-                # of the whole step, so every token weighs the same however the batches are split.
-                n_tokens = max(1, sum(int((mb["labels"] != IGNORE).sum()) for mb in micro))
+                # of the whole step on all ranks, so every token weighs the same however the step is
+                # split into micro-batches and processes (DDP averages gradients: hence * world.size).
+                n_tokens, = distributed.all_sum(world, sum(int((mb["labels"] != IGNORE).sum()) for mb in micro),
+                                                device=device)
+                scale = world.size / max(n_tokens, 1)
                 step_loss = torch.zeros((), device=device)
-                for mb in micro:
+                for i, mb in enumerate(micro):
                     input_ids, attention_mask, labels = (mb[k].to(device, non_blocking=True)
                                                          for k in ("input_ids", "attention_mask", "labels"))
-                    with autocast(device, precision):
-                        loss_sum = module(input_ids, attention_mask, labels)
-                    scaled = loss_sum / n_tokens
-                    (scaler.scale(scaled) if scaler else scaled).backward()
+                    sync = not world.distributed or i == len(micro) - 1  # all-reduce grads once per step
+                    with (contextlib.nullcontext() if sync else trained.no_sync()), autocast(device, precision):
+                        loss_sum = trained(input_ids, attention_mask, labels)
+                    (scaler.scale(loss_sum * scale) if scaler else loss_sum * scale).backward()
                     step_loss += loss_sum.detach()
-                step_loss = step_loss.item()
+                step_loss, = distributed.all_sum(world, step_loss.item(), device=device)
                 if not math.isfinite(step_loss):
                     last = checkpoint.latest(out)
                     raise UsageError(f"the training loss became {step_loss} at step {step + 1}; "
@@ -187,7 +222,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                inputs = sum(int(mb["attention_mask"].sum()) for mb in micro)
+                inputs = sum(int(mb["attention_mask"].sum()) for mb in micro) * world.size
                 seconds = time.perf_counter() - started
                 progress.update(step=step, batches_done=progress["batches_done"] + len(micro),
                                 train_tokens=progress["train_tokens"] + inputs,
@@ -195,23 +230,27 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
                 window.update(loss_sum=window["loss_sum"] + step_loss, tokens=window["tokens"] + n_tokens,
                               inputs=window["inputs"] + inputs, seconds=window["seconds"] + seconds)
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss / n_tokens:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{step_loss / max(n_tokens, 1):.4f}", lr=f"{lr:.2e}")
 
                 if step % cfg.log_every == 0 or step == total_steps:
-                    mean = window["loss_sum"] / window["tokens"]
+                    mean = window["loss_sum"] / max(window["tokens"], 1)
+                    tokens_per_sec = window["inputs"] / window["seconds"]
                     writer.add_scalar("train/loss", mean, step)
                     writer.add_scalar("train/perplexity", perplexity(mean), step)
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                    writer.add_scalar("train/tokens_per_sec", window["inputs"] / window["seconds"], step)
+                    writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step)
+                    if peak:
+                        writer.add_scalar("train/mfu", token_flops * tokens_per_sec / peak / world.size, step)
                     window.update(loss_sum=0.0, tokens=0, inputs=0, seconds=0.0)
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     eval_loss, last_eval = run_evaluation(step), step
                 if cfg.save_every and step % cfg.save_every == 0:
                     save_checkpoint()
-                if stop.signum is not None:
+                stopping = distributed.all_sum(world, stop.signum is not None, device=device)[0] > 0
+                if stopping:
                     break
-            if stop.signum is not None:
+            if stopping:
                 break
             if progress["batches_done"] >= batches_per_epoch:  # the epoch ran out, not the step budget
                 if last_eval != step:
@@ -220,42 +259,50 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
                 if cfg.save_every:
                     save_checkpoint()
         bar.close()
-        if stop.signum is not None:
+        if stopping:
             path = save_checkpoint()
             writer.close()
-            print(f"stopped by signal {stop.signum} at step {step}; checkpoint {path}\n"
-                  f"resume with: {resume_command(sys.argv, path)}", file=sys.stderr)
-            raise SystemExit(128 + stop.signum)
+            signum = stop.signum or signal.SIGTERM
+            if world.main:
+                print(f"stopped by signal {signum} at step {step}; checkpoint {path}\n"
+                      f"resume with: {resume_command(sys.argv, path)}", file=sys.stderr)
+            raise SystemExit(128 + signum)
 
     if last_eval != step:
         eval_loss = run_evaluation(step)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    seconds = max(progress["train_seconds"], 1e-9)
     metrics = {
         "eval_loss": eval_loss, "perplexity": perplexity(eval_loss),
         "perplexity_before": progress["perplexity_before"], "train_steps": step,
         "train_tokens": progress["train_tokens"], "train_seconds": progress["train_seconds"],
-        "tokens_per_second": progress["train_tokens"] / max(progress["train_seconds"], 1e-9),
-        "precision": precision, "model": model_name, "block_size": block_size,
+        "tokens_per_second": progress["train_tokens"] / seconds,
+        "mfu": token_flops * progress["train_tokens"] / seconds / peak / world.size if peak else None,
+        "precision": precision, "model": model_name, "block_size": block_size, "world_size": world.size,
     }
-    write_json(out / "metrics.json", metrics)
+    if world.main:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        write_json(out / "metrics.json", metrics)
     writer.close()
-    print(f"perplexity: {metrics['perplexity_before']:.3f} -> {metrics['perplexity']:.3f}")
+    distributed.barrier(world)  # nobody leaves before the model is saved
+    say(f"perplexity: {metrics['perplexity_before']:.3f} -> {metrics['perplexity']:.3f}"
+        + (f" (MFU {metrics['mfu']:.1%})" if peak else ""))
     return metrics
 
 
 @torch.no_grad()
-def evaluate(module, loader, device, precision: str) -> float:
-    """Mean loss per labelled token over the whole loader (token-weighted, not a mean of batch means)."""
+def evaluate(module, loader, device, precision: str, world=distributed.World()) -> float:
+    """Mean loss per labelled token over the whole split, on all ranks (token-weighted, not a mean of means)."""
     was_training = module.training
     module.eval()
     loss_sum, tokens = 0.0, 0
-    for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True, disable=not world.main):
         labels = batch["labels"].to(device)
         with autocast(device, precision):
             loss_sum += module(batch["input_ids"].to(device), batch["attention_mask"].to(device), labels).item()
         tokens += int((labels != IGNORE).sum())
     module.train(was_training)
+    loss_sum, tokens = distributed.all_sum(world, loss_sum, tokens, device=device)
     return loss_sum / max(tokens, 1)
 
 
@@ -294,7 +341,7 @@ def check_resumable(path: Path, cfg: Config, model_name: str) -> None:
                          "resume with the same settings, or start afresh in another --output-dir")
 
 
-def restore(path: Path, model, optimizer, scheduler, scaler) -> dict:
+def restore(path: Path, model, optimizer, scheduler, scaler, world=distributed.World()) -> dict:
     """Load a checkpoint (already checked by check_resumable) into the run's objects; return its progress."""
     state = checkpoint.read_state(path)
     model.load_state_dict(checkpoint.load_tensors(path, "model.pt"))
@@ -302,8 +349,11 @@ def restore(path: Path, model, optimizer, scheduler, scaler) -> dict:
     scheduler.load_state_dict(checkpoint.load_tensors(path, "scheduler.pt"))
     if scaler is not None and (Path(path) / "scaler.pt").exists():
         scaler.load_state_dict(checkpoint.load_tensors(path, "scaler.pt"))
-    checkpoint.set_rng_state(checkpoint.load_tensors(path, "rng.pt"))
-    print(f"resuming from {path} at step {state['step']}")
+    rng = checkpoint.load_tensors(path, "rng.pt")  # one state per rank of the run that saved it
+    if len(rng) != world.size and world.main:
+        print(f"warning: the checkpoint was written by {len(rng)} processes, this run has {world.size}: "
+              "batches and masks stay the same, dropout draws do not", file=sys.stderr)
+    checkpoint.set_rng_state(rng[world.rank % len(rng)])
     return {k: state[k] for k in ("step", "epoch", "batches_done", "perplexity_before", "window",
                                   "train_tokens", "train_seconds")}
 
@@ -319,6 +369,20 @@ def resume_command(argv: list[str], path: Path) -> str:
         if not skip:
             args.append(arg)
     return shlex.join(["python", os.path.basename(argv[0]) or "train.py", *args, "--resume-from", str(path)])
+
+
+def summary_writer(log_dir: Path, world, purge_step=None):
+    """TensorBoard writer on rank 0; elsewhere an object that drops every call."""
+    if not world.main:
+        return _Discard()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir, purge_step=purge_step)
+
+
+class _Discard:
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 def write_json(path: Path, data: dict) -> None:
