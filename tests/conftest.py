@@ -75,6 +75,29 @@ def run_script(task: str, *args, env=None, timeout=300) -> subprocess.CompletedP
 
 
 @pytest.fixture(scope="session")
+def no_dropout_models(tmp_path_factory):
+    """Tiny GPT-2 and BERT without dropout: then the only randomness is the data, shared by design."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = minilm_tokenizer()
+    torch.manual_seed(0)
+    models = {
+        "clm": GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+        "mlm": BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
+                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)),
+    }
+    dirs = {}
+    for task, model in models.items():
+        dirs[task] = tmp_path_factory.mktemp(f"nodrop-{task}")
+        model.save_pretrained(dirs[task])
+        tokenizer.save_pretrained(dirs[task])
+    return dirs
+
+
+@pytest.fixture(scope="session")
 def tokenizer():
     return minilm_tokenizer()
 

@@ -1,0 +1,60 @@
+"""Numerics and compute options end to end: bf16 autocast, gradient checkpointing, torch.compile."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import metrics, run_script, scalars
+
+
+def common(model_dir, corpus, out, *extra):
+    return ["--model", model_dir, "--train-file", corpus, "--block-size", "16", "--max-train-steps", "4",
+            "--log-every", "1", "--lr", "1e-3", "--output-dir", out, *extra]
+
+
+def losses(out):
+    return [v for _, v in scalars(out, "train/loss")]
+
+
+@pytest.mark.parametrize("task", ["clm", "mlm"])
+def test_bf16_trains_with_finite_losses_and_saves_fp32_weights(task, model_dirs, corpus, tmp_path):
+    r = run_script(task, *common(model_dirs[task], corpus, tmp_path / "bf16", "--precision", "bf16"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = metrics(tmp_path / "bf16")
+    assert m["precision"] == "bf16" and math.isfinite(m["eval_loss"])
+    assert all(math.isfinite(v) for v in losses(tmp_path / "bf16"))
+    weights = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+def test_gradient_checkpointing_changes_memory_not_the_maths(model_dirs, corpus, tmp_path):
+    base = common(model_dirs["clm"], corpus, tmp_path / "plain", "--precision", "fp32")
+    assert run_script("clm", *base).returncode == 0
+    r = run_script("clm", *common(model_dirs["clm"], corpus, tmp_path / "ckpt", "--precision", "fp32",
+                                  "--gradient-checkpointing"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), rel=1e-5)
+
+
+def test_compile_matches_eager_and_saves_plain_names(no_dropout_models, corpus, tmp_path):
+    # no dropout: compiled code draws its random numbers differently
+    eager = common(no_dropout_models["clm"], corpus, tmp_path / "eager", "--precision", "fp32")
+    assert run_script("clm", *eager).returncode == 0
+    r = run_script("clm", *common(no_dropout_models["clm"], corpus, tmp_path / "compiled", "--precision", "fp32",
+                                  "--compile", "--save-every", "4"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "compiled" in r.stdout
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+    saved = torch.load(tmp_path / "compiled" / "checkpoints" / "step-4" / "model.pt", weights_only=True)
+    assert not any("_orig_mod" in k for k in saved)
+    assert not any("_orig_mod" in k for k in load_file(tmp_path / "compiled" / "model.safetensors"))
+
+
+def test_fp16_without_cuda_is_a_one_line_error(model_dirs, corpus, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, where fp16 is allowed")
+    r = run_script("clm", *common(model_dirs["clm"], corpus, tmp_path / "fp16", "--precision", "fp16"))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
+    assert "fp16 needs a CUDA GPU" in r.stderr and "bf16" in r.stderr
