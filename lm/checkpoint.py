@@ -1,8 +1,8 @@
 """What a resumable checkpoint holds (listed once), written atomically, found again, loaded.
 
 A checkpoint is OUTPUT_DIR/checkpoints/step-N/ with:
-  model.pt      the model's state dict (the unwrapped module: no DDP or compile prefixes)
-  optimizer.pt  AdamW state;  scheduler.pt  LR schedule state;  scaler.pt  fp16 grad scaler, if used
+  model.pt      the model's full state dict (the unwrapped module: no DDP, FSDP or compile prefixes)
+  optimizer.pt  AdamW state (keyed by parameter name under --fsdp);  scheduler.pt  LR schedule state;  scaler.pt  fp16 grad scaler, if used
   rng.pt        per rank: python, numpy, torch CPU and CUDA generator states (dropout)
   state.json    step, epoch, batches done in the epoch, the log window, task, model and config
 The data order and the masks need no saved RNG: they are functions of (seed, epoch, example).
@@ -45,11 +45,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(output_dir: Path, state: dict, model, optimizer, scheduler, scaler=None,
-         keep: int | None = None, rng: list[dict] | None = None) -> Path:
+def save(output_dir: Path, state: dict, tensors: dict[str, object], keep: int | None = None) -> Path:
     """Write checkpoints/step-N into a temporary directory, rename it into place, then prune to `keep`.
 
-    `rng` holds every rank's generator states (default: this process's alone).
+    `tensors` maps file names (model.pt, optimizer.pt, ...: see the module docstring) to what goes in them.
     """
     root = Path(output_dir) / DIRNAME
     final = root / f"step-{state['step']}"
@@ -59,12 +58,8 @@ def save(output_dir: Path, state: dict, model, optimizer, scheduler, scaler=None
     except OSError as e:
         raise UsageError(f"cannot write a checkpoint in {root}: {e.strerror}") from None
     try:
-        torch.save(model.state_dict(), tmp / "model.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save(rng if rng is not None else [rng_state()], tmp / "rng.pt")
+        for name, value in tensors.items():
+            torch.save(value, tmp / name)
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         if final.exists():  # the same step saved twice (e.g. --save-every at an epoch's end)
             shutil.rmtree(final)

@@ -70,6 +70,7 @@ class Config:
     precision: str = option(
         "auto", "auto: bf16 autocast where the hardware runs it natively, else fp32",
         choices=("auto", "fp32", "bf16", "fp16"))
+    fsdp: bool = option(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
     compile: bool = option(False, "torch.compile the model (slow first steps; pays off on long GPU runs)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
     peak_flops: Optional[float] = option(

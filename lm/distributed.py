@@ -77,3 +77,50 @@ def broadcast_from_main(world: World, obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def shard(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: each transformer block its own shard group, the loss module (holding the rest) the root.
+
+    Blocks are the children of the model's ModuleLists (BERT's encoder.layer, GPT-2's h, Llama's
+    layers). A block that holds a parameter tied elsewhere stays in the root group, where both
+    users see it unsharded.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    uses = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    for lst in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
+        for block in lst:
+            if all(uses[id(p)] == 1 for p in block.parameters()):
+                fully_shard(block)
+    fully_shard(module)
+    return module
+
+
+def full_state(model: torch.nn.Module, optimizer=None, sharded: bool = False):
+    """(model state, optimizer state) as whole tensors on CPU; under FSDP gathered on rank 0 (a collective)."""
+    if not sharded:
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    return model_state, optim_state
+
+
+def load_full_state(model: torch.nn.Module, optimizer, model_state, optim_state, sharded: bool = False) -> None:
+    """Inverse of full_state: under FSDP rank 0's whole tensors are scattered to the shards."""
+    if not sharded:
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \
+        set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)

@@ -38,11 +38,11 @@ def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     raise ValueError(kind)
 
 
-def build_optimizer(groups: list[dict], cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the groups; the fused kernel where the device has one (CUDA, CPU)."""
+def build_optimizer(groups: list[dict], cfg, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over the groups; the fused kernel where the device has one (CUDA, CPU) unless fused=False."""
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                             weight_decay=cfg.weight_decay, fused=device.type in ("cuda", "cpu"))
+                             weight_decay=cfg.weight_decay, fused=fused and device.type in ("cuda", "cpu"))
 
 
 def build_scheduler(optimizer, total_steps: int, warmup_steps: int, kind: str):

@@ -36,7 +36,7 @@ from lm.optim import build_optimizer, build_scheduler, parameter_groups
 
 # Options that fix which batches a run sees; a resumed run must keep them to stay exact.
 RESUME_FIXED = ("task", "model", "dataset", "dataset_config", "train_file", "validation_file", "block_size",
-                "line_by_line", "mlm_prob", "max_train_samples", "batch_size", "grad_accum_steps", "seed")
+                "line_by_line", "mlm_prob", "max_train_samples", "batch_size", "grad_accum_steps", "seed", "fsdp")
 
 
 def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
@@ -54,6 +54,8 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     precision, precision_why = choose_precision(cfg.precision, device.type, native_bf16(device))
     check_compile(cfg.compile, device)
     world, device = distributed.init(device)
+    if cfg.fsdp and not world.distributed:
+        raise UsageError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N >= 2)")
     configure(device)
     say = print if world.main else (lambda *a, **k: None)
     out = Path(cfg.output_dir or f"runs/{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -92,10 +94,14 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     module = loss(model).to(device)
     if cfg.compile:
         module.compile()  # in place: the saved state dict keeps its plain names
-    trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world.distributed else module
+    if cfg.fsdp:
+        trained = distributed.shard(module, model)
+    elif world.distributed:
+        trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        trained = module
     groups = parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr)
-    optimizer = build_optimizer(groups, cfg, device)
+    optimizer = build_optimizer(groups, cfg, device, fused=not cfg.fsdp)
     sampler = EpochSampler(len(train_set), cfg.seed, rank=world.rank, world=world.size)
     batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
@@ -111,9 +117,12 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     # iter(), which would shift dropout after a resume mid-epoch.
     train_loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate,
                               generator=torch.Generator())
+    # Evaluation is sharded too, except under FSDP, whose forwards are collectives that every rank
+    # must run equally often: there each rank evaluates the whole split.
+    eval_world = distributed.World() if cfg.fsdp else world
     eval_loader = DataLoader(eval_set, cfg.eval_batch_size or cfg.batch_size,
-                             sampler=EpochSampler(len(eval_set), cfg.seed, shuffle=False, rank=world.rank,
-                                                  world=world.size, drop_remainder=False),
+                             sampler=EpochSampler(len(eval_set), cfg.seed, shuffle=False, rank=eval_world.rank,
+                                                  world=eval_world.size, drop_remainder=False),
                              collate_fn=make_collator(cfg.task, tokenizer, cfg.mlm_prob, cfg.seed, evaluation=True),
                              generator=torch.Generator())
 
@@ -122,7 +131,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
                 "window": {"loss_sum": 0.0, "tokens": 0, "inputs": 0, "seconds": 0.0},
                 "train_tokens": 0, "train_seconds": 0.0}
     if resume is not None:
-        progress = restore(resume, model, optimizer, scheduler, scaler, world)
+        progress = restore(resume, model, optimizer, scheduler, scaler, world, sharded=cfg.fsdp)
         say(f"resuming from {resume} at step {progress['step']}")
     elif cfg.overwrite_output_dir and world.main:
         for old in checkpoint.all_checkpoints(out):
@@ -145,7 +154,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
         writer.add_text("config", "```\n" + json.dumps({**cfg.to_dict(), "precision": precision}, indent=2) + "\n```")
 
     def run_evaluation(step: int) -> float:
-        loss_value = evaluate(module, eval_loader, device, precision, world)
+        loss_value = evaluate(module, eval_loader, device, precision, eval_world)
         writer.add_scalar("eval/loss", loss_value, step)
         writer.add_scalar("eval/perplexity", perplexity(loss_value), step)
         return loss_value
@@ -165,12 +174,16 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
         say(f"perplexity before training: {progress['perplexity_before']:.3f}")
 
     def save_checkpoint() -> Path:
-        rng = distributed.gather_to_main(world, checkpoint.rng_state())  # a collective: every rank calls it
+        # collectives first, on every rank: the RNG states of all ranks, and under FSDP the whole weights
+        rng = distributed.gather_to_main(world, checkpoint.rng_state())
+        model_state, optim_state = distributed.full_state(model, optimizer, sharded=cfg.fsdp)
         if not world.main:
             return None
         state = {**progress, "task": cfg.task, "model": model_name, "config": cfg.to_dict(),
                  "world_size": world.size}
-        return checkpoint.save(out, state, model, optimizer, scheduler, scaler, cfg.save_total_limit, rng=rng)
+        tensors = {"model.pt": model_state, "optimizer.pt": optim_state, "scheduler.pt": scheduler.state_dict(),
+                   "rng.pt": rng, **({"scaler.pt": scaler.state_dict()} if scaler else {})}
+        return checkpoint.save(out, state, tensors, cfg.save_total_limit)
 
     # -- the loop
     step, window = progress["step"], progress["window"]
@@ -199,8 +212,8 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
                 for i, mb in enumerate(micro):
                     input_ids, attention_mask, labels = (mb[k].to(device, non_blocking=True)
                                                          for k in ("input_ids", "attention_mask", "labels"))
-                    sync = not world.distributed or i == len(micro) - 1  # all-reduce grads once per step
-                    with (contextlib.nullcontext() if sync else trained.no_sync()), autocast(device, precision):
+                    sync = i == len(micro) - 1  # reduce gradients across ranks once per step
+                    with no_sync(trained, world, cfg.fsdp, sync), autocast(device, precision):
                         loss_sum = trained(input_ids, attention_mask, labels)
                     (scaler.scale(loss_sum * scale) if scaler else loss_sum * scale).backward()
                     step_loss += loss_sum.detach()
@@ -213,6 +226,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
                 if scaler:
                     scaler.unscale_(optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
                 lr = scheduler.get_last_lr()[0]
                 if scaler:
                     scaler.step(optimizer)
@@ -279,8 +293,9 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
         "mfu": token_flops * progress["train_tokens"] / seconds / peak / world.size if peak else None,
         "precision": precision, "model": model_name, "block_size": block_size, "world_size": world.size,
     }
+    model_state, _ = distributed.full_state(model, sharded=cfg.fsdp)  # a collective under FSDP
     if world.main:
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=model_state)
         tokenizer.save_pretrained(out)
         write_json(out / "metrics.json", metrics)
     writer.close()
@@ -304,6 +319,15 @@ def evaluate(module, loader, device, precision: str, world=distributed.World()) 
     module.train(was_training)
     loss_sum, tokens = distributed.all_sum(world, loss_sum, tokens, device=device)
     return loss_sum / max(tokens, 1)
+
+
+def no_sync(trained, world, fsdp: bool, sync: bool):
+    """Skip the gradient reduction of an accumulation micro-step (DDP's no_sync, FSDP2's flag)."""
+    if fsdp:
+        trained.set_requires_gradient_sync(sync)
+    elif world.distributed and not sync:
+        return trained.no_sync()
+    return contextlib.nullcontext()
 
 
 def perplexity(loss: float) -> float:
@@ -341,11 +365,11 @@ def check_resumable(path: Path, cfg: Config, model_name: str) -> None:
                          "resume with the same settings, or start afresh in another --output-dir")
 
 
-def restore(path: Path, model, optimizer, scheduler, scaler, world=distributed.World()) -> dict:
+def restore(path: Path, model, optimizer, scheduler, scaler, world=distributed.World(), sharded=False) -> dict:
     """Load a checkpoint (already checked by check_resumable) into the run's objects; return its progress."""
     state = checkpoint.read_state(path)
-    model.load_state_dict(checkpoint.load_tensors(path, "model.pt"))
-    optimizer.load_state_dict(checkpoint.load_tensors(path, "optimizer.pt"))
+    distributed.load_full_state(model, optimizer, checkpoint.load_tensors(path, "model.pt"),
+                                checkpoint.load_tensors(path, "optimizer.pt"), sharded=sharded)
     scheduler.load_state_dict(checkpoint.load_tensors(path, "scheduler.pt"))
     if scaler is not None and (Path(path) / "scaler.pt").exists():
         scaler.load_state_dict(checkpoint.load_tensors(path, "scaler.pt"))

@@ -74,3 +74,31 @@ def test_two_nodes_by_rendezvous_equal_one_process(no_dropout_models, corpus, tm
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     assert_same_training(tmp_path / "one", tmp_path / "nodes", "clm")
+
+
+@pytest.mark.parametrize("task", ["clm", "mlm"])
+def test_fsdp_trains_like_one_process_and_saves_a_whole_model(task, no_dropout_models, corpus, tmp_path):
+    single = subprocess.run([sys.executable, *map(str, args(task, no_dropout_models[task], corpus, tmp_path / "one", 4))],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    finish(torchrun("--standalone", "--nproc_per_node", "2",
+                    script_args=[*args(task, no_dropout_models[task], corpus, tmp_path / "fsdp", 2), "--fsdp"]))
+    assert_same_training(tmp_path / "one", tmp_path / "fsdp", task)  # from_pretrained loads the gathered model
+
+
+def test_fsdp_checkpoint_resumes(no_dropout_models, corpus, tmp_path):
+    run = [*args("clm", no_dropout_models["clm"], corpus, tmp_path / "fsdp", 2), "--fsdp", "--save-every", "3"]
+    finish(torchrun("--standalone", "--nproc_per_node", "2", script_args=run))
+    # throw away the finished model and resume from step 3: the last 3 steps again, the same result
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").state_dict()
+    finish(torchrun("--standalone", "--nproc_per_node", "2",
+                    script_args=[*run, "--resume-from", tmp_path / "fsdp" / "checkpoints" / "step-3"]))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").state_dict()
+    for name in final:
+        torch.testing.assert_close(again[name], final[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_fsdp_needs_torchrun(no_dropout_models, corpus, tmp_path):
+    r = subprocess.run([sys.executable, *map(str, args("clm", no_dropout_models["clm"], corpus, tmp_path / "x", 4)),
+                        "--fsdp"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "torchrun" in r.stderr and "Traceback" not in r.stderr
