@@ -1,4 +1,5 @@
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,10 @@ def test_bad_settings_raise_usage_errors(argv, message):
 def test_line_by_line_is_mlm_only():
     with pytest.raises(UsageError, match="masked LM only"):
         parse_args("clm", ["--line-by-line"])
+
+
+def test_readme_documents_every_flag():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [a.option_strings[0] for a in build_parser("clm")._actions
+               if a.option_strings and a.option_strings[0] != "-h" and f"`{a.option_strings[0]}`" not in readme]
+    assert not missing
