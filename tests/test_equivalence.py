@@ -106,7 +106,7 @@ class LossLog(TrainerCallback):
             self.losses.append(logs["loss"])
 
 
-def make_trainer(task, model, out, train_items=None, eval_items=None, eval_batch=BATCH, **extra):
+def make_trainer(task, model, out, train_items=None, eval_items=None, eval_batch=BATCH):
     if task == "clm":
         # Trainer counts the labels of a step over labels[..., 1:] only for models whose `loss_type` is a
         # causal one; GPT2LMHeadModel's class name maps to none, so it would count one label too many per row.
@@ -116,7 +116,7 @@ def make_trainer(task, model, out, train_items=None, eval_items=None, eval_batch
         gradient_accumulation_steps=ACCUM, max_steps=STEPS, learning_rate=HYPER["lr"],
         weight_decay=HYPER["weight_decay"], warmup_steps=HYPER["warmup_steps"], max_grad_norm=HYPER["max_grad_norm"],
         lr_scheduler_type="linear", logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-        train_sampling_strategy="sequential", disable_tqdm=True, seed=SEED, dataloader_num_workers=0, **extra)
+        train_sampling_strategy="sequential", disable_tqdm=True, seed=SEED, dataloader_num_workers=0)
     return Trainer(model=model, args=args, train_dataset=train_items, eval_dataset=eval_items,
                    data_collator=default_data_collator,
                    compute_loss_func=summed_token_loss if task == "mlm" else None)
