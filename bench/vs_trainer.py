@@ -1,0 +1,244 @@
+"""Our loop against Hugging Face's Trainer on the embedded default model: tokens/s, peak memory, overhead.
+
+    python bench/vs_trainer.py --task mlm            # MiniLM-L6, ~4-6 min on 2 cores
+    python bench/vs_trainer.py --task clm            # SmolLM2-135M, ~8 min idle, ~23 min on a busy machine
+
+Each round trains once with each side, alternating which goes first, every run in a fresh
+subprocess: the two never share a heap, and peak RSS (ru_maxrss) is the run's own. Both get the
+same blocks in the same order, batch 8 x 128, the same AdamW (fused), schedule and clipping; Trainer
+masks with DataCollatorForLanguageModeling, we with our collator. Timing starts after the warmup
+steps: a step's wall time is the gap between two optimizer steps' ends, and tokens/s is the
+window's tokens over its seconds. Memory is RSS: the whole process's peak (ours includes the final
+evaluation and save_pretrained that train() does, Trainer saves nothing), and the peak over the
+timed steps alone (the kernel's high-water mark, reset after warmup, read after the last step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's lm, not an installed one
+
+BATCH, BLOCK, SEED = 8, 128, 0
+DEFAULTS = {"mlm": dict(rounds=3, steps=6, warmup=1), "clm": dict(rounds=3, steps=4, warmup=1)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=("clm", "mlm"), required=True)
+    p.add_argument("--rounds", type=int, help="runs per side, alternating (default: 3)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per run (default: mlm 6, clm 4)")
+    p.add_argument("--warmup", type=int, help="untimed optimizer steps first (default: 1)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: our autocast against Trainer's bf16=True")
+    p.add_argument("--side", choices=("ours", "trainer"), help=argparse.SUPPRESS)  # one run, in a child
+    args = p.parse_args(argv)
+    for name, value in DEFAULTS[args.task].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+class StepClock:
+    """Times forward, backward, clipping and optimizer steps, and marks where each optimizer step ends."""
+
+    def __init__(self):
+        import torch
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self.busy: list[tuple[float, float]] = []  # (start, end) of forward, backward, clipping, optimizer step
+        self.step_ends: list[float] = []
+        self.cpu_ends: list[float] = []  # process CPU seconds at the same moments
+        self.on_step_end = None
+        clock = self
+
+        def before(*_):
+            clock._start = time.perf_counter()
+
+        def after_busy(*_):
+            clock.busy.append((clock._start, time.perf_counter()))
+
+        def after_step(*_):
+            after_busy()
+            clock.step_ends.append(time.perf_counter())
+            clock.cpu_ends.append(time.process_time())
+            if clock.on_step_end:
+                clock.on_step_end(len(clock.step_ends))
+
+        register_optimizer_step_pre_hook(before)
+        register_optimizer_step_post_hook(after_step)
+        backward = torch.Tensor.backward
+
+        def timed_backward(tensor, *args, **kwargs):
+            start = time.perf_counter()
+            backward(tensor, *args, **kwargs)
+            self.busy.append((start, time.perf_counter()))
+
+        torch.Tensor.backward = timed_backward
+        clip = torch.nn.utils.clip_grad_norm_
+
+        def timed_clip(*args, **kwargs):  # part of the update: both sides clip just before stepping
+            start = time.perf_counter()
+            norm = clip(*args, **kwargs)
+            self.busy.append((start, time.perf_counter()))
+            return norm
+
+        torch.nn.utils.clip_grad_norm_ = timed_clip
+        self._before, self._after = before, after_busy
+
+    def watch(self, module):
+        """Count `module`'s forward as busy time; returns the module."""
+        module.register_forward_pre_hook(self._before)
+        module.register_forward_hook(self._after)
+        return module
+
+    def window(self, warmup: int) -> dict:
+        """Wall seconds, busy seconds and CPU seconds of the steps after the warmup ones."""
+        start, end = self.step_ends[warmup - 1], self.step_ends[-1]
+        busy = sum(b - a for a, b in self.busy if a >= start and b <= end)
+        return {"seconds": end - start, "busy": busy, "steps": len(self.step_ends) - warmup,
+                "cpu_seconds": self.cpu_ends[-1] - self.cpu_ends[warmup - 1], "load": os.getloadavg()[0]}
+
+
+def reset_peak_rss() -> None:
+    """Restart the kernel's peak-RSS counter (VmHWM) of this process, Linux only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def current_peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_side(args) -> dict:
+    """One training run of one side in this process; returns its measurements."""
+    import torch
+
+    from lm.config import Config
+    from lm.embedded import DEFAULT_MODEL, model_dir
+
+    clock = StepClock()
+    total = args.warmup + args.steps
+    timed_peak = {}
+
+    def on_step_end(n):  # peak of the timed steps: from the end of warmup (every buffer built) to the last
+        if n == args.warmup:
+            reset_peak_rss()
+        if n == total:
+            timed_peak["rss"] = current_peak_rss()
+
+    clock.on_step_end = on_step_end
+    cfg = Config.for_task(args.task, head_lr=None, batch_size=BATCH, block_size=BLOCK, max_train_steps=total,
+                          max_train_samples=total * BATCH, max_eval_samples=1, log_every=1, seed=SEED,
+                          device="cpu", precision=args.precision)
+    path = str(model_dir(DEFAULT_MODEL[args.task]))
+    with tempfile.TemporaryDirectory(prefix="vs-trainer-") as out:
+        if args.side == "ours":
+            from lm.objectives import TokenLoss
+            from lm.train import train
+
+            cfg.output_dir = out
+            train(cfg, loss=lambda model: clock.watch(TokenLoss(model)))
+        else:
+            train_with_trainer(cfg, path, out, clock, torch)
+    return {**clock.window(args.warmup), "tokens_per_step": BATCH * BLOCK, "peak_rss": timed_peak["rss"],
+            "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch) -> None:
+    """The usual Trainer setup on our blocks, fed in our order through a sequential sampler."""
+    from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer,
+                              DataCollatorForLanguageModeling, Trainer, TrainingArguments, default_data_collator)
+
+    from lm.data import EpochSampler, build_examples, load_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    auto = AutoModelForCausalLM if cfg.task == "clm" else AutoModelForMaskedLM
+    model = clock.watch(auto.from_pretrained(path, dtype=torch.float32))
+    examples = build_examples(load_texts(cfg)[0], tokenizer, BLOCK, False, cfg.max_train_samples, "train")
+    order = EpochSampler(len(examples), cfg.seed).order().tolist()
+    if cfg.task == "clm":  # as run_clm.py: labels are the inputs, the model shifts them
+        items = [{"input_ids": examples[i][1], "attention_mask": torch.ones(BLOCK, dtype=torch.long),
+                  "labels": examples[i][1]} for i in order]
+        collator = default_data_collator
+    else:
+        items = [{"input_ids": examples[i][1].tolist()} for i in order]
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_prob)
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum_steps,
+        max_steps=cfg.max_train_steps, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_eps,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.log_every, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+        bf16=cfg.precision == "bf16", train_sampling_strategy="sequential", dataloader_num_workers=0, seed=cfg.seed)
+    Trainer(model=model, args=args, train_dataset=items, data_collator=collator).train()
+
+
+def run_child(args, side: str) -> dict:
+    """Run one side in a fresh interpreter; its last stdout line is its JSON result."""
+    cmd = [sys.executable, __file__, "--task", args.task, "--rounds", "1", "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--precision", args.precision, "--side", side]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{side} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def summarize(task: str, results: dict[str, list[dict]], seconds: float) -> None:
+    gib = 2 ** 30
+    speed = {side: [r["tokens_per_step"] * r["steps"] / r["seconds"] for r in runs] for side, runs in results.items()}
+    print(f"\n{'':8} {'tokens/s median (min-max)':>28} {'peak RSS process':>17} {'peak RSS timed steps':>21}")
+    for side, name in (("ours", "ours"), ("trainer", "Trainer")):
+        runs, s = results[side], speed[side]
+        print(f"{name:8} {statistics.median(s):>10.1f} ({min(s):.1f}-{max(s):.1f}){'':>6}"
+              f"{max(r['max_rss'] for r in runs) / gib:>11.2f} GiB{max(r['peak_rss'] for r in runs) / gib:>17.2f} GiB")
+    cpu = {side: statistics.median(r["tokens_per_step"] * r["steps"] / r["cpu_seconds"] for r in runs)
+           for side, runs in results.items()}
+    print(f"tokens per CPU-second (less sensitive to other load on the machine), median: ours {cpu['ours']:.1f}, "
+          f"Trainer {cpu['trainer']:.1f}, ratio {cpu['ours'] / cpu['trainer']:.2f}x")
+    overhead = [1 - r["busy"] / r["seconds"] for r in results["ours"]]
+    trainer_overhead = [1 - r["busy"] / r["seconds"] for r in results["trainer"]]
+    print(f"step overhead (outside forward, backward, clipping, optimizer step), median: ours "
+          f"{100 * statistics.median(overhead):.2f}% (max {100 * max(overhead):.2f}%), "
+          f"Trainer {100 * statistics.median(trainer_overhead):.2f}%")
+    print(f"total run time {seconds:.0f} s")
+    print(f"{task} speedup vs Trainer: {statistics.median(speed['ours']) / statistics.median(speed['trainer']):.2f}x")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.side:
+        print(json.dumps(run_side(args)))
+        return
+    print(f"{args.task}: batch {BATCH} x {BLOCK}, {args.precision}, cpu ({os.cpu_count()} cores), "
+          f"{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warmup) per side", flush=True)
+    started = time.perf_counter()
+    results = {"ours": [], "trainer": []}
+    for r in range(args.rounds):
+        for side in (("ours", "trainer") if r % 2 == 0 else ("trainer", "ours")):
+            res = run_child(args, side)
+            results[side].append(res)
+            print(f"round {r + 1} {side:7}: {res['tokens_per_step'] * res['steps'] / res['seconds']:8.1f} tokens/s, "
+                  f"overhead {100 * (1 - res['busy'] / res['seconds']):.2f}%, "
+                  f"peak RSS {res['max_rss'] / 2 ** 30:.2f} GiB, load average {res['load']:.1f}", flush=True)
+    summarize(args.task, results, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    main()
