@@ -22,13 +22,15 @@ from tqdm.auto import tqdm
 
 from lm import checkpoint
 from lm.config import Config
-from lm.data import EpochSampler, build_examples, load_texts
+from lm.data import EpochSampler
+from lm.embedded import cache_root
 from lm.errors import UsageError
 from lm.hardware import autocast, choose_precision, configure, native_bf16, resolve_device
 from lm.masking import IGNORE
 from lm.modeling import load_config, load_model, load_tokenizer, max_positions, resolve_block_size, resolve_model
 from lm.objectives import TokenLoss, make_collator
 from lm.optim import build_optimizer, build_scheduler, parameter_groups
+from lm.token_cache import load_examples, load_sources
 
 # Options that fix which batches a run sees; a resumed run must keep them to stay exact.
 RESUME_FIXED = ("task", "model", "dataset", "dataset_config", "train_file", "validation_file", "block_size",
@@ -52,7 +54,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     out = Path(cfg.output_dir or f"runs/{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}")
     resume = checkpoint.resolve(cfg.resume_from, out) if cfg.resume_from else None
     check_output_dir(out, cfg, resume)
-    train_texts, eval_texts = load_texts(cfg)
+    sources = load_sources(cfg)
 
     # -- tokenizer and blocks
     if tokenizer is None:
@@ -64,8 +66,9 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     block_size, note = resolve_block_size(cfg.block_size, max_positions(model_config, tokenizer))
     if note:
         print(f"warning: {note}", file=sys.stderr)
-    train_set = build_examples(train_texts, tokenizer, block_size, cfg.line_by_line, cfg.max_train_samples, "train")
-    eval_set = build_examples(eval_texts, tokenizer, block_size, cfg.line_by_line, cfg.max_eval_samples, "validation")
+    train_set, eval_set = load_examples(cfg, sources, tokenizer, block_size, cache_root(cfg.cache_dir))
+    if cfg.prepare_only:
+        return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
 
     # -- model, loss, optimizer, schedule
     fresh = frozenset()
