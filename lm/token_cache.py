@@ -165,7 +165,9 @@ def prepare(source, tokenizer, root: Path, workers: int, split: str = "train") -
     try:
         started = time.perf_counter()
         dtype = token_dtype(tokenizer)
-        n = _write_tokens(source, tokenizer, dtype, tmp / "tokens.bin", workers)
+        tasks = _tasks(source)
+        workers = max(1, min(workers, len(tasks)))
+        n, bare = _write_tokens(source, tasks, tokenizer, dtype, tmp / "tokens.bin", workers)
         meta = {"format": FORMAT, "num_tokens": n, "dtype": dtype.name, "source": source.identity()
                 if isinstance(source, TextFile) else {"texts": len(source.texts)}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
@@ -178,7 +180,8 @@ def prepare(source, tokenizer, root: Path, workers: int, split: str = "train") -
                 raise
         seconds = time.perf_counter() - started
         print(f"{split}: tokenized into {target} ({n:,} tokens, {seconds:.1f} s, "
-              f"{n / max(seconds, 1e-9):,.0f} tokens/s, {workers} worker{'s' * (workers > 1)})", flush=True)
+              f"{n / max(seconds, 1e-9):,.0f} tokens/s, {workers} process{'es' * (workers > 1)}"
+              f"{'' if bare else ', slow tokenizer'})", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(target, n, dtype.name, reused=False)
@@ -186,33 +189,43 @@ def prepare(source, tokenizer, root: Path, workers: int, split: str = "train") -
 
 # ---------------------------------------------------------------- tokenizing in parallel
 
-def _write_tokens(source, tokenizer, dtype: np.dtype, out: Path, workers: int) -> int:
-    """Append the ids of every text of `source`, in order, to `out`; return how many."""
+def _tasks(source) -> list:
+    """A worker's units of work, in order: (path, start, end) byte ranges of a file, or lists of texts."""
     if isinstance(source, TextFile):
         tasks = [(source.path, lo, hi) for lo, hi in _chunks(source)]
         if not tasks:
             raise UsageError(f"{source.path}: the file is empty")
-    else:
-        texts = source.texts
-        tasks = [texts[i:i + CHUNK_TEXTS] for i in range(0, len(texts), CHUNK_TEXTS)]
+        return tasks
+    texts = source.texts
+    return [texts[i:i + CHUNK_TEXTS] for i in range(0, len(texts), CHUNK_TEXTS)]
+
+
+def _write_tokens(source, tasks, tokenizer, dtype: np.dtype, out: Path, workers: int) -> tuple[int, bool]:
+    """Append the ids of every task, in order, to `out`: (how many, whether the bare backend made them)."""
     encoder = _worker_encoder(tokenizer, tasks)
     n, any_text = 0, False
     with open(out, "wb") as f:
-        for ids, has_text in _in_order(tasks, encoder, dtype, min(workers, len(tasks))):
+        for ids, has_text in _in_order(tasks, encoder, dtype, workers):
             ids.tofile(f)
             n += len(ids)
             any_text |= has_text
     if isinstance(source, TextFile) and not any_text:
         raise UsageError(f"{source.path}: the file is empty")
-    return n
+    return n, encoder is not tokenizer
 
 
 def _worker_encoder(tokenizer, tasks):
     """What workers tokenize with: the bare `tokenizers` object when it gives the same ids (it loads in
     a fraction of a second in a fresh process, transformers takes seconds), else the tokenizer itself."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or not tasks:
+    if getattr(tokenizer, "backend_tokenizer", None) is None or not tasks:
         return tokenizer
+    from tokenizers import Tokenizer
+
+    # A copy without the padding and truncation a tokenizer.json may carry (MiniLM's pads to 128):
+    # transformers switches them per call, a bare backend would apply them.
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
     sample = split_lines(_read_range(*tasks[0])[:100_000]) if isinstance(tasks[0], tuple) else tasks[0]
     sample = sample[:ENCODE_BATCH]
     same = _encode_ids(backend, sample) == _encode_ids(tokenizer, sample)
