@@ -51,16 +51,6 @@ class TextFile:
         return {"file": os.path.realpath(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                 "part": self.part, "percentage": self.percentage if self.part != "all" else None}
 
-    @property
-    def texts(self) -> list[str]:
-        from lm.data import held_out_count, read_texts
-
-        texts = read_texts(self.path)
-        if self.part == "all":
-            return texts
-        n = held_out_count(len(texts), self.percentage)
-        return texts[n:] if self.part == "train" else texts[:n]
-
 
 @dataclass(frozen=True, eq=False)
 class TextList:
