@@ -85,7 +85,11 @@ class Config:
     save_every: Optional[int] = option(None, "write a resumable checkpoint every N optimizer steps")
     save_total_limit: Optional[int] = option(None, "keep only the newest K checkpoints")
     resume_from: Optional[str] = option(None, "checkpoint directory to resume from, or 'latest'")
-    cache_dir: Optional[str] = option(None, "cache for converted embedded models; default ~/.cache/lm")
+    cache_dir: Optional[str] = option(
+        None, "cache for converted embedded models and tokenized data; default $LM_CACHE_DIR or ~/.cache/lm")
+    preprocessing_workers: Optional[int] = option(None, "processes that tokenize the data; default: the cores")
+    prepare_only: bool = option(
+        False, "tokenize the data into the cache, print its path and token and block counts, exit")
 
     @classmethod
     def for_task(cls, task: str, **overrides) -> "Config":
@@ -106,7 +110,8 @@ class Config:
         need(not (self.line_by_line and self.task == "clm"),
              "--line-by-line is for masked LM only: causal LM trains on concatenated blocks")
         for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "max_train_steps", "log_every",
-                     "eval_every", "save_every", "save_total_limit", "max_train_samples", "max_eval_samples"):
+                     "eval_every", "save_every", "save_total_limit", "max_train_samples", "max_eval_samples",
+                     "preprocessing_workers"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{flag(name)} must be a positive integer, got {value}")
         for name in ("lr", "head_lr", "epochs", "adam_eps"):
@@ -119,6 +124,8 @@ class Config:
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         need(0 < self.validation_split_percentage < 100,
              f"--validation-split-percentage must be in (0, 100), got {self.validation_split_percentage}")
+        need(not (self.prepare_only and self.line_by_line),
+             "--prepare-only caches concatenated blocks; --line-by-line examples are not cached")
         need(not (self.dataset and self.train_file), "give either --dataset or --train-file, not both")
         need(not (self.validation_file and not self.train_file), "--validation-file needs --train-file")
         need(not (self.dataset_config and not self.dataset), "--dataset-config needs --dataset")

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
 from lm.errors import UsageError
+from lm.lines import not_utf8, split_lines
 
 TEXT_SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
 
@@ -23,20 +24,12 @@ TEXT_SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
 
 def read_texts(path: str, text_column: str = "text") -> list[str]:
     """The texts of one file. A .txt gives one text per line, its newline kept, empty lines too."""
-    p = Path(path)
-    if p.suffix not in TEXT_SUFFIXES:
-        raise UsageError(f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(TEXT_SUFFIXES)}")
-    if p.is_dir():
-        raise UsageError(f"{path}: is a directory; name a text file")
-    if not p.is_file():
-        raise UsageError(f"{path}: no such file")
-    if not os.access(p, os.R_OK):
-        raise UsageError(f"{path}: not readable (check its permissions)")
+    p = check_text_file(path)
     try:
         with open(p, encoding="utf-8", newline="") as f:
             raw = f.read()
     except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text (byte {e.start}); convert it, e.g. with iconv -t utf-8") from None
+        raise not_utf8(path, e.start) from None
     except OSError as e:  # os.access says yes to root, and some filesystems refuse reads it can't foresee
         raise UsageError(f"{path}: cannot be read ({e.strerror}); check the file and its permissions") from None
     if not raw.strip():
@@ -57,6 +50,20 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
     return [str(r[text_column]) for r in rows]
 
 
+def check_text_file(path: str) -> Path:
+    """The path of a readable file of a supported type, or a UsageError saying what is wrong."""
+    p = Path(path)
+    if p.suffix not in TEXT_SUFFIXES:
+        raise UsageError(f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(TEXT_SUFFIXES)}")
+    if p.is_dir():
+        raise UsageError(f"{path}: is a directory; name a text file")
+    if not p.is_file():
+        raise UsageError(f"{path}: no such file")
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"{path}: not readable (check its permissions)")
+    return p
+
+
 def _json(text: str, path: str):
     try:
         return json.loads(text)
@@ -64,22 +71,19 @@ def _json(text: str, path: str):
         raise UsageError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
 
 
-def split_lines(raw: str) -> list[str]:
-    """Split on '\\n' (and '\\r\\n'), each line keeping its line break; a last line without one is kept."""
-    lines = raw.replace("\r\n", "\n").split("\n")
-    texts = [line + "\n" for line in lines[:-1]]
-    if lines[-1]:
-        texts.append(lines[-1])
-    return texts
-
-
 def hold_out(texts: list[str], percentage: float) -> tuple[list[str], list[str]]:
     """(train, validation): the first `percentage` percent of the texts become validation."""
-    n = max(1, int(len(texts) * percentage / 100))
-    if n >= len(texts):
-        raise UsageError(f"too few texts ({len(texts)}) to hold out {percentage}% for validation; "
-                         "pass --validation-file")
+    n = held_out_count(len(texts), percentage)
     return texts[n:], texts[:n]
+
+
+def held_out_count(n_texts: int, percentage: float) -> int:
+    """How many of the first texts `hold_out` makes validation."""
+    n = max(1, int(n_texts * percentage / 100))
+    if n >= n_texts:
+        raise UsageError(f"too few texts ({n_texts}) to hold out {percentage}% for validation; "
+                         "pass --validation-file")
+    return n
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -162,10 +166,13 @@ class Examples(Dataset):
         return len(self.sequences)
 
     def __getitem__(self, i):
-        return i, torch.as_tensor(self.sequences[i])
+        # int64 whatever the storage: blocks may be uint16 rows of a memory-mapped token file
+        return i, torch.from_numpy(np.asarray(self.sequences[i], dtype=np.int64))
 
     @property
     def num_tokens(self) -> int:
+        if isinstance(self.sequences, np.ndarray):  # blocks: no walk over millions of memmap rows
+            return int(self.sequences.size)
         return int(sum(len(s) for s in self.sequences))
 
 
@@ -237,9 +244,14 @@ def build_examples(texts: list[str], tokenizer, block_size: int, line_by_line: b
         if not sequences:
             raise UsageError(f"the {split} text has no non-empty line")
     else:
-        ids = tokenize(texts, tokenizer, desc=f"tokenizing {split}")
-        sequences = group_into_blocks(ids, block_size)
-        if len(sequences) == 0:
-            raise UsageError(f"the {split} text has {len(ids)} tokens, fewer than one block of {block_size}; "
-                             "add text or lower --block-size")
+        sequences = blocks_of(tokenize(texts, tokenizer, desc=f"tokenizing {split}"), block_size, split)
     return Examples(sequences[:limit] if limit else sequences)
+
+
+def blocks_of(ids: np.ndarray, block_size: int, split: str) -> np.ndarray:
+    """group_into_blocks, refusing a text too short for a single block."""
+    sequences = group_into_blocks(ids, block_size)
+    if len(sequences) == 0:
+        raise UsageError(f"the {split} text has {len(ids)} tokens, fewer than one block of {block_size}; "
+                         "add text or lower --block-size")
+    return sequences

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 from lm import checkpoint, distributed
 from lm.config import Config
-from lm.data import EpochSampler, build_examples, load_texts
+from lm.data import EpochSampler
+from lm.embedded import cache_root
 from lm.errors import UsageError
 from lm.hardware import (autocast, check_compile, choose_precision, configure, flops_per_token, native_bf16,
                          peak_flops, resolve_device)
@@ -33,6 +35,7 @@ from lm.masking import IGNORE
 from lm.modeling import load_config, load_model, load_tokenizer, max_positions, resolve_block_size, resolve_model
 from lm.objectives import TokenLoss, make_collator
 from lm.optim import build_optimizer, build_scheduler, parameter_groups
+from lm.token_cache import load_examples, load_sources
 
 # Options that fix which batches a run sees; a resumed run must keep them to stay exact.
 RESUME_FIXED = ("task", "model", "dataset", "dataset_config", "train_file", "validation_file", "block_size",
@@ -66,9 +69,9 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     model_name = cfg.model or ("custom" if model is not None else path)
     if resume is not None:
         check_resumable(resume, cfg, model_name)
-    train_texts, eval_texts = load_texts(cfg)
+    sources = load_sources(cfg)
 
-    # -- tokenizer and blocks, prepared once: rank 0 tokenizes, the other ranks receive the result
+    # -- tokenizer and blocks, prepared once: rank 0 tokenizes, the other ranks read its result
     if tokenizer is None:
         tokenizer = load_tokenizer(path, extra, cfg.task)
         model_config = model.config if model is not None else load_config(path, extra)
@@ -77,12 +80,18 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     block_size, note = resolve_block_size(cfg.block_size, max_positions(model_config, tokenizer))
     if note and world.main:
         print(f"warning: {note}", file=sys.stderr)
-    examples = None
-    if world.main:
-        examples = (build_examples(train_texts, tokenizer, block_size, cfg.line_by_line, cfg.max_train_samples, "train"),
-                    build_examples(eval_texts, tokenizer, block_size, cfg.line_by_line, cfg.max_eval_samples,
-                                   "validation"))
-    train_set, eval_set = distributed.broadcast_from_main(world, examples)
+    if cfg.line_by_line:  # lists in memory: rank 0 sends them
+        examples = load_examples(cfg, sources, tokenizer, block_size, cache_root(cfg.cache_dir)) if world.main else None
+        train_set, eval_set = distributed.broadcast_from_main(world, examples)
+    else:  # rank 0 fills the token cache; then the others memory-map the same files
+        if world.main:
+            train_set, eval_set = load_examples(cfg, sources, tokenizer, block_size, cache_root(cfg.cache_dir))
+        distributed.barrier(world)
+        if not world.main:
+            with contextlib.redirect_stdout(io.StringIO()):
+                train_set, eval_set = load_examples(cfg, sources, tokenizer, block_size, cache_root(cfg.cache_dir))
+    if cfg.prepare_only:
+        return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
 
     # -- model, loss, optimizer, schedule
     fresh = frozenset()
@@ -318,7 +327,7 @@ def evaluate(module, loader, device, precision: str, world=distributed.World()) 
         tokens += int((labels != IGNORE).sum())
     module.train(was_training)
     loss_sum, tokens = distributed.all_sum(world, loss_sum, tokens, device=device)
-    return loss_sum / max(tokens, 1)
+    return loss_sum / tokens if tokens else float("nan")  # nothing to predict: no perplexity, not 1.0
 
 
 def no_sync(trained, world, fsdp: bool, sync: bool):
@@ -332,7 +341,7 @@ def no_sync(trained, world, fsdp: bool, sync: bool):
 
 def perplexity(loss: float) -> float:
     """exp(loss), saturating at inf instead of raising on overflow."""
-    return math.exp(loss) if loss < 700 else float("inf")
+    return math.exp(loss) if not loss >= 700 else float("inf")  # nan stays nan
 
 
 def seed_everything(seed: int) -> None:

