@@ -1,4 +1,5 @@
-"""What a resumable checkpoint holds (listed once), written atomically, found again, loaded.
+"""What a resumable checkpoint holds (listed once), written atomically, found again, loaded;
+and the graceful stop that writes one.
 
 A checkpoint is OUTPUT_DIR/checkpoints/step-N/ with:
   model.pt      the model's full state dict (the unwrapped module: no DDP, FSDP or compile prefixes)
@@ -14,13 +15,18 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lm import distributed
 from lm.errors import UsageError
 
 DIRNAME = "checkpoints"
@@ -113,3 +119,75 @@ def read_state(path: Path) -> dict:
 
 def load_tensors(path: Path, name: str):
     return torch.load(Path(path) / name, map_location="cpu", weights_only=True)  # data, never code
+
+
+# Options that fix which batches a run sees; a resumed run must keep them to stay exact.
+RESUME_FIXED = ("task", "model", "dataset", "dataset_config", "train_file", "validation_file", "block_size",
+                "line_by_line", "mlm_prob", "max_train_samples", "batch_size", "grad_accum_steps", "seed", "fsdp")
+
+
+def check_resumable(path: Path, cfg, model_name: str) -> None:
+    """Refuse a checkpoint of another task, model or data: resuming it could not be exact."""
+    state = read_state(path)
+    saved = {**state["config"], "model": state["model"]}
+    ours = {**cfg.to_dict(), "model": model_name}
+    differ = [k for k in RESUME_FIXED if saved.get(k) != ours.get(k)]
+    if differ:
+        what = ", ".join(f"{k}={saved.get(k)!r} (now {ours.get(k)!r})" for k in differ)
+        raise UsageError(f"--resume-from {path}: the checkpoint is of a different run: {what}; "
+                         "resume with the same settings, or start afresh in another --output-dir")
+
+
+def restore(path: Path, model, optimizer, scheduler, scaler, world=distributed.World(), sharded=False) -> dict:
+    """Load a checkpoint (already checked by check_resumable) into the run's objects; return its progress."""
+    state = read_state(path)
+    distributed.load_full_state(model, optimizer, load_tensors(path, "model.pt"),
+                                load_tensors(path, "optimizer.pt"), sharded=sharded)
+    scheduler.load_state_dict(load_tensors(path, "scheduler.pt"))
+    if scaler is not None and (Path(path) / "scaler.pt").exists():
+        scaler.load_state_dict(load_tensors(path, "scaler.pt"))
+    rng = load_tensors(path, "rng.pt")  # one state per rank of the run that saved it
+    if len(rng) != world.size and world.main:
+        print(f"warning: the checkpoint was written by {len(rng)} processes, this run has {world.size}: "
+              "the masks stay the same, the batches too if --batch-size x processes is unchanged, "
+              "but dropout draws differ", file=sys.stderr)
+    set_rng_state(rng[world.rank % len(rng)])
+    return {k: state[k] for k in ("step", "epoch", "batches_done", "perplexity_before", "window",
+                                  "train_tokens", "train_seconds")}
+
+
+def resume_command(argv: list[str], path: Path) -> str:
+    """The shell command that continues this run from `path`: argv with --resume-from replaced."""
+    args, skip = [], False
+    for arg in argv[1:]:
+        if skip or arg.startswith("--resume-from="):
+            skip = False
+            continue
+        skip = arg == "--resume-from"  # an earlier checkpoint of this run would repeat its steps
+        if not skip:
+            args.append(arg)
+    return shlex.join(["python", os.path.basename(argv[0]) or "train.py", *args, "--resume-from", str(path)])
+
+
+class StopOnSignal:
+    """SIGINT/SIGTERM ask the loop to stop after the current optimizer step; a second one quits at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        print(f"\nsignal {signum}: finishing this step and writing a checkpoint (again to quit at once)",
+              file=sys.stderr, flush=True)

@@ -6,13 +6,10 @@ import contextlib
 import io
 import json
 import math
-import os
 import random
-import shlex
 import shutil
 import signal
 import sys
-import threading
 import time
 from datetime import datetime
 from itertools import islice
@@ -35,12 +32,8 @@ from lm.masking import IGNORE
 from lm.modeling import load_config, load_model, load_tokenizer, max_positions, resolve_block_size, resolve_model
 from lm.objectives import TokenLoss, make_collator
 from lm.optim import build_optimizer, build_scheduler, parameter_groups
+from lm.output import check_output_dir, summary_writer, write_json
 from lm.token_cache import load_examples, load_sources
-
-# Options that fix which batches a run sees; a resumed run must keep them to stay exact.
-RESUME_FIXED = ("task", "model", "dataset", "dataset_config", "train_file", "validation_file", "block_size",
-                "line_by_line", "mlm_prob", "max_train_samples", "batch_size", "grad_accum_steps", "seed", "fsdp")
-
 
 def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     """Fine-tune as `cfg` says and return the metrics also written to OUTPUT_DIR/metrics.json.
@@ -68,7 +61,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
         path, extra = resolve_model(cfg.model, cfg.task, cfg.cache_dir)
     model_name = cfg.model or ("custom" if model is not None else path)
     if resume is not None:
-        check_resumable(resume, cfg, model_name)
+        checkpoint.check_resumable(resume, cfg, model_name)
     sources = load_sources(cfg)
 
     # -- tokenizer and blocks, prepared once: rank 0 tokenizes, the other ranks read its result
@@ -140,7 +133,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
                 "window": {"loss_sum": 0.0, "tokens": 0, "inputs": 0, "seconds": 0.0},
                 "train_tokens": 0, "train_seconds": 0.0}
     if resume is not None:
-        progress = restore(resume, model, optimizer, scheduler, scaler, world, sharded=cfg.fsdp)
+        progress = checkpoint.restore(resume, model, optimizer, scheduler, scaler, world, sharded=cfg.fsdp)
         say(f"resuming from {resume} at step {progress['step']}")
     elif cfg.overwrite_output_dir and world.main:
         for old in checkpoint.all_checkpoints(out):
@@ -201,7 +194,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
                disable=not world.main)
     trained.train()
     stopping = False
-    with StopOnSignal() as stop:
+    with checkpoint.StopOnSignal() as stop:
         while step < total_steps:
             sampler.set_epoch(progress["epoch"], start=progress["batches_done"] * cfg.batch_size * world.size)
             collate.epoch = progress["epoch"]
@@ -288,7 +281,7 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
             signum = stop.signum or signal.SIGTERM
             if world.main:
                 print(f"stopped by signal {signum} at step {step}; checkpoint {path}\n"
-                      f"resume with: {resume_command(sys.argv, path)}", file=sys.stderr)
+                      f"resume with: {checkpoint.resume_command(sys.argv, path)}", file=sys.stderr)
             raise SystemExit(128 + signum)
 
     if last_eval != step:
@@ -348,101 +341,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def check_output_dir(out: Path, cfg: Config, resume: Path | None) -> None:
-    """Refuse to mix runs: another run's checkpoints stay untouched unless the user says otherwise."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out} is a file")
-    if resume is None and checkpoint.all_checkpoints(out) and not cfg.overwrite_output_dir:
-        raise UsageError(f"--output-dir {out} holds another run's checkpoints: continue it with --resume-from "
-                         "latest, replace it with --overwrite-output-dir, or choose another --output-dir")
-    parent = next(p for p in [out, *out.parents] if p.exists())
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--output-dir {out}: {parent} is not writable")
-
-
-def check_resumable(path: Path, cfg: Config, model_name: str) -> None:
-    """Refuse a checkpoint of another task, model or data: resuming it could not be exact."""
-    state = checkpoint.read_state(path)
-    saved = {**state["config"], "model": state["model"]}
-    ours = {**cfg.to_dict(), "model": model_name}
-    differ = [k for k in RESUME_FIXED if saved.get(k) != ours.get(k)]
-    if differ:
-        what = ", ".join(f"{k}={saved.get(k)!r} (now {ours.get(k)!r})" for k in differ)
-        raise UsageError(f"--resume-from {path}: the checkpoint is of a different run: {what}; "
-                         "resume with the same settings, or start afresh in another --output-dir")
-
-
-def restore(path: Path, model, optimizer, scheduler, scaler, world=distributed.World(), sharded=False) -> dict:
-    """Load a checkpoint (already checked by check_resumable) into the run's objects; return its progress."""
-    state = checkpoint.read_state(path)
-    distributed.load_full_state(model, optimizer, checkpoint.load_tensors(path, "model.pt"),
-                                checkpoint.load_tensors(path, "optimizer.pt"), sharded=sharded)
-    scheduler.load_state_dict(checkpoint.load_tensors(path, "scheduler.pt"))
-    if scaler is not None and (Path(path) / "scaler.pt").exists():
-        scaler.load_state_dict(checkpoint.load_tensors(path, "scaler.pt"))
-    rng = checkpoint.load_tensors(path, "rng.pt")  # one state per rank of the run that saved it
-    if len(rng) != world.size and world.main:
-        print(f"warning: the checkpoint was written by {len(rng)} processes, this run has {world.size}: "
-              "batches and masks stay the same, dropout draws do not", file=sys.stderr)
-    checkpoint.set_rng_state(rng[world.rank % len(rng)])
-    return {k: state[k] for k in ("step", "epoch", "batches_done", "perplexity_before", "window",
-                                  "train_tokens", "train_seconds")}
-
-
-def resume_command(argv: list[str], path: Path) -> str:
-    """The shell command that continues this run from `path`: argv with --resume-from replaced."""
-    args, skip = [], False
-    for arg in argv[1:]:
-        if skip or arg.startswith("--resume-from="):
-            skip = False
-            continue
-        skip = arg == "--resume-from"  # an earlier checkpoint of this run would repeat its steps
-        if not skip:
-            args.append(arg)
-    return shlex.join(["python", os.path.basename(argv[0]) or "train.py", *args, "--resume-from", str(path)])
-
-
-def summary_writer(log_dir: Path, world, purge_step=None):
-    """TensorBoard writer on rank 0; elsewhere an object that drops every call."""
-    if not world.main:
-        return _Discard()
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(log_dir, purge_step=purge_step)
-
-
-class _Discard:
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-class StopOnSignal:
-    """SIGINT/SIGTERM ask the loop to stop after the current optimizer step; a second one quits at once."""
-
-    def __init__(self):
-        self.signum = None
-
-    def __enter__(self):
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            os._exit(128 + signum)
-        self.signum = signum
-        print(f"\nsignal {signum}: finishing this step and writing a checkpoint (again to quit at once)",
-              file=sys.stderr, flush=True)

@@ -52,9 +52,8 @@ def test_compile_matches_eager_and_saves_plain_names(no_dropout_models, corpus, 
     assert not any("_orig_mod" in k for k in load_file(tmp_path / "compiled" / "model.safetensors"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, fp16 is allowed")
 def test_fp16_without_cuda_is_a_one_line_error(model_dirs, corpus, tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA, where fp16 is allowed")
     r = run_script("clm", *common(model_dirs["clm"], corpus, tmp_path / "fp16", "--precision", "fp16"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "fp16 needs a CUDA GPU" in r.stderr and "bf16" in r.stderr
