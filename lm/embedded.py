@@ -74,7 +74,12 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-converted model is never picked up
+        try:
+            os.replace(tmp, target)  # atomic: a half-converted model is never picked up
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            # another process (a torchrun rank, a second run) finished the same conversion first: keep its copy
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

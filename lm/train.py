@@ -73,16 +73,18 @@ def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     block_size, note = resolve_block_size(cfg.block_size, max_positions(model_config, tokenizer))
     if note and world.main:
         print(f"warning: {note}", file=sys.stderr)
-    if cfg.line_by_line:  # lists in memory: rank 0 sends them
-        examples = load_examples(cfg, sources, tokenizer, block_size, cache_root(cfg.cache_dir)) if world.main else None
-        train_set, eval_set = distributed.broadcast_from_main(world, examples)
-    else:  # rank 0 fills the token cache; then the others memory-map the same files
+    def examples():
+        return load_examples(cfg, sources, tokenizer, block_size, cache_root(cfg.cache_dir))
+
+    if cfg.line_by_line:  # lists in memory: rank 0 tokenizes and sends them
+        train_set, eval_set = distributed.broadcast_from_main(world, examples() if world.main else None)
+    else:  # rank 0 fills the token cache first; the others then memory-map the same files, quietly
         if world.main:
-            train_set, eval_set = load_examples(cfg, sources, tokenizer, block_size, cache_root(cfg.cache_dir))
+            train_set, eval_set = examples()
         distributed.barrier(world)
         if not world.main:
             with contextlib.redirect_stdout(io.StringIO()):
-                train_set, eval_set = load_examples(cfg, sources, tokenizer, block_size, cache_root(cfg.cache_dir))
+                train_set, eval_set = examples()
     if cfg.prepare_only:
         return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
 
