@@ -173,7 +173,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
         if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         default = defaults.get(f.name, f.default)
-        kwargs = dict(default=default, help=f.metadata["help"], dest=f.name)
+        kwargs = dict(default=default, help=f.metadata["help"].replace("%", "%%"), dest=f.name)  # argparse %-formats help
         if kind is bool:
             kwargs["action"] = "store_true"
         else:

@@ -1,3 +1,4 @@
+import argparse
 import dataclasses
 from pathlib import Path
 
@@ -49,3 +50,14 @@ def test_readme_documents_every_flag():
     missing = [a.option_strings[0] for a in build_parser("clm")._actions
                if a.option_strings and a.option_strings[0] != "-h" and f"`{a.option_strings[0]}`" not in readme]
     assert not missing
+
+
+@pytest.mark.parametrize("task", ["clm", "mlm"])
+def test_help_of_the_scripts_renders_every_flag(task):
+    from conftest import run_script
+
+    r = run_script(task, "--help", timeout=120)
+    assert r.returncode == 0, r.stderr
+    flags = [a.option_strings[0] for a in build_parser(task)._actions if a.help != argparse.SUPPRESS]
+    missing = [f for f in flags if f not in r.stdout]
+    assert not missing and "~30%" in r.stdout  # a literal % in a help text
