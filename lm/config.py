@@ -7,7 +7,7 @@ import dataclasses
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 from lm.errors import UsageError
 
@@ -15,7 +15,7 @@ EMBEDDED_CORPUS = "python-docs"
 
 
 def option(default, help, **meta):
-    """A config field whose help text (and optional `choices`, `cli=False`) feeds the CLI."""
+    """A config field whose help text (and optional `choices`, `type`, `cli=False`) feeds the CLI."""
     return field(default=default, metadata={"help": help, **meta})
 
 
@@ -82,7 +82,10 @@ class Config:
     log_every: int = option(10, "log training loss every N optimizer steps")
     output_dir: Optional[str] = option(None, "where the run is written; default runs/<task>-<timestamp>")
     overwrite_output_dir: bool = option(False, "allow an --output-dir that holds another run's checkpoints")
-    save_every: Optional[int] = option(None, "write a resumable checkpoint every N optimizer steps")
+    save_every: Union[int, str, None] = option(
+        None, "write a resumable checkpoint every N optimizer steps and at each epoch's end; "
+        "'epoch': at each epoch's end only",
+        type=lambda text: int(text) if text.lstrip("-").isdigit() else text)  # validated() judges the rest
     save_total_limit: Optional[int] = option(None, "keep only the newest K checkpoints")
     resume_from: Optional[str] = option(None, "checkpoint directory to resume from, or 'latest'")
     cache_dir: Optional[str] = option(
@@ -110,13 +113,15 @@ class Config:
         need(not (self.line_by_line and self.task == "clm"),
              "--line-by-line is for masked LM only: causal LM trains on concatenated blocks")
         for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "max_train_steps", "log_every",
-                     "eval_every", "save_every", "save_total_limit", "max_train_samples", "max_eval_samples",
+                     "eval_every", "save_total_limit", "max_train_samples", "max_eval_samples",
                      "preprocessing_workers"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{flag(name)} must be a positive integer, got {value}")
         for name in ("lr", "head_lr", "epochs", "adam_eps"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{flag(name)} must be positive, got {value}")
+        need(self.save_every in (None, "epoch") or (type(self.save_every) is int and self.save_every > 0),
+             f"--save-every must be a positive integer or 'epoch', got {self.save_every!r}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam-beta1/2 must be in [0, 1)")
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
@@ -136,6 +141,11 @@ class Config:
         """'files', 'hub' or 'embedded'."""
         return "files" if self.train_file else "hub" if self.dataset else "embedded"
 
+    @property
+    def save_steps(self) -> Optional[int]:
+        """Optimizer steps between checkpoints, or None. Any --save-every also saves at each epoch's end."""
+        return None if self.save_every == "epoch" else self.save_every
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -153,6 +163,75 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+# Command lines of Hugging Face's run_{clm,mlm}_no_trainer.py run here unchanged: their flags are
+# other spellings of our fields, hidden from --help (the README lists them). --seed is spelled alike.
+HF_ALIASES = {
+    "model_name_or_path": "model",
+    "dataset_name": "dataset",
+    "dataset_config_name": "dataset_config",
+    "train_file": "train_file",
+    "validation_file": "validation_file",
+    "validation_split_percentage": "validation_split_percentage",
+    "block_size": "block_size",
+    "max_seq_length": "block_size",  # the MLM script's name
+    "line_by_line": "line_by_line",
+    "mlm_probability": "mlm_prob",
+    "max_train_samples": "max_train_samples",
+    "max_eval_samples": "max_eval_samples",
+    "learning_rate": "lr",
+    "weight_decay": "weight_decay",
+    "lr_scheduler_type": "lr_scheduler",
+    "num_warmup_steps": "warmup_steps",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "num_train_epochs": "epochs",
+    "max_train_steps": "max_train_steps",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "output_dir": "output_dir",
+    "checkpointing_steps": "save_every",
+    "resume_from_checkpoint": "resume_from",
+    "preprocessing_num_workers": "preprocessing_workers",
+}
+# Their switches that change nothing here, and why.
+HF_IGNORED = {
+    "with_tracking": "lm always logs to TensorBoard",
+    "low_cpu_mem_usage": "transformers always loads weights that way now",
+}
+# Their options we don't implement, and what to do instead.
+HF_REFUSED = {
+    "config_name": "train from a saved model directory with --model DIR",
+    "model_type": "train from a saved model directory with --model DIR",
+    "tokenizer_name": "save the tokenizer with the model and pass --model DIR",
+    "use_slow_tokenizer": "lm uses the tokenizer saved with the model: save the one you want and pass --model DIR",
+    "trust_remote_code": "lm loads only architectures that transformers implements",
+    "overwrite_cache": "the token cache is keyed by the tokenizer and the data, so it is never stale; "
+                       "delete CACHE_DIR/tokens to rebuild it",
+    "no_keep_linebreaks": "lm keeps the newline of each .txt line; give the texts as .jsonl or .csv to drop them",
+    "pad_to_max_length": "lm pads each batch to its longest example only",
+    "push_to_hub": "upload OUTPUT_DIR yourself with huggingface-cli upload",
+    "hub_model_id": "upload OUTPUT_DIR yourself with huggingface-cli upload",
+    "hub_token": "log in with huggingface-cli login, then upload OUTPUT_DIR with huggingface-cli upload",
+    "report_to": "lm always logs to TensorBoard (OUTPUT_DIR/logs)",
+}
+
+
+class _Ignored(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        pass
+
+
+class _Refused(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise UsageError(f"{option_string} is not supported: {HF_REFUSED[option_string[2:]]}")
+
+
+def _true_or_false(text: str) -> bool:
+    # HF declares --line_by_line with type=bool, so its users write `--line_by_line True`
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
         raise UsageError(f"{message} (see --help)")
@@ -163,7 +242,8 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     parser = _Parser(
         prog=f"train_{task}.py",
         description=f"Fine-tune a {'causal' if task == 'clm' else 'masked'} language model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False)  # a prefix such as --output would be ambiguous between --output-dir and --output_dir
     hints = typing.get_type_hints(Config)
     defaults = TASK_DEFAULTS[task]
     for f in dataclasses.fields(Config):
@@ -177,11 +257,20 @@ def build_parser(task: str) -> argparse.ArgumentParser:
         if kind is bool:
             kwargs["action"] = "store_true"
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = f.metadata.get("type", kind)
             kwargs["metavar"] = f.name.split("_")[-1].upper()
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(f"--{flag(f.name)}", **kwargs)
+        hidden = dict(kwargs, help=argparse.SUPPRESS, default=argparse.SUPPRESS)  # the default is set once, above
+        if kind is bool:
+            hidden.update(action="store", nargs="?", const=True, type=_true_or_false)
+        for hf in [hf for hf, name in HF_ALIASES.items() if name == f.name]:
+            parser.add_argument(f"--{hf}", **hidden)
+    for hf in HF_IGNORED:
+        parser.add_argument(f"--{hf}", action=_Ignored, nargs=0, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for hf in HF_REFUSED:  # with or without a value, so the message names the flag, not a stray argument
+        parser.add_argument(f"--{hf}", action=_Refused, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
