@@ -1,16 +1,15 @@
-"""What a resumable checkpoint holds (listed once), written atomically, found again, loaded;
-and the graceful stop that writes one.
+"""What a resumable checkpoint holds (listed once, in `Snapshot` and `FILES`), written atomically,
+found again and loaded back; the options a resumed run may change; and the graceful stop that writes one.
 
-A checkpoint is OUTPUT_DIR/checkpoints/step-N/ with:
-  model.pt      the model's full state dict (the unwrapped module: no DDP, FSDP or compile prefixes)
-  optimizer.pt  AdamW state (keyed by parameter name under --fsdp);  scheduler.pt  LR schedule state;  scaler.pt  fp16 grad scaler, if used
-  rng.pt        per rank: python, numpy, torch CPU and CUDA generator states (dropout)
-  state.json    step, epoch, batches done in the epoch, the log window, task, model and config
-The data order and the masks need no saved RNG: they are functions of (seed, epoch, example).
+A checkpoint is OUTPUT_DIR/checkpoints/step-N/ with the files of `FILES`. The data order and the
+masks need no saved RNG: they are functions of (seed, epoch, example), and `Progress.examples_done`
+counts the examples of the epoch already trained on by all processes together, so a run resumed
+with another number of processes starts at the same place in the epoch's order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -21,12 +20,12 @@ import signal
 import sys
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lm import distributed
 from lm.errors import UsageError
 
 DIRNAME = "checkpoints"
@@ -51,22 +50,50 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(output_dir: Path, state: dict, tensors: dict[str, object], keep: int | None = None) -> Path:
-    """Write checkpoints/step-N into a temporary directory, rename it into place, then prune to `keep`.
+@dataclass
+class Progress:
+    """Where a run stands: saved as state.json, and all a resumed run needs besides the tensors."""
 
-    `tensors` maps file names (model.pt, optimizer.pt, ...: see the module docstring) to what goes in them.
-    """
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    examples_done: int = 0  # examples of this epoch trained on, by all processes together
+    perplexity_before: float | None = None
+    train_tokens: int = 0  # input tokens of all processes
+    train_seconds: float = 0.0  # training steps only: no loading, no evaluation
+    window: dict = field(default_factory=lambda: dict(loss_sum=0.0, tokens=0, inputs=0, seconds=0.0))  # since the last log
+
+
+@dataclass
+class Snapshot:
+    """Everything in a checkpoint: the progress, the run it belongs to, and the tensors."""
+
+    progress: Progress
+    run: dict  # task, model, world_size and the whole config of the run that saved it
+    model: dict  # the unwrapped model's full state dict (no DDP, FSDP or compile prefixes)
+    optimizer: dict  # AdamW state (keyed by parameter name under --fsdp)
+    rng: list  # per process: python, numpy, torch CPU and CUDA generator states (dropout)
+    scaler: dict | None = None  # the fp16 gradient scaler, if used
+
+
+# Snapshot field -> its file; state.json holds `progress` and `run`.
+FILES = {"model": "model.pt", "optimizer": "optimizer.pt", "rng": "rng.pt", "scaler": "scaler.pt"}
+
+
+def save(output_dir: Path, snapshot: Snapshot, keep: int | None = None) -> Path:
+    """Write checkpoints/step-N into a temporary directory, rename it into place, then prune to `keep`."""
     root = Path(output_dir) / DIRNAME
-    final = root / f"step-{state['step']}"
+    final = root / f"step-{snapshot.progress.step}"
     try:
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     except OSError as e:
         raise UsageError(f"cannot write a checkpoint in {root}: {e.strerror}") from None
     try:
-        for name, value in tensors.items():
-            torch.save(value, tmp / name)
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        for name, filename in FILES.items():
+            if getattr(snapshot, name) is not None:
+                torch.save(getattr(snapshot, name), tmp / filename)
+        state = {**snapshot.run, **dataclasses.asdict(snapshot.progress)}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))  # last: it marks a complete checkpoint
         if final.exists():  # the same step saved twice (e.g. --save-every at an epoch's end)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -79,6 +106,15 @@ def save(output_dir: Path, state: dict, tensors: dict[str, object], keep: int | 
         for old in all_checkpoints(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load(path: Path) -> Snapshot:
+    """The inverse of save: a checkpoint's Snapshot, tensors on the CPU."""
+    state = read_state(path)
+    progress = {f.name: state.pop(f.name) for f in dataclasses.fields(Progress)}
+    tensors = {name: torch.load(Path(path) / filename, map_location="cpu", weights_only=True)  # data, never code
+               if (Path(path) / filename).exists() else None for name, filename in FILES.items()}
+    return Snapshot(Progress(**progress), state, **tensors)
 
 
 def all_checkpoints(output_dir: Path) -> list[Path]:
@@ -117,17 +153,20 @@ def read_state(path: Path) -> dict:
     return json.loads((Path(path) / "state.json").read_text())
 
 
-def load_tensors(path: Path, name: str):
-    return torch.load(Path(path) / name, map_location="cpu", weights_only=True)  # data, never code
+# How each option may differ between a checkpoint and the run that resumes it:
+# - fixed: what decides the data, its order and the masks; a change is refused;
+# - the global batch, --batch-size x processes x --grad-accum-steps, must stay; its factors may change;
+# - not compared: what this invocation does rather than how the run trains;
+# - every other option may change and applies from the resumed step on; `check_resumable` lists them.
+RESUME_FIXED = ("task", "model", "dataset", "dataset_config", "train_file", "validation_file", "text_column",
+                "validation_split_percentage", "block_size", "line_by_line", "mlm_prob", "max_train_samples",
+                "seed", "fsdp")
+RESUME_GLOBAL_BATCH = ("batch_size", "grad_accum_steps")
+RESUME_NOT_COMPARED = ("resume_from", "overwrite_output_dir", "prepare_only")
 
 
-# Options that fix which batches a run sees; a resumed run must keep them to stay exact.
-RESUME_FIXED = ("task", "model", "dataset", "dataset_config", "train_file", "validation_file", "block_size",
-                "line_by_line", "mlm_prob", "max_train_samples", "batch_size", "grad_accum_steps", "seed", "fsdp")
-
-
-def check_resumable(path: Path, cfg, model_name: str) -> None:
-    """Refuse a checkpoint of another task, model or data: resuming it could not be exact."""
+def check_resumable(path: Path, cfg, model_name: str, world_size: int) -> list[str]:
+    """Refuse a checkpoint that this run can't continue exactly; else one line per option that changed."""
     state = read_state(path)
     saved = {**state["config"], "model": state["model"]}
     ours = {**cfg.to_dict(), "model": model_name}
@@ -136,28 +175,27 @@ def check_resumable(path: Path, cfg, model_name: str) -> None:
         what = ", ".join(f"{k}={saved.get(k)!r} (now {ours.get(k)!r})" for k in differ)
         raise UsageError(f"--resume-from {path}: the checkpoint is of a different run: {what}; "
                          "resume with the same settings, or start afresh in another --output-dir")
+    before, now = (global_batch(c["batch_size"], n, c["grad_accum_steps"])
+                   for c, n in ((saved, state["world_size"]), (ours, world_size)))
+    if before[0] != now[0]:
+        raise UsageError(f"--resume-from {path}: the checkpoint's global batch is {before[1]}, this run's {now[1]}; "
+                         "keep the product the same (e.g. a larger --batch-size with fewer processes)")
+    changes = [f"--{k.replace('_', '-')} {saved.get(k)} -> {ours[k]}" for k in ours
+               if k not in RESUME_FIXED + RESUME_NOT_COMPARED and saved.get(k) != ours[k]]
+    if state["world_size"] != world_size:
+        changes.append(f"processes {state['world_size']} -> {world_size}")
+    return [f"resume: {change} from step {state['step']}" for change in changes]
 
 
-def restore(path: Path, model, optimizer, scheduler, scaler, world=distributed.World(), sharded=False) -> dict:
-    """Load a checkpoint (already checked by check_resumable) into the run's objects; return its progress."""
-    state = read_state(path)
-    distributed.load_full_state(model, optimizer, load_tensors(path, "model.pt"),
-                                load_tensors(path, "optimizer.pt"), sharded=sharded)
-    scheduler.load_state_dict(load_tensors(path, "scheduler.pt"))
-    if scaler is not None and (Path(path) / "scaler.pt").exists():
-        scaler.load_state_dict(load_tensors(path, "scaler.pt"))
-    rng = load_tensors(path, "rng.pt")  # one state per rank of the run that saved it
-    if len(rng) != world.size and world.main:
-        print(f"warning: the checkpoint was written by {len(rng)} processes, this run has {world.size}: "
-              "the masks stay the same, the batches too if --batch-size x processes is unchanged, "
-              "but dropout draws differ", file=sys.stderr)
-    set_rng_state(rng[world.rank % len(rng)])
-    return {k: state[k] for k in ("step", "epoch", "batches_done", "perplexity_before", "window",
-                                  "train_tokens", "train_seconds")}
+def global_batch(batch_size: int, processes: int, accumulation: int) -> tuple[int, str]:
+    """(examples per optimizer step, how they come about) for messages."""
+    return (batch_size * processes * accumulation,
+            f"{batch_size * processes * accumulation} examples (--batch-size {batch_size} x {processes} "
+            f"process{'es' * (processes != 1)} x --grad-accum-steps {accumulation})")
 
 
-def resume_command(argv: list[str], path: Path) -> str:
-    """The shell command that continues this run from `path`: argv with --resume-from replaced."""
+def resume_command(launcher: list[str], argv: list[str], path: Path) -> str:
+    """The shell command that continues this run from `path`: how it was launched, --resume-from replaced."""
     args, skip = [], False
     for arg in argv[1:]:
         if skip or arg.startswith("--resume-from="):
@@ -166,7 +204,7 @@ def resume_command(argv: list[str], path: Path) -> str:
         skip = arg == "--resume-from"  # an earlier checkpoint of this run would repeat its steps
         if not skip:
             args.append(arg)
-    return shlex.join(["python", os.path.basename(argv[0]) or "train.py", *args, "--resume-from", str(path)])
+    return shlex.join([*launcher, argv[0], *args, "--resume-from", str(path)])
 
 
 class StopOnSignal:

@@ -71,6 +71,8 @@ class Config:
         "auto", "auto: bf16 autocast where the hardware runs it natively, else fp32",
         choices=("auto", "fp32", "bf16", "fp16"))
     fsdp: bool = option(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
+    ddp_timeout: int = option(
+        1800, "under torchrun: seconds a process waits for the others (e.g. while rank 0 tokenizes) before failing")
     compile: bool = option(False, "torch.compile the model (slow first steps; pays off on long GPU runs)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
     peak_flops: Optional[float] = option(
@@ -112,7 +114,7 @@ class Config:
         need(0 < self.mlm_prob < 1, f"--mlm-prob must be between 0 and 1 (exclusive), got {self.mlm_prob}")
         need(not (self.line_by_line and self.task == "clm"),
              "--line-by-line is for masked LM only: causal LM trains on concatenated blocks")
-        for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "max_train_steps", "log_every",
+        for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "max_train_steps", "log_every", "ddp_timeout",
                      "eval_every", "save_total_limit", "max_train_samples", "max_eval_samples",
                      "preprocessing_workers"):
             value = getattr(self, name)
@@ -134,6 +136,9 @@ class Config:
         need(not (self.dataset and self.train_file), "give either --dataset or --train-file, not both")
         need(not (self.validation_file and not self.train_file), "--validation-file needs --train-file")
         need(not (self.dataset_config and not self.dataset), "--dataset-config needs --dataset")
+        need(not (self.eval_only and self.resume_from),
+             "--eval-only evaluates --model and trains nothing; to evaluate a checkpoint's run, let it finish "
+             "and pass its output dir as --model")
         return self
 
     @property
@@ -191,6 +196,7 @@ HF_ALIASES = {
     "checkpointing_steps": "save_every",
     "resume_from_checkpoint": "resume_from",
     "preprocessing_num_workers": "preprocessing_workers",
+    "ddp_timeout": "ddp_timeout",  # Trainer's name, and its default
 }
 # Their switches that change nothing here, and why.
 HF_IGNORED = {

@@ -7,10 +7,14 @@ helper here is a no-op, so the loop reads the same either way.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from lm.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -29,8 +33,11 @@ class World:
         return self.size > 1
 
 
-def init(device: torch.device) -> tuple[World, torch.device]:
-    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); pin one GPU per process."""
+def init(device: torch.device, timeout: float = 1800) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes (nccl on CUDA, gloo on CPU); pin one GPU per process.
+
+    `timeout` (seconds) bounds every wait for the other processes, e.g. while rank 0 tokenizes.
+    """
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return World(), device
     world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
@@ -38,7 +45,8 @@ def init(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout),
+                                device_id=device if device.type == "cuda" else None)
     return world, device
 
 
@@ -77,6 +85,36 @@ def broadcast_from_main(world: World, obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def run_on_main(world: World, fn, send_result: bool = True):
+    """fn() on rank 0 while the others wait; rank 0's result on every rank (or None there without
+    `send_result`). A UsageError raised by fn reaches every rank, so all stop alike and none waits forever."""
+    if not world.distributed:
+        return fn()
+    result, error = None, None
+    if world.main:
+        try:
+            result = fn()
+        except UsageError as e:
+            error = str(e)
+    result, error = broadcast_from_main(world, (result if send_result else None, error))
+    if error is not None:
+        raise UsageError(error)
+    return result if send_result or world.main else None
+
+
+def launcher() -> list[str]:
+    """How this process was started, without the script and its arguments: python, or torchrun and its flags."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return ["python"]
+    try:  # the torchrun agent is our parent; its command line holds the flags the user gave it
+        parent = open(f"/proc/{os.getppid()}/cmdline", "rb").read().decode().split("\0")
+        return ["torchrun", *parent[parent.index(next(a for a in parent if a.endswith("run"))) + 1:
+                                    parent.index(sys.argv[0])]]
+    except (OSError, ValueError, StopIteration):
+        nodes = int(os.environ["WORLD_SIZE"]) // int(os.environ["LOCAL_WORLD_SIZE"])
+        return ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", os.environ["LOCAL_WORLD_SIZE"]]
 
 
 def shard(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:

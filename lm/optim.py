@@ -18,7 +18,8 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float,
         decay, new = p.ndim >= 2, name in new_params
         group = groups.setdefault((decay, new), {
             "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
-            "lr": new_lr if new and new_lr is not None else lr})
+            "base_lr": new_lr if new and new_lr is not None else lr})
+        group["lr"] = group["base_lr"]
         group["params"].append(p)
         group["names"].append(name)
     return [groups[k] for k in sorted(groups)]
@@ -45,6 +46,8 @@ def build_optimizer(groups: list[dict], cfg, device: torch.device, fused: bool =
                              weight_decay=cfg.weight_decay, fused=fused and device.type in ("cuda", "cpu"))
 
 
-def build_scheduler(optimizer, total_steps: int, warmup_steps: int, kind: str):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, kind))
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    """Set every group's learning rate to its peak (`base_lr`) times `factor`; returns the first group's."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return optimizer.param_groups[0]["lr"]

@@ -143,13 +143,13 @@ def _finished(path: Path) -> Prepared | None:
     return Prepared(path, meta["num_tokens"], meta["dtype"], reused=True)
 
 
-def prepare(source, tokenizer, root: Path, workers: int, split: str = "train") -> Prepared:
-    """The token file of `source` under root/tokens: reused when it exists, else written now."""
+def prepare(source, tokenizer, root: Path, workers: int, split: str = "train", say=print) -> Prepared:
+    """The token file of `source` under root/tokens: reused when it exists, else written now; `say` reports it."""
     key = cache_key(source, tokenizer)
     target = Path(root) / "tokens" / key
     found = _finished(target)
     if found is not None:
-        print(f"{split}: reusing tokenized data {target} ({found.num_tokens:,} tokens)", flush=True)
+        say(f"{split}: reusing tokenized data {target} ({found.num_tokens:,} tokens)", flush=True)
         return found
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))  # hidden and never a key: never read
@@ -170,7 +170,7 @@ def prepare(source, tokenizer, root: Path, workers: int, split: str = "train") -
             if _finished(target) is None:
                 raise
         seconds = time.perf_counter() - started
-        print(f"{split}: tokenized into {target} ({n:,} tokens, {seconds:.1f} s, "
+        say(f"{split}: tokenized into {target} ({n:,} tokens, {seconds:.1f} s, "
               f"{n / max(seconds, 1e-9):,.0f} tokens/s, {workers} process{'es' * (workers > 1)}"
               f"{'' if bare else ', slow tokenizer'})", flush=True)
     finally:
@@ -350,7 +350,7 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def load_examples(cfg, sources, tokenizer, block_size: int, cache_root: Path):
+def load_examples(cfg, sources, tokenizer, block_size: int, cache_root: Path, say=print):
     """(train, validation) Examples: blocks memory-mapped from the token cache, or line-by-line lists."""
     from lm.data import Examples, blocks_of, build_examples
 
@@ -360,9 +360,9 @@ def load_examples(cfg, sources, tokenizer, block_size: int, cache_root: Path):
         if cfg.line_by_line:
             sets.append(build_examples(source.texts, tokenizer, block_size, True, limit, split))
             continue
-        prepared = prepare(source, tokenizer, cache_root, workers, split)
+        prepared = prepare(source, tokenizer, cache_root, workers, split, say)
         blocks = blocks_of(prepared.tokens(), block_size, split)  # (n_blocks, block_size) view of the map
         if cfg.prepare_only:
-            print(f"{split}: {prepared.path} {prepared.num_tokens} tokens {len(blocks)} blocks of {block_size}")
+            say(f"{split}: {prepared.path} {prepared.num_tokens} tokens {len(blocks)} blocks of {block_size}")
         sets.append(Examples(blocks[:limit] if limit else blocks))
     return sets[0], sets[1]

@@ -1,9 +1,12 @@
-"""The training loop, top to bottom: settings, data, model, optimizer, then the steps."""
+"""The training loop, top to bottom: setup, data, model, then fit() runs the steps and finish() saves.
+
+train() calls the stages in reading order. `Run` holds what setup builds once; `Progress`
+(lm.checkpoint) is where the run stands, the one thing a checkpoint adds to the tensors.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import random
@@ -11,6 +14,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
@@ -22,291 +26,416 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lm import checkpoint, distributed
+from lm.checkpoint import Progress, Snapshot
 from lm.config import Config
 from lm.data import EpochSampler
-from lm.embedded import cache_root
+from lm.embedded import DEFAULT_MODEL, cache_root
 from lm.errors import UsageError
 from lm.hardware import (autocast, check_compile, choose_precision, configure, flops_per_token, native_bf16,
                          peak_flops, resolve_device)
 from lm.masking import IGNORE
 from lm.modeling import load_config, load_model, load_tokenizer, max_positions, resolve_block_size, resolve_model
 from lm.objectives import TokenLoss, make_collator
-from lm.optim import build_optimizer, build_scheduler, parameter_groups
+from lm.optim import build_optimizer, lr_factor, parameter_groups, set_lr
 from lm.output import check_output_dir, summary_writer, write_json
 from lm.token_cache import load_examples, load_sources
+
+
+@dataclass
+class Run:
+    """What a run sets up once, filled in stage by stage; the loop reads it."""
+
+    cfg: Config
+    world: distributed.World
+    device: torch.device
+    precision: str
+    out: Path
+    model_name: str
+    resume: Path | None = None
+    sources: tuple = ()  # (train, validation) texts, checked
+    model_path: tuple | None = None  # (path or Hub name, from_pretrained kwargs) when cfg.model is loaded
+    tokenizer: object = None
+    model_config: object = None
+    block_size: int = 0
+    model: torch.nn.Module = None  # the plain model: what is saved
+    module: torch.nn.Module = None  # the loss module wrapping it: what evaluates
+    trained: torch.nn.Module = None  # the module under DDP or FSDP: what trains
+    optimizer: torch.optim.Optimizer = None
+    scaler: torch.amp.GradScaler | None = None
+    token_flops: float = 0.0  # training FLOPs per token, for MFU
+    peak_flops: float | None = None  # of one device at this precision; None: unknown
+    eval_world: distributed.World = distributed.World()  # who shares the evaluation
+    total_steps: int = 0
+    warmup_steps: int = 0
+    writer: object = None
+    evaluated: dict = field(default_factory=dict)  # step -> eval loss
+
+    def say(self, *args, **kwargs) -> None:
+        """print on rank 0 only."""
+        if self.world.main:
+            print(*args, **kwargs)
+
 
 def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
     """Fine-tune as `cfg` says and return the metrics also written to OUTPUT_DIR/metrics.json.
 
-    `model` and `tokenizer` replace what `cfg.model` names. `loss` wraps the model into a module
-    whose forward(input_ids, attention_mask, labels) returns the summed loss over labelled tokens.
-    Under torchrun every process calls this; rank 0 alone writes and prints.
+    `model` and `tokenizer` replace what `cfg.model` names (either alone: the other comes from
+    cfg.model). `loss` wraps the model into a module whose forward(input_ids, attention_mask, labels)
+    returns the summed loss over labelled tokens. Under torchrun every process calls this; rank 0
+    alone writes and prints.
     """
     cfg = cfg.validated()
-    seed_everything(cfg.seed)
+    run, changes = setup(cfg, model, tokenizer)
+    train_set, eval_set = prepare_data(run, tokenizer)
+    if cfg.prepare_only:
+        return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
+    build_model(run, model, loss)
+    train_loader, eval_loader = loaders(run, train_set, eval_set)
+    progress = start(run, changes, len(train_set))
+    if cfg.eval_only:
+        return finish(run, None, eval_loader)
+    fit(run, progress, train_loader, eval_loader)
+    return finish(run, progress, eval_loader)
 
-    # -- everything that needs no model is checked first, so mistakes cost seconds
+
+def setup(cfg: Config, model, tokenizer) -> tuple[Run, list[str]]:
+    """Everything that needs no model: device, processes, output dir, the checkpoint to resume, the data files.
+
+    Mistakes found here cost seconds. Returns the run and the options a resumed run changes.
+    """
+    seed_everything(cfg.seed)
+    if model is not None and tokenizer is None and cfg.model is None:
+        raise UsageError("train(model=...) needs tokenizer=... as well, or cfg.model naming the directory "
+                         "that holds the model's tokenizer")
     device = resolve_device(cfg.device)
     precision, precision_why = choose_precision(cfg.precision, device.type, native_bf16(device))
     check_compile(cfg.compile, device)
-    world, device = distributed.init(device)
+    world, device = distributed.init(device, cfg.ddp_timeout)
     if cfg.fsdp and not world.distributed:
         raise UsageError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N >= 2)")
     configure(device)
-    say = print if world.main else (lambda *a, **k: None)
-    out = Path(cfg.output_dir or f"runs/{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}")
-    resume = checkpoint.resolve(cfg.resume_from, out) if cfg.resume_from else None
-    check_output_dir(out, cfg, resume)
-    if tokenizer is None:
-        path, extra = resolve_model(cfg.model, cfg.task, cfg.cache_dir)
-    model_name = cfg.model or ("custom" if model is not None else path)
-    if resume is not None:
-        checkpoint.check_resumable(resume, cfg, model_name)
-    sources = load_sources(cfg)
+    # one name for all ranks: their clocks may tick over a second apart
+    out = Path(distributed.broadcast_from_main(world, cfg.output_dir or f"runs/{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}"))
+    model_name = cfg.model or ("custom" if model is not None else DEFAULT_MODEL[cfg.task])
+    run = Run(cfg, world, device, precision, out, model_name)
+    run.resume = checkpoint.resolve(cfg.resume_from, out) if cfg.resume_from else None
+    check_output_dir(out, cfg, run.resume)
+    changes = checkpoint.check_resumable(run.resume, cfg, model_name, world.size) if run.resume else []
+    run.sources = load_sources(cfg)  # checks the files before anything slow (e.g. converting the default model)
+    if model is None or tokenizer is None:
+        run.model_path = resolve_model(cfg.model, cfg.task, cfg.cache_dir)
+    run.model_config = model.config if model is not None else None
+    run.say(f"device {device}" + (f" x {world.size} processes" if world.distributed else "")
+            + f", precision {precision} ({precision_why})" + (", compiled" if cfg.compile else ""))
+    return run, changes
 
-    # -- tokenizer and blocks, prepared once: rank 0 tokenizes, the other ranks read its result
-    if tokenizer is None:
-        tokenizer = load_tokenizer(path, extra, cfg.task)
-        model_config = model.config if model is not None else load_config(path, extra)
-    else:
-        model_config = model.config
-    block_size, note = resolve_block_size(cfg.block_size, max_positions(model_config, tokenizer))
+
+def prepare_data(run: Run, tokenizer) -> tuple:
+    """The tokenizer and the (train, validation) examples: rank 0 tokenizes, the other ranks read its result."""
+    cfg, world = run.cfg, run.world
+    run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.model_path, cfg.task)
+    run.model_config = run.model_config or load_config(*run.model_path)
+    run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
     if note and world.main:
         print(f"warning: {note}", file=sys.stderr)
-    def examples():
-        return load_examples(cfg, sources, tokenizer, block_size, cache_root(cfg.cache_dir))
 
-    if cfg.line_by_line:  # lists in memory: rank 0 tokenizes and sends them
-        train_set, eval_set = distributed.broadcast_from_main(world, examples() if world.main else None)
-    else:  # rank 0 fills the token cache first; the others then memory-map the same files, quietly
-        if world.main:
-            train_set, eval_set = examples()
-        distributed.barrier(world)
-        if not world.main:
-            with contextlib.redirect_stdout(io.StringIO()):
-                train_set, eval_set = examples()
-    if cfg.prepare_only:
-        return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
+    def examples(say):
+        return load_examples(cfg, run.sources, run.tokenizer, run.block_size, cache_root(cfg.cache_dir), say)
 
-    # -- model, loss, optimizer, schedule
+    # line by line: lists in memory, sent to the others; blocks: rank 0 fills the token cache, the
+    # others then memory-map the same files. A user error on rank 0 stops every rank.
+    sets = distributed.run_on_main(world, lambda: examples(print), send_result=cfg.line_by_line)
+    train_set, eval_set = sets if sets is not None else examples(lambda *a, **k: None)
+    if len(train_set) < world.size:
+        raise UsageError(f"{len(train_set)} training blocks for {world.size} processes: each process needs at "
+                         "least one; add text, lower --block-size or use fewer processes")
+    run.say(f"data: {len(train_set)} train / {len(eval_set)} validation examples of <= {run.block_size} tokens")
+    return train_set, eval_set
+
+
+def build_model(run: Run, model, loss) -> None:
+    """The model on its device, the loss module around it, its DDP/FSDP wrapper and the optimizer."""
+    cfg, device, world = run.cfg, run.device, run.world
     fresh = frozenset()
     if model is None:
-        model, fresh = load_model(path, extra, cfg.task)
+        model, fresh = load_model(*run.model_path, cfg.task)
+    run.model_config = model.config
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
-    module = loss(model).to(device)
+    run.model = model.to(device)
+    run.module = loss(model).to(device)
     if cfg.compile:
-        module.compile()  # in place: the saved state dict keeps its plain names
+        run.module.compile()  # in place: the saved state dict keeps its plain names
     if cfg.fsdp:
-        trained = distributed.shard(module, model)
+        run.trained = distributed.shard(run.module, model)
     elif world.distributed:
-        trained = DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+        run.trained = DistributedDataParallel(run.module, device_ids=[device.index] if device.type == "cuda" else None)
     else:
-        trained = module
+        run.trained = run.module
     groups = parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr)
-    optimizer = build_optimizer(groups, cfg, device, fused=not cfg.fsdp)
-    sampler = EpochSampler(len(train_set), cfg.seed, rank=world.rank, world=world.size)
-    batches_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
-    total_steps = cfg.max_train_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = build_scheduler(optimizer, total_steps, warmup, cfg.lr_scheduler)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    if world.distributed:  # same weights everywhere (DDP broadcast them); dropout differs per rank
-        torch.manual_seed(cfg.seed + world.rank)
+    run.optimizer = build_optimizer(groups, cfg, device, fused=not cfg.fsdp)
+    run.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
+    n_params = sum(p.numel() for p in model.parameters())
+    run.token_flops = flops_per_token(n_params, model.config.num_hidden_layers, model.config.hidden_size, run.block_size)
+    run.peak_flops = peak_flops(device, run.precision, cfg.peak_flops)
+    run.say(f"model {run.model_name}: {n_params / 1e6:.1f}M parameters"
+            + (f", {len(fresh)} freshly initialised tensors (lr {cfg.head_lr or cfg.lr:g})" if fresh else ""))
 
-    collate = make_collator(cfg.task, tokenizer, cfg.mlm_prob, cfg.seed)
+
+def loaders(run: Run, train_set, eval_set) -> tuple[DataLoader, DataLoader]:
+    """Training batches in the epoch's order, sharded by rank; evaluation batches in file order."""
+    cfg, world = run.cfg, run.world
     # Private generators: a DataLoader otherwise draws its base seed from the global RNG at every
     # iter(), which would shift dropout after a resume mid-epoch.
-    train_loader = DataLoader(train_set, cfg.batch_size, sampler=sampler, collate_fn=collate,
+    train_loader = DataLoader(train_set, cfg.batch_size, collate_fn=make_collator(cfg.task, run.tokenizer, cfg.mlm_prob, cfg.seed),
+                              sampler=EpochSampler(len(train_set), cfg.seed, rank=world.rank, world=world.size),
                               generator=torch.Generator())
     # Evaluation is sharded too, except under FSDP, whose forwards are collectives that every rank
     # must run equally often: there each rank evaluates the whole split.
-    eval_world = distributed.World() if cfg.fsdp else world
+    run.eval_world = distributed.World() if cfg.fsdp else world
     eval_loader = DataLoader(eval_set, cfg.eval_batch_size or cfg.batch_size,
-                             sampler=EpochSampler(len(eval_set), cfg.seed, shuffle=False, rank=eval_world.rank,
-                                                  world=eval_world.size, drop_remainder=False),
-                             collate_fn=make_collator(cfg.task, tokenizer, cfg.mlm_prob, cfg.seed, evaluation=True),
+                             sampler=EpochSampler(len(eval_set), cfg.seed, shuffle=False, rank=run.eval_world.rank,
+                                                  world=run.eval_world.size, drop_remainder=False),
+                             collate_fn=make_collator(cfg.task, run.tokenizer, cfg.mlm_prob, cfg.seed, evaluation=True),
                              generator=torch.Generator())
+    return train_loader, eval_loader
 
-    # -- where the run stands: fresh, or exactly where a checkpoint left it
-    progress = {"step": 0, "epoch": 0, "batches_done": 0, "perplexity_before": None,
-                "window": {"loss_sum": 0.0, "tokens": 0, "inputs": 0, "seconds": 0.0},
-                "train_tokens": 0, "train_seconds": 0.0}
-    if resume is not None:
-        progress = checkpoint.restore(resume, model, optimizer, scheduler, scaler, world, sharded=cfg.fsdp)
-        say(f"resuming from {resume} at step {progress['step']}")
+
+def schedule(cfg: Config, n_train: int, processes: int) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps) for `n_train` examples shared by `processes`."""
+    per_rank = (n_train - n_train % processes) // processes
+    steps_per_epoch = math.ceil(math.ceil(per_rank / cfg.batch_size) / cfg.grad_accum_steps)
+    total = cfg.max_train_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return total, cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+
+
+def start(run: Run, changes: list[str], n_train: int) -> Progress:
+    """Where the run starts: afresh, or exactly where a checkpoint left it, with the changed options announced."""
+    cfg, world = run.cfg, run.world
+    run.total_steps, run.warmup_steps = schedule(cfg, n_train, world.size)
+    if world.distributed:  # same weights everywhere (DDP broadcast them); dropout differs per rank
+        torch.manual_seed(cfg.seed + world.rank)
+    progress = Progress()
+    if run.resume is not None:
+        progress = restore(run, checkpoint.load(run.resume))
+        run.say(f"resuming from {run.resume} at step {progress.step}")
+        for line in changes + [schedule_change(run, n_train, progress.step)]:
+            if line:
+                run.say(line)
     elif cfg.overwrite_output_dir and world.main:
-        for old in checkpoint.all_checkpoints(out):
+        for old in checkpoint.all_checkpoints(run.out):
             shutil.rmtree(old)
-
-    n_params = sum(p.numel() for p in model.parameters())
-    token_flops = flops_per_token(n_params, model_config.num_hidden_layers, model_config.hidden_size, block_size)
-    peak = peak_flops(device, precision, cfg.peak_flops)  # None: MFU unknown (a CPU without --peak-flops)
-    say(f"model {model_name}: {n_params / 1e6:.1f}M parameters"
-        + (f", {len(fresh)} freshly initialised tensors (lr {cfg.head_lr or cfg.lr:g})" if fresh else ""))
-    say(f"device {device}" + (f" x {world.size} processes" if world.distributed else "")
-        + f", precision {precision} ({precision_why})" + (", compiled" if cfg.compile else ""))
-    say(f"data: {len(train_set)} train / {len(eval_set)} validation examples of <= {block_size} tokens; "
-        f"{cfg.batch_size * cfg.grad_accum_steps * world.size} examples per step, {total_steps} steps, output {out}")
-
+    global_batch = checkpoint.global_batch(cfg.batch_size, world.size, cfg.grad_accum_steps)[1]
+    run.say(f"{run.total_steps} steps of {global_batch}, output {run.out}")
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
-    writer = summary_writer(out / "logs", world, purge_step=progress["step"] + 1 if resume else None)
-    if resume is None:
-        writer.add_text("config", "```\n" + json.dumps({**cfg.to_dict(), "precision": precision}, indent=2) + "\n```")
+        run.out.mkdir(parents=True, exist_ok=True)
+    run.writer = summary_writer(run.out / "logs", world, purge_step=progress.step + 1 if run.resume else None)
+    if run.resume is None:
+        run.writer.add_text("config", "```\n" + json.dumps({**cfg.to_dict(), "precision": run.precision}, indent=2)
+                            + "\n```")
+    return progress
 
-    def run_evaluation(step: int) -> float:
-        loss_value = evaluate(module, eval_loader, device, precision, eval_world)
-        writer.add_scalar("eval/loss", loss_value, step)
-        writer.add_scalar("eval/perplexity", perplexity(loss_value), step)
-        return loss_value
 
-    if cfg.eval_only:
-        eval_loss = run_evaluation(0)
-        metrics = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "eval_tokens": eval_set.num_tokens,
-                   "precision": precision, "model": model_name}
-        if world.main:
-            write_json(out / "metrics.json", metrics)
-        say(f"perplexity: {perplexity(eval_loss):.4f}")
-        writer.close()
-        return metrics
+def restore(run: Run, snapshot: Snapshot) -> Progress:
+    """Load a checkpoint into the run's objects. Optimizer settings come from this run's options."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+    distributed.load_full_state(run.model, run.optimizer, snapshot.model, snapshot.optimizer, sharded=run.cfg.fsdp)
+    for group, ours in zip(run.optimizer.param_groups, settings):
+        group.update(ours)  # a new --lr, --weight-decay, betas or eps applies from here on
+    if run.scaler is not None and snapshot.scaler is not None:
+        run.scaler.load_state_dict(snapshot.scaler)
+    if len(snapshot.rng) != run.world.size:
+        run.say(f"warning: the checkpoint was written by {len(snapshot.rng)} processes, this run has "
+                f"{run.world.size}: batches and masks stay the same, dropout draws differ", file=sys.stderr)
+    checkpoint.set_rng_state(snapshot.rng[run.world.rank % len(snapshot.rng)])
+    return snapshot.progress
 
-    if progress["perplexity_before"] is None:
-        progress["perplexity_before"] = perplexity(run_evaluation(0))
-        say(f"perplexity before training: {progress['perplexity_before']:.3f}")
 
-    def save_checkpoint() -> Path:
-        # collectives first, on every rank: the RNG states of all ranks, and under FSDP the whole weights
-        rng = distributed.gather_to_main(world, checkpoint.rng_state())
-        model_state, optim_state = distributed.full_state(model, optimizer, sharded=cfg.fsdp)
-        if not world.main:
-            return None
-        state = {**progress, "task": cfg.task, "model": model_name, "config": cfg.to_dict(),
-                 "world_size": world.size}
-        tensors = {"model.pt": model_state, "optimizer.pt": optim_state, "scheduler.pt": scheduler.state_dict(),
-                   "rng.pt": rng, **({"scaler.pt": scaler.state_dict()} if scaler else {})}
-        return checkpoint.save(out, state, tensors, cfg.save_total_limit)
+def schedule_change(run: Run, n_train: int, step: int) -> str | None:
+    """How the learning rate continues when a resumed run changed its schedule: the new one applies from here."""
+    state = checkpoint.read_state(run.resume)
+    cfg = run.cfg
+    saved = Config(**{**cfg.to_dict(), **{k: state["config"][k] for k in SCHEDULE_OPTIONS}})
+    total, warmup = schedule(saved, n_train, state["world_size"])
+    if (total, warmup, saved.lr_scheduler, saved.lr) == (run.total_steps, run.warmup_steps, cfg.lr_scheduler, cfg.lr):
+        return None
+    old = saved.lr * lr_factor(step, total, warmup, saved.lr_scheduler)
+    new = cfg.lr * lr_factor(step, run.total_steps, run.warmup_steps, cfg.lr_scheduler)
+    return (f"resume: {cfg.lr_scheduler} schedule over {run.total_steps} steps ({run.warmup_steps} warmup), was "
+            f"{saved.lr_scheduler} over {total} ({warmup}): lr at step {step} {old:.3g} -> {new:.3g}")
 
-    # -- the loop
-    step, window = progress["step"], progress["window"]
-    last_eval = eval_loss = None
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+
+# The options that decide the learning rate at a step.
+SCHEDULE_OPTIONS = ("lr", "lr_scheduler", "warmup_steps", "warmup_ratio", "epochs", "max_train_steps", "batch_size",
+                    "grad_accum_steps")
+
+
+def fit(run: Run, progress: Progress, train_loader: DataLoader, eval_loader: DataLoader) -> None:
+    """Optimizer steps until the budget is spent or a signal arrives; evaluates, logs and checkpoints on the way."""
+    cfg, world = run.cfg, run.world
+    sampler = train_loader.sampler
+    if progress.perplexity_before is None:
+        progress.perplexity_before = perplexity(evaluate_at(run, eval_loader, 0))
+        run.say(f"perplexity before training: {progress.perplexity_before:.3f}")
+    bar = tqdm(total=run.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
                disable=not world.main)
-    trained.train()
-    stopping = False
+    run.trained.train()
     with checkpoint.StopOnSignal() as stop:
-        while step < total_steps:
-            sampler.set_epoch(progress["epoch"], start=progress["batches_done"] * cfg.batch_size * world.size)
-            collate.epoch = progress["epoch"]
+        while progress.step < run.total_steps:
+            sampler.set_epoch(progress.epoch, start=progress.examples_done)
+            train_loader.collate_fn.epoch = progress.epoch
             batches = iter(train_loader)
-            while step < total_steps:
-                started = time.perf_counter()
-                micro = list(islice(batches, cfg.grad_accum_steps))
-                if not micro:
-                    break
-                # One optimizer step. Each micro-batch's summed loss is divided by the labelled tokens
-                # of the whole step on all ranks, so every token weighs the same however the step is
-                # split into micro-batches and processes (DDP averages gradients: hence * world.size).
-                n_tokens, = distributed.all_sum(world, sum(int((mb["labels"] != IGNORE).sum()) for mb in micro),
-                                                device=device)
-                scale = world.size / max(n_tokens, 1)
-                step_loss = torch.zeros((), device=device)
-                for i, mb in enumerate(micro):
-                    input_ids, attention_mask, labels = (mb[k].to(device, non_blocking=True)
-                                                         for k in ("input_ids", "attention_mask", "labels"))
-                    sync = i == len(micro) - 1  # reduce gradients across ranks once per step
-                    with no_sync(trained, world, cfg.fsdp, sync), autocast(device, precision):
-                        loss_sum = trained(input_ids, attention_mask, labels)
-                    (scaler.scale(loss_sum * scale) if scaler else loss_sum * scale).backward()
-                    step_loss += loss_sum.detach()
-                step_loss, = distributed.all_sum(world, step_loss.item(), device=device)
-                if not math.isfinite(step_loss):
-                    last = checkpoint.latest(out)
-                    raise UsageError(f"the training loss became {step_loss} at step {step + 1}; "
-                                     + (f"the last good checkpoint is {last}; " if last else "")
-                                     + "try a lower --lr or --precision fp32")
-                if scaler:
-                    scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-                grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
-                lr = scheduler.get_last_lr()[0]
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                inputs = sum(int(mb["attention_mask"].sum()) for mb in micro) * world.size
-                seconds = time.perf_counter() - started
-                progress.update(step=step, batches_done=progress["batches_done"] + len(micro),
-                                train_tokens=progress["train_tokens"] + inputs,
-                                train_seconds=progress["train_seconds"] + seconds)
-                window.update(loss_sum=window["loss_sum"] + step_loss, tokens=window["tokens"] + n_tokens,
-                              inputs=window["inputs"] + inputs, seconds=window["seconds"] + seconds)
+            while progress.step < run.total_steps and (micro := list(islice(batches, cfg.grad_accum_steps))):
+                loss_sum, tokens = train_step(run, progress, micro)
                 bar.update(1)
-                bar.set_postfix(loss=f"{step_loss / max(n_tokens, 1):.4f}", lr=f"{lr:.2e}")
-
-                if step % cfg.log_every == 0 or step == total_steps:
-                    mean = window["loss_sum"] / max(window["tokens"], 1)
-                    tokens_per_sec = window["inputs"] / window["seconds"]
-                    writer.add_scalar("train/loss", mean, step)
-                    writer.add_scalar("train/perplexity", perplexity(mean), step)
-                    writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                    writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step)
-                    if peak:
-                        writer.add_scalar("train/mfu", token_flops * tokens_per_sec / peak / world.size, step)
-                    window.update(loss_sum=0.0, tokens=0, inputs=0, seconds=0.0)
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    eval_loss, last_eval = run_evaluation(step), step
-                if cfg.save_every and step % cfg.save_every == 0:
-                    save_checkpoint()
-                stopping = distributed.all_sum(world, stop.signum is not None, device=device)[0] > 0
-                if stopping:
-                    break
-            if stopping:
-                break
-            if progress["batches_done"] >= batches_per_epoch:  # the epoch ran out, not the step budget
-                if last_eval != step:
-                    eval_loss, last_eval = run_evaluation(step), step
-                progress.update(epoch=progress["epoch"] + 1, batches_done=0)
+                bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}")
+                if cfg.eval_every and progress.step % cfg.eval_every == 0:
+                    evaluate_at(run, eval_loader, progress.step)
+                if cfg.save_steps and progress.step % cfg.save_steps == 0:
+                    save_checkpoint(run, progress)
+                if distributed.all_sum(world, stop.signum is not None, device=run.device)[0] > 0:
+                    bar.close()
+                    stop_here(run, progress, stop.signum or signal.SIGTERM)
+            if progress.examples_done >= sampler.used:  # the epoch ran out, not the step budget
+                evaluate_at(run, eval_loader, progress.step)
+                progress.epoch, progress.examples_done = progress.epoch + 1, 0
                 if cfg.save_every:
-                    save_checkpoint()
-        bar.close()
-        if stopping:
-            path = save_checkpoint()
-            writer.close()
-            signum = stop.signum or signal.SIGTERM
-            if world.main:
-                print(f"stopped by signal {signum} at step {step}; checkpoint {path}\n"
-                      f"resume with: {checkpoint.resume_command(sys.argv, path)}", file=sys.stderr)
-            raise SystemExit(128 + signum)
+                    save_checkpoint(run, progress)
+    bar.close()
 
-    if last_eval != step:
-        eval_loss = run_evaluation(step)
-    seconds = max(progress["train_seconds"], 1e-9)
-    metrics = {
-        "eval_loss": eval_loss, "perplexity": perplexity(eval_loss),
-        "perplexity_before": progress["perplexity_before"], "train_steps": step,
-        "train_tokens": progress["train_tokens"], "train_seconds": progress["train_seconds"],
-        "tokens_per_second": progress["train_tokens"] / seconds,
-        "mfu": token_flops * progress["train_tokens"] / seconds / peak / world.size if peak else None,
-        "precision": precision, "model": model_name, "block_size": block_size, "world_size": world.size,
-    }
-    model_state, _ = distributed.full_state(model, sharded=cfg.fsdp)  # a collective under FSDP
-    if world.main:
-        model.save_pretrained(out, state_dict=model_state)
-        tokenizer.save_pretrained(out)
-        write_json(out / "metrics.json", metrics)
-    writer.close()
-    distributed.barrier(world)  # nobody leaves before the model is saved
-    say(f"perplexity: {metrics['perplexity_before']:.3f} -> {metrics['perplexity']:.3f}"
-        + (f" (MFU {metrics['mfu']:.1%})" if peak else ""))
+
+def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, int]:
+    """One optimizer step over this rank's micro-batches; records it in `progress`; (summed loss, tokens) of all ranks."""
+    cfg, world, device, optimizer = run.cfg, run.world, run.device, run.optimizer
+    started = time.perf_counter()
+    lr = set_lr(optimizer, lr_factor(progress.step, run.total_steps, run.warmup_steps, cfg.lr_scheduler))
+    # Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks,
+    # so every token weighs the same however the step is split into micro-batches and processes
+    # (DDP averages gradients: hence * world.size).
+    n_tokens, = distributed.all_sum(world, sum(int((mb["labels"] != IGNORE).sum()) for mb in micro), device=device)
+    scale = world.size / max(n_tokens, 1)
+    step_loss = torch.zeros((), device=device)
+    for i, mb in enumerate(micro):
+        input_ids, attention_mask, labels = (mb[k].to(device, non_blocking=True)
+                                             for k in ("input_ids", "attention_mask", "labels"))
+        with no_sync(run.trained, world, cfg.fsdp, sync=i == len(micro) - 1), autocast(device, run.precision):
+            loss_sum = run.trained(input_ids, attention_mask, labels)
+        (run.scaler.scale(loss_sum * scale) if run.scaler else loss_sum * scale).backward()
+        step_loss += loss_sum.detach()
+    step_loss, = distributed.all_sum(world, step_loss.item(), device=device)
+    if not math.isfinite(step_loss):
+        last = checkpoint.latest(run.out)
+        raise UsageError(f"the training loss became {step_loss} at step {progress.step + 1}; "
+                         + (f"the last good checkpoint is {last}; " if last else "")
+                         + "try a lower --lr or --precision fp32")
+    if run.scaler:
+        run.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+    if run.scaler:
+        run.scaler.step(optimizer)
+        run.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    inputs = sum(int(mb["attention_mask"].sum()) for mb in micro) * world.size
+    seconds = time.perf_counter() - started
+    window = progress.window
+    progress.step += 1
+    progress.examples_done += sum(len(mb["input_ids"]) for mb in micro) * world.size  # ranks' batches are equal
+    progress.train_tokens += inputs
+    progress.train_seconds += seconds
+    window.update(loss_sum=window["loss_sum"] + step_loss, tokens=window["tokens"] + n_tokens,
+                  inputs=window["inputs"] + inputs, seconds=window["seconds"] + seconds)
+    if progress.step % cfg.log_every == 0 or progress.step == run.total_steps:
+        log_window(run, progress.step, lr, float(grad_norm), window)
+    return step_loss, n_tokens
+
+
+def log_window(run: Run, step: int, lr: float, grad_norm: float, window: dict) -> None:
+    """Training scalars averaged over the steps since the last log, then a fresh window."""
+    mean = window["loss_sum"] / max(window["tokens"], 1)
+    tokens_per_sec = window["inputs"] / window["seconds"]
+    run.writer.add_scalar("train/loss", mean, step)
+    run.writer.add_scalar("train/perplexity", perplexity(mean), step)
+    run.writer.add_scalar("train/lr", lr, step)
+    run.writer.add_scalar("train/grad_norm", grad_norm, step)
+    run.writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step)
+    mfu = model_flops_utilization(run, tokens_per_sec)
+    if mfu is not None:
+        run.writer.add_scalar("train/mfu", mfu, step)
+    window.update(loss_sum=0.0, tokens=0, inputs=0, seconds=0.0)
+
+
+def evaluate_at(run: Run, loader: DataLoader, step: int) -> float:
+    """The validation loss at `step` (computed once per step), logged to TensorBoard."""
+    if step not in run.evaluated:
+        loss = evaluate(run.module, loader, run.device, run.precision, run.eval_world)
+        run.writer.add_scalar("eval/loss", loss, step)
+        run.writer.add_scalar("eval/perplexity", perplexity(loss), step)
+        run.evaluated[step] = loss
+    return run.evaluated[step]
+
+
+def save_checkpoint(run: Run, progress: Progress) -> Path | None:
+    """Write a checkpoint of the run as it stands (rank 0 writes; every rank takes part in the gathering)."""
+    rng = distributed.gather_to_main(run.world, checkpoint.rng_state())
+    model_state, optim_state = distributed.full_state(run.model, run.optimizer, sharded=run.cfg.fsdp)
+    if not run.world.main:
+        return None
+    info = {"task": run.cfg.task, "model": run.model_name, "world_size": run.world.size, "config": run.cfg.to_dict()}
+    snapshot = Snapshot(progress, info, model_state, optim_state, rng,
+                        run.scaler.state_dict() if run.scaler else None)
+    return checkpoint.save(run.out, snapshot, run.cfg.save_total_limit)
+
+
+def stop_here(run: Run, progress: Progress, signum: int) -> None:
+    """After a signal: checkpoint, tell how to resume, exit with 128 + the signal's number."""
+    path = save_checkpoint(run, progress)
+    run.writer.close()
+    if run.world.main:
+        print(f"stopped by signal {signum} at step {progress.step}; checkpoint {path}\n"
+              f"resume with: {checkpoint.resume_command(distributed.launcher(), sys.argv, path)}", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict:
+    """The final evaluation, metrics.json and, after training, the model and tokenizer."""
+    step = progress.step if progress else 0
+    eval_loss = evaluate_at(run, eval_loader, step)
+    metrics = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "precision": run.precision,
+               "model": run.model_name, "block_size": run.block_size, "world_size": run.world.size}
+    if progress is None:  # --eval-only
+        metrics["eval_tokens"] = eval_loader.dataset.num_tokens
+    else:
+        seconds = max(progress.train_seconds, 1e-9)
+        metrics.update(perplexity_before=progress.perplexity_before, train_steps=step,
+                       train_tokens=progress.train_tokens, train_seconds=progress.train_seconds,
+                       tokens_per_second=progress.train_tokens / seconds,
+                       mfu=model_flops_utilization(run, progress.train_tokens / seconds))
+        model_state, _ = distributed.full_state(run.model, sharded=run.cfg.fsdp)  # a collective under FSDP
+        if run.world.main:
+            run.model.save_pretrained(run.out, state_dict=model_state)
+            run.tokenizer.save_pretrained(run.out)
+    if run.world.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        write_json(run.out / "metrics.json", metrics)
+    run.writer.close()
+    distributed.barrier(run.world)  # nobody leaves before the model is saved
+    if progress is None:
+        run.say(f"perplexity: {metrics['perplexity']:.4f}")
+    else:
+        run.say(f"perplexity: {metrics['perplexity_before']:.3f} -> {metrics['perplexity']:.3f}"
+                + (f" (MFU {metrics['mfu']:.1%})" if metrics["mfu"] is not None else ""))
     return metrics
+
+
+def model_flops_utilization(run: Run, tokens_per_second: float) -> float | None:
+    """Model FLOPs per second per device over the device's peak; None where the peak is unknown."""
+    if not run.peak_flops:
+        return None
+    return run.token_flops * tokens_per_second / run.peak_flops / run.world.size
 
 
 @torch.no_grad()

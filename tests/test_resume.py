@@ -142,7 +142,7 @@ def test_non_finite_loss_names_step_and_keeps_last_checkpoint(model_dirs, corpus
         train(cfg, loss=lambda model: NaNLossFrom(model, 7))
     assert [p.name for p in checkpoint.all_checkpoints(out)] == ["step-4", "step-5"]
     assert checkpoint.read_state(out / "checkpoints" / "step-5")["step"] == 5
-    assert checkpoint.load_tensors(out / "checkpoints" / "step-5", "model.pt")
+    assert checkpoint.load(out / "checkpoints" / "step-5").model
 
 
 def test_failed_checkpoint_write_keeps_previous_one(model_dirs, corpus, reference, tmp_path, monkeypatch):
