@@ -124,6 +124,7 @@ class Config:
             need(value is None or value > 0, f"--{flag(name)} must be positive, got {value}")
         need(self.save_every in (None, "epoch") or (type(self.save_every) is int and self.save_every > 0),
              f"--save-every must be a positive integer or 'epoch', got {self.save_every!r}")
+        need(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32 - 1], got {self.seed}")  # NumPy's seed range
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam-beta1/2 must be in [0, 1)")
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import os
@@ -36,10 +37,11 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
         raise UsageError(f"{path}: the file is empty")
     if p.suffix == ".txt":
         return split_lines(raw)
+    # Records end at newlines only: str.splitlines would also break on \x0c, \x85, U+2028 and others
     if p.suffix == ".csv":
-        rows = list(csv.DictReader(raw.splitlines(keepends=True)))
+        rows = list(csv.DictReader(io.StringIO(raw, newline="")))  # as csv wants a file opened with newline=""
     elif p.suffix == ".jsonl":
-        rows = [_json(line, path) for line in raw.splitlines() if line.strip()]
+        rows = [_json(line.removesuffix("\r"), path) for line in raw.split("\n") if line.strip()]
     else:
         data = _json(raw, path)
         rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []

@@ -52,10 +52,12 @@ class MaskingCollator:
         ids = batch["input_ids"]
         maskable = ~torch.isin(ids, self.special_ids) & batch["attention_mask"].bool()
         inputs, labels = ids.clone(), torch.full_like(ids, IGNORE)
-        for row, index in enumerate(batch["index"].tolist()):
+        lengths = batch["attention_mask"].sum(1).tolist()
+        for row, (index, n) in enumerate(zip(batch["index"].tolist(), lengths)):
             g = example_generator(self.seed, self.stream, self.epoch, index)
-            inputs[row], labels[row] = mask_tokens(ids[row], maskable[row], self.mlm_prob, self.mask_id,
-                                                   self.vocab_size, g)
+            # draw over the real tokens only: the padding a batch adds must not shift the random numbers
+            inputs[row, :n], labels[row, :n] = mask_tokens(ids[row, :n], maskable[row, :n], self.mlm_prob,
+                                                           self.mask_id, self.vocab_size, g)
         batch["input_ids"], batch["labels"] = inputs, labels
         return batch
 

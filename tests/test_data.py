@@ -27,6 +27,16 @@ def test_read_texts_formats(tmp_path):
         read_texts(str(tmp_path / "t.csv"))
 
 
+def test_csv_and_jsonl_records_split_only_on_newlines(tmp_path):
+    odd = "a\x0bb\x0cc\x1cd\x1de\x1ef\x85g\u2028h\u2029i"  # line breaks to str.splitlines, not to csv or jsonl
+    rows = [{"text": odd}, {"text": "plain"}]
+    (tmp_path / "t.csv").write_text(f"id,text\r\n1,{odd}\r\n2,plain\n", encoding="utf-8", newline="")
+    (tmp_path / "t.jsonl").write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n",
+                                      encoding="utf-8", newline="")
+    assert read_texts(str(tmp_path / "t.csv")) == [odd, "plain"]
+    assert read_texts(str(tmp_path / "t.jsonl")) == [odd, "plain"]
+
+
 @pytest.mark.parametrize("content, message", [(b"", "empty"), (b"caf\xe9\n", "not UTF-8")])
 def test_read_texts_rejects_bad_files(tmp_path, content, message):
     path = tmp_path / "bad.txt"

@@ -59,3 +59,25 @@ def test_causal_labels_predict_the_next_token_and_ignore_padding():
     ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     assert causal_labels(ids, mask).tolist() == [[2, 3, 4, IGNORE], [6, IGNORE, IGNORE, IGNORE]]
+
+
+def test_line_by_line_masks_do_not_depend_on_padding(tokenizer):
+    lines = ["short line", "a somewhat longer line of words to mask", "x", "the longest line of them all " * 4]
+    items = [(i, torch.tensor(tokenizer(t)["input_ids"])) for i, t in enumerate(lines)]
+    collate = MaskingCollator(tokenizer, 0.5, seed=0)
+
+    def real(batches):  # (inputs, labels) of each example over its real tokens, in example order
+        out = []
+        for batch in batches:
+            b = collate(batch)
+            for row, (_, ids) in enumerate(batch):
+                out.append((b["input_ids"][row, :len(ids)], b["labels"][row, :len(ids)]))
+                assert (b["labels"][row, len(ids):] == IGNORE).all()  # padding never picked
+        return out
+
+    together = real([items])
+    for batches in ([[it] for it in items], [items[:2], items[2:]], [items[1:3], [items[0], items[3]]]):
+        apart = real(batches)
+        order = [i for batch in batches for i, _ in batch]
+        for k, i in enumerate(order):
+            assert torch.equal(apart[k][0], together[i][0]) and torch.equal(apart[k][1], together[i][1])
