@@ -130,8 +130,8 @@ def run_side(args) -> dict:
     """One training run of one side in this process; returns its measurements."""
     import torch
 
-    from lm.config import Config
-    from lm.embedded import DEFAULT_MODEL, model_dir
+    from lm.config import Config, find_objective
+    from lm.embedded import model_dir
 
     clock = StepClock()
     total = args.warmup + args.steps
@@ -147,7 +147,7 @@ def run_side(args) -> dict:
     cfg = Config.for_task(args.task, head_lr=None, batch_size=BATCH, block_size=BLOCK, max_train_steps=total,
                           max_train_samples=total * BATCH, max_eval_samples=1, log_every=1, seed=SEED,
                           device="cpu", precision=args.precision)
-    path = str(model_dir(DEFAULT_MODEL[args.task]))
+    path = str(model_dir(find_objective(args.task).embedded_model))
     with tempfile.TemporaryDirectory(prefix="vs-trainer-") as out:
         if args.side == "ours":
             from lm.objectives import TokenLoss

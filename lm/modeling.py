@@ -13,10 +13,11 @@ from lm.errors import UsageError
 DEFAULT_BLOCK_SIZE = 128
 
 
-def resolve_model(name: str | None, task: str, cache_dir: str | None = None) -> tuple[str, dict]:
-    """(path or Hub name, extra from_pretrained kwargs). Fails fast, in one line, when offline."""
-    name = name or embedded.DEFAULT_MODEL[task]
-    if name in embedded.DEFAULT_MODEL.values():
+def resolve_model(name: str | None, default: str, cache_dir: str | None = None) -> tuple[str, dict]:
+    """(path or Hub name, extra from_pretrained kwargs) of `name`, else of the embedded `default`.
+    Fails fast, in one line, when offline."""
+    name = name or default
+    if name in embedded.MODELS:
         return str(embedded.model_dir(name, cache_dir)), {}
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
@@ -34,18 +35,14 @@ def resolve_model(name: str | None, task: str, cache_dir: str | None = None) -> 
     except (OSError, ValueError):
         raise UsageError(
             f"--model {name}: not a directory, and the Hugging Face Hub is unreachable; use the embedded "
-            f"default (drop --model: {embedded.DEFAULT_MODEL[task]}) or --model DIR, and --train-file "
+            f"default (drop --model: {default}) or --model DIR, and --train-file "
             "for your own text") from None
 
 
-def load_tokenizer(path: str, extra: dict, task: str):
+def load_tokenizer(path: str, extra: dict):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-    if task == "mlm" and tokenizer.mask_token_id is None:
-        raise UsageError(f"--model {path}: its tokenizer has no mask token, so it can't do masked LM; "
-                         "use an encoder such as distilroberta-base or the default")
-    return tokenizer
+    return AutoTokenizer.from_pretrained(path, **extra)
 
 
 def max_positions(config, tokenizer) -> int | None:
@@ -72,12 +69,14 @@ def load_config(path: str, extra: dict):
     return AutoConfig.from_pretrained(path, **extra)
 
 
-def load_model(path: str, extra: dict, task: str) -> tuple[torch.nn.Module, frozenset[str]]:
-    """(fp32 model, names of parameters the checkpoint lacked and were freshly initialised)."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+def load_model(path: str, extra: dict, model_class: str) -> tuple[torch.nn.Module, frozenset[str]]:
+    """(fp32 model, names of parameters the checkpoint lacked and were freshly initialised).
+
+    `model_class` names the transformers Auto class, e.g. AutoModelForCausalLM."""
+    import transformers
     from transformers.utils import logging as hf_logging
 
-    auto = AutoModelForCausalLM if task == "clm" else AutoModelForMaskedLM
+    auto = getattr(transformers, model_class)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # we report fresh parameters ourselves, in one line
     try:

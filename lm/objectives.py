@@ -1,30 +1,60 @@
-"""The two objectives. They differ only in how labels are made; the loss over labelled positions is shared."""
+"""What differs between training objectives, one `Objective` record each: CLM and MLM here, more in
+examples/. The loss over labelled positions (`TokenLoss`) is shared; the rest of lm/ asks the objective.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm import embedded
 from lm.data import pad_batch
+from lm.errors import UsageError
 from lm.masking import IGNORE, MaskingCollator
 
-# Architectures whose vocabulary head is a module that maps hidden states to logits on its own,
-# so it can run on the labelled positions only. Others go through the full forward.
-SPLIT_HEAD = {
-    "gpt2": "lm_head", "llama": "lm_head", "mistral": "lm_head", "qwen2": "lm_head", "qwen3": "lm_head",
-    "bert": "cls", "roberta": "lm_head", "xlm-roberta": "lm_head", "camembert": "lm_head",
-}
+
+@dataclass(frozen=True)
+class Objective:
+    """Everything a training objective decides. A new one is an instance of this (often
+    `dataclasses.replace(CLM, ...)`) given to `lm.cli.main` or `lm.train.train`: it gets the whole CLI,
+    checkpoints, resume, torchrun, TensorBoard and metrics."""
+
+    name: str  # the task's name: checked on resume, names default output dirs
+    description: str  # what it trains, for --help: "Fine-tune a <description>."
+    model_class: str  # the transformers Auto class that loads the model
+    embedded_model: str  # the offline default model (lm.embedded)
+    collator: Callable  # (tokenizer, cfg, evaluation) -> collate(items, epoch): a padded batch with "labels"
+    loss: Callable  # (model) -> module: forward(input_ids, attention_mask, labels) -> summed loss (loss_and_logs)
+    defaults: dict = field(default_factory=dict)  # option defaults of its script
+    check: Callable | None = None  # (cfg): raise UsageError for settings it can't train with; no model loaded yet
+    check_tokenizer: Callable | None = None  # (tokenizer): the same, once the tokenizer is loaded
+    adapt: Callable | None = None  # (model, tokenizer): changes before training, e.g. new tokens
+
+    def __post_init__(self):
+        _REGISTRY[self.name] = self  # so a checkpoint's or a config's task name finds it
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def find(name: str) -> Objective:
+    """The objective called `name` (the built-in ones, and any defined since)."""
+    if name not in _REGISTRY:
+        raise UsageError(f"unknown task {name!r}: use one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
 
 
 class CausalCollator:
-    """Pads a batch; the labels are the next token of each position."""
+    """Pads a batch; the labels are the next token of each position. Causal batches carry no randomness."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, cfg=None, evaluation: bool = False):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.epoch = 0  # unused: causal batches carry no randomness
 
-    def __call__(self, items) -> dict:
+    def __call__(self, items, epoch: int = 0) -> dict:
         batch = pad_batch(items, self.pad_id)
         batch["labels"] = causal_labels(batch["input_ids"], batch["attention_mask"])
         return batch
@@ -37,11 +67,34 @@ def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torc
     return labels
 
 
-def make_collator(task: str, tokenizer, mlm_prob: float, seed: int, evaluation: bool = False):
-    """The batch builder of a task: next-token labels for clm, fresh masks for mlm."""
-    if task == "mlm":
-        return MaskingCollator(tokenizer, mlm_prob, seed, evaluation=evaluation)
-    return CausalCollator(tokenizer)
+def _blocks_only(cfg) -> None:
+    if cfg.line_by_line:
+        raise UsageError("--line-by-line is for masked LM only: causal LM trains on concatenated blocks")
+
+
+def needs_mask_token(tokenizer) -> None:
+    if tokenizer.mask_token_id is None:
+        raise UsageError(f"--model {tokenizer.name_or_path}: its tokenizer has no mask token, so it can't do masked "
+                         "LM; use an encoder such as distilroberta-base or the default")
+
+
+def loss_and_logs(output) -> tuple[torch.Tensor, dict]:
+    """A loss module's output split into the summed loss to minimise and the other summed values to log.
+
+    A forward returns the loss, or a dict with "loss" and any other summed scalars (logged per token
+    as train/<name>): the seam an objective uses to report, e.g., an auxiliary term.
+    """
+    if isinstance(output, dict):
+        return output["loss"], {k: v for k, v in output.items() if k != "loss"}
+    return output, {}
+
+
+# Architectures whose vocabulary head is a module that maps hidden states to logits on its own,
+# so it can run on the labelled positions only. Others go through the full forward.
+SPLIT_HEAD = {
+    "gpt2": "lm_head", "llama": "lm_head", "mistral": "lm_head", "qwen2": "lm_head", "qwen3": "lm_head",
+    "bert": "cls", "roberta": "lm_head", "xlm-roberta": "lm_head", "camembert": "lm_head",
+}
 
 
 def split_head(model: nn.Module) -> tuple[str, str] | None:
@@ -125,3 +178,13 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (grad_hidden * grad_loss, grad_weight * grad_loss,
                 grad_bias * grad_loss if grad_bias is not None else None, None)
+
+
+# Half an epoch of the embedded corpus keeps the CLM quick start near 10 minutes on 2 CPU cores
+# (SmolLM2-135M: ~11 s per fp32 step of 8 x 128 tokens). The MLM head of the embedded MiniLM is absent
+# from its checkpoint, so it starts random and needs a far larger step size than the pretrained body.
+CLM = Objective("clm", "causal language model", "AutoModelForCausalLM", embedded.SMOLLM2, CausalCollator, TokenLoss,
+                defaults=dict(epochs=0.5), check=_blocks_only)
+MLM = Objective("mlm", "masked language model", "AutoModelForMaskedLM", embedded.MINILM,
+                lambda tokenizer, cfg, evaluation: MaskingCollator(tokenizer, cfg.mlm_prob, cfg.seed, evaluation),
+                TokenLoss, defaults=dict(lr=1e-4, head_lr=1e-3, epochs=3.0), check_tokenizer=needs_mask_token)

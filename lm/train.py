@@ -7,6 +7,8 @@ train() calls the stages in reading order. `Run` holds what setup builds once; `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import json
 import math
 import random
@@ -27,15 +29,15 @@ from tqdm.auto import tqdm
 
 from lm import checkpoint, distributed
 from lm.checkpoint import Progress, Snapshot
-from lm.config import Config
+from lm.config import Config, find_objective
 from lm.data import EpochSampler
-from lm.embedded import DEFAULT_MODEL, cache_root
+from lm.embedded import cache_root
 from lm.errors import UsageError
 from lm.hardware import (autocast, check_compile, choose_precision, configure, flops_per_token, native_bf16,
                          peak_flops, resolve_device)
 from lm.masking import IGNORE
 from lm.modeling import load_config, load_model, load_tokenizer, max_positions, resolve_block_size, resolve_model
-from lm.objectives import TokenLoss, make_collator
+from lm.objectives import Objective, loss_and_logs
 from lm.optim import build_optimizer, lr_factor, parameter_groups, set_lr
 from lm.output import check_output_dir, summary_writer, write_json
 from lm.token_cache import load_examples, load_sources
@@ -46,6 +48,7 @@ class Run:
     """What a run sets up once, filled in stage by stage; the loop reads it."""
 
     cfg: Config
+    objective: Objective
     world: distributed.World
     device: torch.device
     precision: str
@@ -76,29 +79,34 @@ class Run:
             print(*args, **kwargs)
 
 
-def train(cfg: Config, *, model=None, tokenizer=None, loss=TokenLoss) -> dict:
+def train(cfg: Config, *, objective: Objective | None = None, model=None, tokenizer=None, loss=None) -> dict:
     """Fine-tune as `cfg` says and return the metrics also written to OUTPUT_DIR/metrics.json.
 
-    `model` and `tokenizer` replace what `cfg.model` names (either alone: the other comes from
-    cfg.model). `loss` wraps the model into a module whose forward(input_ids, attention_mask, labels)
-    returns the summed loss over labelled tokens. Under torchrun every process calls this; rank 0
-    alone writes and prints.
+    `objective` defaults to the one cfg.task names. `model` and `tokenizer` replace what `cfg.model`
+    names (either alone: the other comes from cfg.model). `loss` replaces the objective's loss module:
+    (model) -> module whose forward(input_ids, attention_mask, labels) returns the summed loss over
+    labelled tokens. Under torchrun every process calls this; rank 0 alone writes and prints.
     """
     cfg = cfg.validated()
-    run, changes = setup(cfg, model, tokenizer)
+    objective = objective or find_objective(cfg.task)
+    if objective.name != cfg.task:
+        raise UsageError(f"the config is for task {cfg.task!r}, the objective is {objective.name!r}")
+    if loss is not None:
+        objective = dataclasses.replace(objective, loss=loss)
+    run, changes = setup(cfg, objective, model, tokenizer)
     train_set, eval_set = prepare_data(run, tokenizer)
     if cfg.prepare_only:
         return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
-    build_model(run, model, loss)
-    train_loader, eval_loader = loaders(run, train_set, eval_set)
+    build_model(run, model)
+    eval_loader = evaluation_batches(run, eval_set)
     progress = start(run, changes, len(train_set))
     if cfg.eval_only:
         return finish(run, None, eval_loader)
-    fit(run, progress, train_loader, eval_loader)
+    fit(run, progress, train_set, eval_loader)
     return finish(run, progress, eval_loader)
 
 
-def setup(cfg: Config, model, tokenizer) -> tuple[Run, list[str]]:
+def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, list[str]]:
     """Everything that needs no model: device, processes, output dir, the checkpoint to resume, the data files.
 
     Mistakes found here cost seconds. Returns the run and the options a resumed run changes.
@@ -115,15 +123,16 @@ def setup(cfg: Config, model, tokenizer) -> tuple[Run, list[str]]:
         raise UsageError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N >= 2)")
     configure(device)
     # one name for all ranks: their clocks may tick over a second apart
-    out = Path(distributed.broadcast_from_main(world, cfg.output_dir or f"runs/{cfg.task}-{datetime.now():%Y%m%d-%H%M%S}"))
-    model_name = cfg.model or ("custom" if model is not None else DEFAULT_MODEL[cfg.task])
-    run = Run(cfg, world, device, precision, out, model_name)
+    default_out = f"runs/{objective.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    out = Path(distributed.broadcast_from_main(world, cfg.output_dir or default_out))
+    model_name = cfg.model or ("custom" if model is not None else objective.embedded_model)
+    run = Run(cfg, objective, world, device, precision, out, model_name)
     run.resume = checkpoint.resolve(cfg.resume_from, out) if cfg.resume_from else None
     check_output_dir(out, cfg, run.resume)
     changes = checkpoint.check_resumable(run.resume, cfg, model_name, world.size) if run.resume else []
     run.sources = load_sources(cfg)  # checks the files before anything slow (e.g. converting the default model)
     if model is None or tokenizer is None:
-        run.model_path = resolve_model(cfg.model, cfg.task, cfg.cache_dir)
+        run.model_path = resolve_model(cfg.model, objective.embedded_model, cfg.cache_dir)
     run.model_config = model.config if model is not None else None
     run.say(f"device {device}" + (f" x {world.size} processes" if world.distributed else "")
             + f", precision {precision} ({precision_why})" + (", compiled" if cfg.compile else ""))
@@ -133,7 +142,9 @@ def setup(cfg: Config, model, tokenizer) -> tuple[Run, list[str]]:
 def prepare_data(run: Run, tokenizer) -> tuple:
     """The tokenizer and the (train, validation) examples: rank 0 tokenizes, the other ranks read its result."""
     cfg, world = run.cfg, run.world
-    run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.model_path, cfg.task)
+    run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.model_path)
+    if run.objective.check_tokenizer:
+        run.objective.check_tokenizer(run.tokenizer)
     run.model_config = run.model_config or load_config(*run.model_path)
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
     if note and world.main:
@@ -153,17 +164,19 @@ def prepare_data(run: Run, tokenizer) -> tuple:
     return train_set, eval_set
 
 
-def build_model(run: Run, model, loss) -> None:
+def build_model(run: Run, model) -> None:
     """The model on its device, the loss module around it, its DDP/FSDP wrapper and the optimizer."""
     cfg, device, world = run.cfg, run.device, run.world
     fresh = frozenset()
     if model is None:
-        model, fresh = load_model(*run.model_path, cfg.task)
+        model, fresh = load_model(*run.model_path, run.objective.model_class)
+    if run.objective.adapt:
+        run.objective.adapt(model, run.tokenizer)
     run.model_config = model.config
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.model = model.to(device)
-    run.module = loss(model).to(device)
+    run.module = run.objective.loss(model).to(device)
     if cfg.compile:
         run.module.compile()  # in place: the saved state dict keeps its plain names
     if cfg.fsdp:
@@ -182,23 +195,26 @@ def build_model(run: Run, model, loss) -> None:
             + (f", {len(fresh)} freshly initialised tensors (lr {cfg.head_lr or cfg.lr:g})" if fresh else ""))
 
 
-def loaders(run: Run, train_set, eval_set) -> tuple[DataLoader, DataLoader]:
-    """Training batches in the epoch's order, sharded by rank; evaluation batches in file order."""
-    cfg, world = run.cfg, run.world
-    # Private generators: a DataLoader otherwise draws its base seed from the global RNG at every
+def evaluation_batches(run: Run, eval_set) -> DataLoader:
+    """Evaluation batches in file order, with the objective's fixed evaluation labels (e.g. masks)."""
+    cfg = run.cfg
+    # Sharded too, except under FSDP, whose forwards are collectives that every rank must run
+    # equally often: there each rank evaluates the whole split.
+    run.eval_world = distributed.World() if cfg.fsdp else run.world
+    sampler = EpochSampler(len(eval_set), cfg.seed, shuffle=False, rank=run.eval_world.rank,
+                           world=run.eval_world.size, drop_remainder=False)
+    collate = run.objective.collator(run.tokenizer, cfg, True)
+    return DataLoader(eval_set, cfg.eval_batch_size or cfg.batch_size, sampler=sampler, collate_fn=collate,
+                      generator=torch.Generator())
+
+
+def epoch_batches(run: Run, train_set, collate, sampler: EpochSampler, epoch: int, start: int) -> DataLoader:
+    """This rank's training batches of `epoch` in its order, from global example `start` on."""
+    sampler.set_epoch(epoch, start=start)
+    # A private generator: a DataLoader otherwise draws its base seed from the global RNG at every
     # iter(), which would shift dropout after a resume mid-epoch.
-    train_loader = DataLoader(train_set, cfg.batch_size, collate_fn=make_collator(cfg.task, run.tokenizer, cfg.mlm_prob, cfg.seed),
-                              sampler=EpochSampler(len(train_set), cfg.seed, rank=world.rank, world=world.size),
-                              generator=torch.Generator())
-    # Evaluation is sharded too, except under FSDP, whose forwards are collectives that every rank
-    # must run equally often: there each rank evaluates the whole split.
-    run.eval_world = distributed.World() if cfg.fsdp else world
-    eval_loader = DataLoader(eval_set, cfg.eval_batch_size or cfg.batch_size,
-                             sampler=EpochSampler(len(eval_set), cfg.seed, shuffle=False, rank=run.eval_world.rank,
-                                                  world=run.eval_world.size, drop_remainder=False),
-                             collate_fn=make_collator(cfg.task, run.tokenizer, cfg.mlm_prob, cfg.seed, evaluation=True),
-                             generator=torch.Generator())
-    return train_loader, eval_loader
+    return DataLoader(train_set, run.cfg.batch_size, sampler=sampler, collate_fn=functools.partial(collate, epoch=epoch),
+                      generator=torch.Generator())
 
 
 def schedule(cfg: Config, n_train: int, processes: int) -> tuple[int, int]:
@@ -270,10 +286,11 @@ SCHEDULE_OPTIONS = ("lr", "lr_scheduler", "warmup_steps", "warmup_ratio", "epoch
                     "grad_accum_steps")
 
 
-def fit(run: Run, progress: Progress, train_loader: DataLoader, eval_loader: DataLoader) -> None:
+def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> None:
     """Optimizer steps until the budget is spent or a signal arrives; evaluates, logs and checkpoints on the way."""
     cfg, world = run.cfg, run.world
-    sampler = train_loader.sampler
+    sampler = EpochSampler(len(train_set), cfg.seed, rank=world.rank, world=world.size)
+    collate = run.objective.collator(run.tokenizer, cfg, False)
     if progress.perplexity_before is None:
         progress.perplexity_before = perplexity(evaluate_at(run, eval_loader, 0))
         run.say(f"perplexity before training: {progress.perplexity_before:.3f}")
@@ -282,9 +299,7 @@ def fit(run: Run, progress: Progress, train_loader: DataLoader, eval_loader: Dat
     run.trained.train()
     with checkpoint.StopOnSignal() as stop:
         while progress.step < run.total_steps:
-            sampler.set_epoch(progress.epoch, start=progress.examples_done)
-            train_loader.collate_fn.epoch = progress.epoch
-            batches = iter(train_loader)
+            batches = iter(epoch_batches(run, train_set, collate, sampler, progress.epoch, progress.examples_done))
             while progress.step < run.total_steps and (micro := list(islice(batches, cfg.grad_accum_steps))):
                 loss_sum, tokens = train_step(run, progress, micro)
                 bar.update(1)
@@ -314,15 +329,17 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     # (DDP averages gradients: hence * world.size).
     n_tokens, = distributed.all_sum(world, sum(int((mb["labels"] != IGNORE).sum()) for mb in micro), device=device)
     scale = world.size / max(n_tokens, 1)
-    step_loss = torch.zeros((), device=device)
+    step_loss, logs = torch.zeros((), device=device), {}
     for i, mb in enumerate(micro):
         input_ids, attention_mask, labels = (mb[k].to(device, non_blocking=True)
                                              for k in ("input_ids", "attention_mask", "labels"))
         with no_sync(run.trained, world, cfg.fsdp, sync=i == len(micro) - 1), autocast(device, run.precision):
-            loss_sum = run.trained(input_ids, attention_mask, labels)
+            loss_sum, extra = loss_and_logs(run.trained(input_ids, attention_mask, labels))
         (run.scaler.scale(loss_sum * scale) if run.scaler else loss_sum * scale).backward()
         step_loss += loss_sum.detach()
-    step_loss, = distributed.all_sum(world, step_loss.item(), device=device)
+        for name, value in extra.items():
+            logs[name] = logs.get(name, 0.0) + value.detach()
+    step_loss, *sums = distributed.all_sum(world, step_loss.item(), *(float(v) for v in logs.values()), device=device)
     if not math.isfinite(step_loss):
         last = checkpoint.latest(run.out)
         raise UsageError(f"the training loss became {step_loss} at step {progress.step + 1}; "
@@ -348,6 +365,8 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     progress.train_seconds += seconds
     window.update(loss_sum=window["loss_sum"] + step_loss, tokens=window["tokens"] + n_tokens,
                   inputs=window["inputs"] + inputs, seconds=window["seconds"] + seconds)
+    for name, value in zip(logs, sums):  # the objective's own summed values, e.g. an auxiliary loss
+        window.setdefault("logs", {})[name] = window.get("logs", {}).get(name, 0.0) + value
     if progress.step % cfg.log_every == 0 or progress.step == run.total_steps:
         log_window(run, progress.step, lr, float(grad_norm), window)
     return step_loss, n_tokens
@@ -365,6 +384,8 @@ def log_window(run: Run, step: int, lr: float, grad_norm: float, window: dict) -
     mfu = model_flops_utilization(run, tokens_per_sec)
     if mfu is not None:
         run.writer.add_scalar("train/mfu", mfu, step)
+    for name, value in window.pop("logs", {}).items():
+        run.writer.add_scalar(f"train/{name}", value / max(window["tokens"], 1), step)
     window.update(loss_sum=0.0, tokens=0, inputs=0, seconds=0.0)
 
 
@@ -447,7 +468,8 @@ def evaluate(module, loader, device, precision: str, world=distributed.World()) 
     for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True, disable=not world.main):
         labels = batch["labels"].to(device)
         with autocast(device, precision):
-            loss_sum += module(batch["input_ids"].to(device), batch["attention_mask"].to(device), labels).item()
+            output = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)
+        loss_sum += loss_and_logs(output)[0].item()
         tokens += int((labels != IGNORE).sum())
     module.train(was_training)
     loss_sum, tokens = distributed.all_sum(world, loss_sum, tokens, device=device)

@@ -29,7 +29,7 @@ from lm.data import EpochSampler, build_examples, read_texts, split_lines, token
 from lm.embedded import python_docs_texts  # noqa: E402
 from lm.masking import IGNORE, MaskingCollator  # noqa: E402
 from lm import objectives  # noqa: E402
-from lm.objectives import TokenLoss, make_collator  # noqa: E402
+from lm.objectives import TokenLoss, find  # noqa: E402
 from lm.train import evaluate, train  # noqa: E402
 
 BLOCK, BATCH, ACCUM, STEPS = 16, 4, 2, 20
@@ -63,6 +63,11 @@ def tiny_model(task: str, vocab_size: int) -> torch.nn.Module:
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
     return BertForMaskedLM(config).float()
+
+
+def make_collator(task, tokenizer, mlm_prob, seed, evaluation=False):
+    """The batch builder the loop uses for `task`."""
+    return find(task).collator(tokenizer, Config.for_task(task, mlm_prob=mlm_prob, seed=seed), evaluation)
 
 
 def blocks(path, tokenizer, limit):

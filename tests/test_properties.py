@@ -1,5 +1,6 @@
 """Properties of the pure pieces, over inputs hypothesis draws: grouping, the .txt convention, masking, the sampler."""
 
+import functools
 import math
 from collections import Counter
 
@@ -90,8 +91,7 @@ def test_collator_masks_an_example_the_same_in_any_batch_and_never_special_or_pa
     token = st.one_of(st.integers(1000, 5000), st.sampled_from(special.tolist()))  # specials inside lines too
     examples = data.draw(st.lists(st.lists(token, min_size=1, max_size=24), min_size=1, max_size=6))
     items = [(i, torch.tensor(ids)) for i, ids in enumerate(examples)]
-    collate = MaskingCollator(tokenizer, prob, seed)
-    collate.epoch = epoch
+    collate = functools.partial(MaskingCollator(tokenizer, prob, seed), epoch=epoch)
 
     def masks(batching):  # {example: (inputs, labels) over its real tokens}
         out = {}
