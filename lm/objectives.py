@@ -124,8 +124,10 @@ class TokenLoss(nn.Module):
         if self.split is not None:
             body, head = (getattr(self.model, name) for name in self.split)
             hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-            if chunkable(head, hidden):
-                return LinearCrossEntropy.apply(hidden[keep], head.weight, head.bias, labels[keep])
+            if chunkable(head):
+                dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
+                         else head.weight.dtype)
+                return LinearCrossEntropy.apply(hidden[keep], head.weight, head.bias, labels[keep], dtype)
             logits = head(hidden[keep])  # (N, V)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]  # (N, V)
@@ -137,10 +139,9 @@ class TokenLoss(nn.Module):
 CHUNK_LOGITS = 2 ** 23
 
 
-def chunkable(head: nn.Module, hidden: torch.Tensor) -> bool:
-    """Whether the fused head + loss applies: a plain linear head, gradients wanted, no autocast."""
-    return (isinstance(head, nn.Linear) and torch.is_grad_enabled() and head.weight.requires_grad
-            and not torch.is_autocast_enabled(hidden.device.type))
+def chunkable(head: nn.Module) -> bool:
+    """Whether the fused head + loss applies: a plain linear head whose gradients are wanted."""
+    return isinstance(head, nn.Linear) and torch.is_grad_enabled() and head.weight.requires_grad
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -148,28 +149,43 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     The plain path keeps (N, V) fp32 logits, their log-softmax for backward, and two more (N, V)
     buffers in backward: ~800 MB for a 49k vocabulary at 8 x 128 tokens. Here only one chunk of
-    logits lives at a time; the gradients w.r.t. hidden states, weight and bias are finished in the
-    forward pass (softmax - one-hot is all the backward needs) and just scaled in backward.
+    fp32 logits lives at a time; the gradients w.r.t. hidden states, weight and bias are finished in
+    the forward pass (softmax - one-hot is all the backward needs) and just scaled in backward.
+    Matmuls run in `dtype` (bf16 under autocast, as the plain path would), the log-sum-exp in fp32.
+    In bf16 the weight's gradient is one matmul over all rows of (softmax - one-hot), kept in bf16
+    (N x V x 2 bytes), instead of a bf16 product per chunk added into fp32.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels):  # hidden (N, H), weight (V, H), labels (N,)
+    def forward(ctx, hidden, weight, bias, labels, dtype):  # hidden (N, H), weight (V, H), labels (N,)
         rows = max(1, CHUNK_LOGITS // weight.shape[0])
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight)
-        grad_bias = torch.zeros_like(bias) if bias is not None else None
-        for start in range(0, hidden.shape[0], rows):
-            h, y = hidden[start:start + rows], labels[start:start + rows]
-            logits = F.linear(h, weight, bias).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-            loss += (lse.squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
-            dlogits = logits.sub_(lse).exp_()  # softmax, in place of the logits
-            dlogits[torch.arange(len(y), device=y.device), y] -= 1
-            grad_hidden[start:start + rows] = dlogits @ weight
-            grad_weight.addmm_(dlogits.T, h)
-            if grad_bias is not None:
-                grad_bias += dlogits.sum(0)
+        exact = dtype == weight.dtype  # fp32: accumulate the weight's gradient chunk by chunk, in place
+        with torch.autocast(hidden.device.type, enabled=False):
+            h_all = hidden.to(dtype)
+            w = weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_hidden = torch.empty_like(hidden)
+            grad_weight = torch.zeros_like(weight) if exact else None
+            grad_bias = torch.zeros_like(bias) if bias is not None else None
+            dlogits_all = None if exact else torch.empty(len(labels), weight.shape[0], dtype=dtype, device=hidden.device)
+            for start in range(0, h_all.shape[0], rows):
+                h, y = h_all[start:start + rows], labels[start:start + rows]
+                logits = F.linear(h, w, b).float()  # (n, V)
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+                loss += (lse.squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                dlogits = logits.sub_(lse).exp_()  # softmax, in place of the logits
+                dlogits[torch.arange(len(y), device=y.device), y] -= 1
+                if grad_bias is not None:
+                    grad_bias += dlogits.sum(0)
+                if exact:
+                    grad_hidden[start:start + rows] = dlogits @ w
+                    grad_weight.addmm_(dlogits.T, h)
+                else:
+                    dlogits_all[start:start + rows] = dlogits
+                    grad_hidden[start:start + rows] = dlogits_all[start:start + rows] @ w
+            if not exact:
+                grad_weight = (dlogits_all.T @ h_all).to(weight.dtype)  # (V, H)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         return loss
 
@@ -177,7 +193,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         return (grad_hidden * grad_loss, grad_weight * grad_loss,
-                grad_bias * grad_loss if grad_bias is not None else None, None)
+                grad_bias * grad_loss if grad_bias is not None else None, None, None)
 
 
 # Half an epoch of the embedded corpus keeps the CLM quick start near 10 minutes on 2 CPU cores
