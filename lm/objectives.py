@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.data import pad_batch
-from lm.masking import IGNORE, MaskingCollator
+from lm.data import IGNORE, pad_batch
+from lm.masking import MaskingCollator
 
 # Architectures whose vocabulary head is a module that maps hidden states to logits on its own,
 # so it can run on the labelled positions only. Others go through the full forward.
