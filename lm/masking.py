@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lm.data import pad_batch
-
-IGNORE = -100  # label of a position that is not predicted
+from lm.data import IGNORE, pad_batch
 
 
 def mask_tokens(input_ids: torch.Tensor, maskable: torch.Tensor, mlm_prob: float, mask_token_id: int,

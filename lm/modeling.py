@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from lm import embedded
-from lm.data import hub_reachable
 from lm.errors import UsageError
+from lm.texts import hub_reachable
 
 DEFAULT_BLOCK_SIZE = 128
 

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm import embedded
-from lm.data import pad_batch
+from lm.data import IGNORE, pad_batch
 from lm.errors import UsageError
-from lm.masking import IGNORE, MaskingCollator
+from lm.masking import MaskingCollator
 
 
 @dataclass(frozen=True)

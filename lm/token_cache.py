@@ -1,16 +1,15 @@
 """Tokenize once, in parallel, into a flat token file; train from a memory map of it; reuse it next time.
 
 A prepared text is a directory <cache>/tokens/<key>/ holding tokens.bin (every text's ids, special
-tokens included, concatenated in order: exactly what data.tokenize returns, stored as uint16 when
-the vocabulary fits, else uint32) and meta.json, written last. The key hashes all the ids depend on:
-the tokenizer, the data and the options that pick the texts. The block size is not part of it, since
-blocks are a reshaped view of the same file. A preparation is written into a temporary sibling
-directory and renamed into place, so a run that dies halfway leaves nothing that looks finished.
+tokens included, concatenated in order, stored as uint16 when the vocabulary fits, else uint32) and
+meta.json, written last. The key hashes all the ids depend on: the tokenizer, the data and the
+options that pick the texts. The block size is not part of it, since blocks are a reshaped view of
+the same file. A preparation is written into a temporary sibling directory and renamed into place,
+so a run that dies halfway leaves nothing that looks finished.
 """
 
 from __future__ import annotations
 
-import codecs
 import collections
 import hashlib
 import itertools
@@ -26,67 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from lm.errors import UsageError
-from lm.lines import not_utf8, split_lines
+from lm.texts import TextFile, not_utf8, split_lines
 
-# lm.data is imported where used: it loads torch, which would add seconds to every worker's start.
+# No torch here, nor in lm.texts: it would add seconds to every worker's start.
 
 FORMAT = 1
 CHUNK_BYTES = 1 << 20  # a worker's share of a .txt file: big enough to hide the hand-off, small in memory
 CHUNK_TEXTS = 2000  # the same for texts already in memory
 ENCODE_BATCH = 1000
-SCAN_BYTES = 1 << 24
-
-
-# ---------------------------------------------------------------- where texts come from
-
-@dataclass(frozen=True)
-class TextFile:
-    """A .txt file streamed from disk: all its lines, or one side of the hold-out split of data.hold_out."""
-
-    path: str
-    part: str = "all"  # "all", "train" (the lines after the held-out ones) or "validation" (the first ones)
-    percentage: float = 0.0
-
-    def identity(self) -> dict:
-        st = os.stat(self.path)
-        return {"file": os.path.realpath(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                "part": self.part, "percentage": self.percentage if self.part != "all" else None}
-
-
-@dataclass(frozen=True, eq=False)
-class TextList:
-    """Texts already in memory: a Hub dataset, the embedded corpus, a .csv/.json file."""
-
-    texts: list
-
-    def identity(self) -> dict:
-        # The content itself: covers a Hub dataset's revision and the Python version of the embedded corpus.
-        h = hashlib.blake2b(digest_size=20)
-        for t in self.texts:
-            b = t.encode("utf-8", "surrogatepass")
-            h.update(len(b).to_bytes(8, "little"))
-            h.update(b)
-        return {"texts": len(self.texts), "content": h.hexdigest()}
-
-
-def load_sources(cfg) -> tuple[TextFile | TextList, TextFile | TextList]:
-    """(train, validation) sources. A .txt file is only checked here, so that it can stream later."""
-    from lm.data import check_text_file, load_texts, read_texts
-
-    def streamed(path):
-        return Path(path).suffix == ".txt" and not cfg.line_by_line  # line-by-line keeps its lists
-
-    if cfg.data_source == "files" and streamed(cfg.train_file):
-        check_text_file(cfg.train_file)
-        if not cfg.validation_file:
-            pct = cfg.validation_split_percentage
-            return TextFile(cfg.train_file, "train", pct), TextFile(cfg.train_file, "validation", pct)
-        if streamed(cfg.validation_file):
-            check_text_file(cfg.validation_file)
-            return TextFile(cfg.train_file), TextFile(cfg.validation_file)
-        return TextFile(cfg.train_file), TextList(read_texts(cfg.validation_file, cfg.text_column))
-    train, validation = load_texts(cfg)
-    return TextList(train), TextList(validation)
 
 
 # ---------------------------------------------------------------- the cache
@@ -179,6 +125,11 @@ def prepare(source, tokenizer, root: Path, workers: int, split: str = "train", s
 
 
 # ---------------------------------------------------------------- tokenizing in parallel
+
+def default_workers() -> int:
+    """The tokenizing processes when --preprocessing-workers is not given: the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def _tasks(source) -> list:
     """A worker's units of work, in order: (path, start, end) byte ranges of a file, or lists of texts."""
@@ -290,10 +241,10 @@ def _read_range(path: str, lo: int, hi: int) -> str:
 def _chunks(source: TextFile):
     """Byte ranges of about CHUNK_BYTES covering the source's lines, each ending just after a '\\n'.
 
-    Cutting only after '\\n' keeps data.split_lines exact per chunk: '\\r\\n' is never split, and
+    Cutting only after '\\n' keeps split_lines exact per chunk: '\\r\\n' is never split, and
     only the file's last chunk can end in a line without a line break.
     """
-    lo, hi = _byte_range(source)
+    lo, hi = source.byte_range()
     with open(source.path, "rb") as f:
         pos = lo
         while pos < hi:
@@ -310,59 +261,3 @@ def _chunks(source: TextFile):
             yield pos, end
             pos = end
 
-
-def _byte_range(source: TextFile) -> tuple[int, int]:
-    """[start, end) of the source's lines in its file; a hold-out split needs two streaming passes."""
-    from lm.data import held_out_count
-
-    size = os.path.getsize(source.path)
-    if source.part == "all" or size == 0:
-        return 0, size
-    newlines, last, seen_bytes = 0, b"\n", 0
-    decoder = codecs.getincrementaldecoder("utf-8")()  # this pass reads every byte: check them too
-    with open(source.path, "rb") as f:
-        while block := f.read(SCAN_BYTES):
-            try:
-                decoder.decode(block)
-            except UnicodeDecodeError as e:
-                raise not_utf8(source.path, seen_bytes + e.start) from None
-            seen_bytes += len(block)
-            newlines += block.count(b"\n")
-            last = block[-1:]
-    n = held_out_count(newlines + (last != b"\n"), source.percentage)  # same count as split_lines
-    cut, seen = 0, 0
-    with open(source.path, "rb") as f:
-        while block := f.read(SCAN_BYTES):
-            count = block.count(b"\n")
-            if seen + count >= n:
-                at = -1
-                for _ in range(n - seen):
-                    at = block.find(b"\n", at + 1)
-                cut += at + 1
-                break
-            seen, cut = seen + count, cut + len(block)
-    return (cut, size) if source.part == "train" else (0, cut)
-
-
-# ---------------------------------------------------------------- a run's examples
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def load_examples(cfg, sources, tokenizer, block_size: int, cache_root: Path, say=print):
-    """(train, validation) Examples: blocks memory-mapped from the token cache, or line-by-line lists."""
-    from lm.data import Examples, blocks_of, build_examples
-
-    workers = cfg.preprocessing_workers or default_workers()
-    sets = []
-    for source, limit, split in zip(sources, (cfg.max_train_samples, cfg.max_eval_samples), ("train", "validation")):
-        if cfg.line_by_line:
-            sets.append(build_examples(source.texts, tokenizer, block_size, True, limit, split))
-            continue
-        prepared = prepare(source, tokenizer, cache_root, workers, split, say)
-        blocks = blocks_of(prepared.tokens(), block_size, split)  # (n_blocks, block_size) view of the map
-        if cfg.prepare_only:
-            say(f"{split}: {prepared.path} {prepared.num_tokens} tokens {len(blocks)} blocks of {block_size}")
-        sets.append(Examples(blocks[:limit] if limit else blocks))
-    return sets[0], sets[1]

@@ -27,20 +27,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lm import checkpoint, distributed
+from lm import checkpoint, data, distributed
 from lm.checkpoint import Progress, Snapshot
 from lm.config import Config, find_objective
-from lm.data import EpochSampler
-from lm.embedded import cache_root
+from lm.data import IGNORE, EpochSampler
 from lm.errors import UsageError
 from lm.hardware import (autocast, check_compile, choose_precision, configure, flops_per_token, native_bf16,
                          peak_flops, resolve_device)
-from lm.masking import IGNORE
 from lm.modeling import load_config, load_model, load_tokenizer, max_positions, resolve_block_size, resolve_model
 from lm.objectives import Objective, loss_and_logs
 from lm.optim import build_optimizer, lr_factor, parameter_groups, set_lr
 from lm.output import check_output_dir, summary_writer, write_json
-from lm.token_cache import load_examples, load_sources
+from lm.texts import load_sources
 
 
 @dataclass
@@ -149,19 +147,7 @@ def prepare_data(run: Run, tokenizer) -> tuple:
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
     if note and world.main:
         print(f"warning: {note}", file=sys.stderr)
-
-    def examples(say):
-        return load_examples(cfg, run.sources, run.tokenizer, run.block_size, cache_root(cfg.cache_dir), say)
-
-    # line by line: lists in memory, sent to the others; blocks: rank 0 fills the token cache, the
-    # others then memory-map the same files. A user error on rank 0 stops every rank.
-    sets = distributed.run_on_main(world, lambda: examples(print), send_result=cfg.line_by_line)
-    train_set, eval_set = sets if sets is not None else examples(lambda *a, **k: None)
-    if len(train_set) < world.size:
-        raise UsageError(f"{len(train_set)} training blocks for {world.size} processes: each process needs at "
-                         "least one; add text, lower --block-size or use fewer processes")
-    run.say(f"data: {len(train_set)} train / {len(eval_set)} validation examples of <= {run.block_size} tokens")
-    return train_set, eval_set
+    return data.prepare_data(cfg, run.tokenizer, run.block_size, world, run.say, sources=run.sources)
 
 
 def build_model(run: Run, model) -> None:

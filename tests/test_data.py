@@ -4,9 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from lm.data import (EpochSampler, build_examples, group_into_blocks, hold_out, pad_batch, read_texts, split_lines,
-                     tokenize)
+from lm.config import Config
+from lm.data import EpochSampler, group_into_blocks, pad_batch, prepare_data
+from lm.distributed import World
 from lm.errors import UsageError
+from lm.texts import hold_out, read_texts, split_lines
+
+
+def files_config(folder, texts: list[str], **options) -> Config:
+    """An MLM config reading the texts from train.txt and valid.txt in `folder`, caching there too."""
+    for name in ("train.txt", "valid.txt"):
+        (folder / name).write_text("".join(texts), encoding="utf-8")
+    return Config.for_task("mlm", train_file=str(folder / "train.txt"), validation_file=str(folder / "valid.txt"),
+                           cache_dir=str(folder / "cache"), preprocessing_workers=1, **options)
 
 
 def test_split_lines_keeps_newlines_and_empty_lines():
@@ -51,26 +61,21 @@ def test_group_into_blocks_drops_only_the_final_remainder():
     assert group_into_blocks(np.arange(2), 3).shape == (0, 3)
 
 
-def test_tokenize_concatenates_texts_with_their_special_tokens(tokenizer):
-    texts = ["Hello world\n", "\n", "def f(x): return x\n"] * 700  # > one tokenizer batch of 1000
-    expected = [i for t in texts for i in tokenizer(t)["input_ids"]]
-    assert tokenize(texts, tokenizer).tolist() == expected
-    assert expected[0] == tokenizer.cls_token_id
-
-
-def test_blocks_span_text_boundaries(tokenizer):
+def test_blocks_span_text_boundaries(tokenizer, tmp_path):
     texts = ["alpha beta gamma\n"] * 50
-    ids = tokenize(texts, tokenizer)
-    examples = build_examples(texts, tokenizer, 16, False, None, "train")
+    ids = np.array([i for t in texts for i in tokenizer(t)["input_ids"]])
+    examples, _ = prepare_data(files_config(tmp_path, texts), tokenizer, 16, World(), print)
     assert len(examples) == len(ids) // 16
     assert np.array_equal(np.concatenate(examples.sequences), ids[: len(examples) * 16])
-    assert len(build_examples(texts, tokenizer, 16, False, 3, "train")) == 3
+    first_three, _ = prepare_data(files_config(tmp_path, texts, max_train_samples=3), tokenizer, 16, World(), print)
+    assert len(first_three) == 3
     with pytest.raises(UsageError, match="fewer than one block"):
-        build_examples(["hi\n"], tokenizer, 16, False, None, "train")
+        prepare_data(files_config(tmp_path, ["hi\n"]), tokenizer, 16, World(), print)
 
 
-def test_line_by_line_skips_blank_lines_and_truncates(tokenizer):
-    examples = build_examples(["short\n", "\n", "   \n", "word " * 100 + "\n"], tokenizer, 8, True, None, "train")
+def test_line_by_line_skips_blank_lines_and_truncates(tokenizer, tmp_path):
+    cfg = files_config(tmp_path, ["short\n", "\n", "   \n", "word " * 100 + "\n"], line_by_line=True)
+    examples, _ = prepare_data(cfg, tokenizer, 8, World(), print)
     assert [len(s) for s in examples.sequences] == [3, 8]
 
 

@@ -25,11 +25,12 @@ from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, DataCollat
                           default_data_collator)
 
 from lm.config import Config  # noqa: E402
-from lm.data import EpochSampler, build_examples, read_texts, split_lines, tokenize_lines  # noqa: E402
-from lm.embedded import python_docs_texts  # noqa: E402
-from lm.masking import IGNORE, MaskingCollator  # noqa: E402
+from lm.data import IGNORE, EpochSampler, Examples, blocks_of, tokenize_lines  # noqa: E402
+from lm.masking import MaskingCollator  # noqa: E402
 from lm import objectives  # noqa: E402
 from lm.objectives import TokenLoss, find  # noqa: E402
+from lm.texts import TextFile, python_docs_texts, split_lines  # noqa: E402
+from lm.token_cache import prepare  # noqa: E402
 from lm.train import evaluate, train  # noqa: E402
 
 BLOCK, BATCH, ACCUM, STEPS = 16, 4, 2, 20
@@ -71,7 +72,9 @@ def make_collator(task, tokenizer, mlm_prob, seed, evaluation=False):
 
 
 def blocks(path, tokenizer, limit):
-    return build_examples(read_texts(str(path)), tokenizer, BLOCK, False, limit, "test")
+    """The first `limit` blocks of a .txt file, through the token cache as a run reads them."""
+    prepared = prepare(TextFile(str(path)), tokenizer, path.parent / "cache", 1, "test")
+    return Examples(blocks_of(prepared.tokens(), BLOCK, "test")[:limit])
 
 
 def reference_items(task, examples, tokenizer, order, evaluation=False):

@@ -1,6 +1,7 @@
 import torch
 
-from lm.masking import IGNORE, MaskingCollator, example_generator, mask_tokens
+from lm.data import IGNORE
+from lm.masking import MaskingCollator, example_generator, mask_tokens
 from lm.objectives import causal_labels
 
 

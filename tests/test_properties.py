@@ -9,9 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lm.data import EpochSampler, group_into_blocks
-from lm.lines import split_lines
-from lm.masking import IGNORE, MaskingCollator, example_generator, mask_tokens
+from lm.data import IGNORE, EpochSampler, group_into_blocks
+from lm.masking import MaskingCollator, example_generator, mask_tokens
+from lm.texts import split_lines
 
 quick = settings(max_examples=60, deadline=None)
 seeds = st.integers(0, 2**32 - 1)

