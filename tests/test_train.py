@@ -89,20 +89,3 @@ def test_python_api_takes_a_custom_model_and_loss(tiny_gpt2, docs_corpus, tmp_pa
                           output_dir=str(tmp_path / "api"), precision="fp32")
     m = train(cfg, model=model, tokenizer=AutoTokenizer.from_pretrained(tiny_gpt2), loss=SmoothedLoss)
     assert m["train_steps"] == 2 and calls and calls[0] == (8, 32)
-
-
-@pytest.mark.parametrize("script, extra, auto", [
-    ("clm", ["--block-size", "128"], AutoModelForCausalLM),
-    ("mlm", ["--mlm-prob", "0.15"], AutoModelForMaskedLM),
-])
-def test_embedded_defaults_run_offline(script, extra, auto, tmp_path):
-    out = tmp_path / "run"
-    r = run_script(script, *extra, "--max-train-steps", "3", "--max-eval-samples", "16", "--output-dir", out,
-                   timeout=1200,
-                   env={"HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    m = metrics(out)
-    assert METRICS <= set(m) and m["train_steps"] == 3
-    for tag in TAGS:
-        assert scalars(out, tag), tag
-    auto.from_pretrained(out)
