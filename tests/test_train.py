@@ -105,20 +105,3 @@ def test_python_api_takes_a_model_or_a_tokenizer_alone(tiny_gpt2, docs_corpus, t
     assert alone["perplexity_before"] == pytest.approx(also["perplexity_before"], rel=1e-6)
     with pytest.raises(UsageError, match=r"train\(model=...\) needs tokenizer=... as well"):
         train(Config.for_task("clm", output_dir=str(tmp_path / "x"), **common), model=model)
-
-
-@pytest.mark.parametrize("script, extra, auto", [
-    ("clm", ["--block-size", "128"], AutoModelForCausalLM),
-    ("mlm", ["--mlm-prob", "0.15"], AutoModelForMaskedLM),
-])
-def test_embedded_defaults_run_offline(script, extra, auto, tmp_path):
-    out = tmp_path / "run"
-    r = run_script(script, *extra, "--max-train-steps", "3", "--max-eval-samples", "16", "--output-dir", out,
-                   timeout=1200,
-                   env={"HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    m = metrics(out)
-    assert METRICS <= set(m) and m["train_steps"] == 3
-    for tag in TAGS:
-        assert scalars(out, tag), tag
-    auto.from_pretrained(out)
