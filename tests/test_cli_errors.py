@@ -54,6 +54,10 @@ CASES = [
     ("lr-zero", "clm", BASE + " --lr 0", "--lr must be positive, got 0.0"),
     ("lr-negative", "mlm", BASE + " --lr -0.0001", "--lr must be positive, got -0.0001"),
     ("batch-size-not-a-number", "clm", BASE + " --batch-size two", "argument --batch-size: invalid int value: 'two'"),
+    ("seed-negative", "mlm", BASE + " --seed -1", "--seed must be in [0, 2**32 - 1], got -1"),
+    ("seed-too-large", "clm", BASE + " --seed 4294967296", "--seed must be in [0, 2**32 - 1], got 4294967296"),
+    ("eval-only-resumes-nothing", "clm", BASE + " --eval-only --resume-from latest", "--eval-only evaluates --model"),
+    ("hf-flag-we-lack", "clm", BASE + " --push_to_hub", "--push_to_hub is not supported: upload OUTPUT_DIR"),
 ]
 
 

@@ -3,12 +3,14 @@
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from conftest import ENV, ROOT, metrics, scalars
+from test_resume import signalled_at
 
 AUTO = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM}
 
@@ -27,16 +29,43 @@ def args(task, model_dir, corpus, out, batch_size):
             "--output-dir", out]
 
 
-def torchrun(*extra, script_args, timeout=600):
+def torchrun(*extra, script_args, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", *extra, *map(str, script_args)]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc, timeout=600):
+def finish(proc, timeout=600, returncode=0):
     out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
-    return out
+    assert proc.returncode == returncode, err[-3000:]
+    return out if returncode == 0 else err
+
+
+def one_process(task, model_dir, corpus, out, *extra):
+    run = subprocess.run([sys.executable, *map(str, args(task, model_dir, corpus, out, 4)), *map(str, extra)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def single(no_dropout_models, corpus, tmp_path_factory):
+    """The uninterrupted one-process run of a task (batch 4), made on first use; its checkpoint at step 3 too."""
+    runs = {}
+
+    def get(task):
+        if task not in runs:
+            runs[task] = tmp_path_factory.mktemp(f"single-{task}") / "run"
+            one_process(task, no_dropout_models[task], corpus, runs[task], "--save-every", "3")
+        return runs[task]
+
+    return get
+
+
+def assert_same_weights(single, multi, task):
+    sa, sb = AUTO[task].from_pretrained(single).state_dict(), AUTO[task].from_pretrained(multi).state_dict()
+    for name in sa:
+        torch.testing.assert_close(sb[name], sa[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def assert_same_training(single, multi, task):
@@ -45,24 +74,19 @@ def assert_same_training(single, multi, task):
     for (_, x), (_, y) in zip(a, b):
         assert y == pytest.approx(x, rel=1e-5)
     assert metrics(multi)["eval_loss"] == pytest.approx(metrics(single)["eval_loss"], rel=1e-5)
-    sa, sb = AUTO[task].from_pretrained(single).state_dict(), AUTO[task].from_pretrained(multi).state_dict()
-    for name in sa:
-        torch.testing.assert_close(sb[name], sa[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_weights(single, multi, task)
 
 
 @pytest.mark.parametrize("task", ["clm", "mlm"])
-def test_two_processes_equal_one_with_the_same_global_batch(task, no_dropout_models, corpus, tmp_path):
-    single = subprocess.run([sys.executable, *map(str, args(task, no_dropout_models[task], corpus, tmp_path / "one", 4))],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+def test_two_processes_equal_one_with_the_same_global_batch(task, no_dropout_models, corpus, single, tmp_path):
     out = finish(torchrun("--standalone", "--nproc_per_node", "2",
                           script_args=args(task, no_dropout_models[task], corpus, tmp_path / "two", 2)))
     assert "x 2 processes" in out
-    assert_same_training(tmp_path / "one", tmp_path / "two", task)
+    assert_same_training(single(task), tmp_path / "two", task)
     assert metrics(tmp_path / "two")["world_size"] == 2
 
 
-def test_two_nodes_by_rendezvous_equal_one_process(no_dropout_models, corpus, tmp_path):
+def test_two_nodes_by_rendezvous_equal_one_process(no_dropout_models, corpus, single, tmp_path):
     port = free_port()
     nodes = [torchrun("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                       "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lm-test",
@@ -70,20 +94,14 @@ def test_two_nodes_by_rendezvous_equal_one_process(no_dropout_models, corpus, tm
              for rank in (0, 1)]
     for node in nodes:
         finish(node)
-    single = subprocess.run([sys.executable, *map(str, args("clm", no_dropout_models["clm"], corpus, tmp_path / "one", 4))],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert_same_training(tmp_path / "one", tmp_path / "nodes", "clm")
+    assert_same_training(single("clm"), tmp_path / "nodes", "clm")
 
 
 @pytest.mark.parametrize("task", ["clm", "mlm"])
-def test_fsdp_trains_like_one_process_and_saves_a_whole_model(task, no_dropout_models, corpus, tmp_path):
-    single = subprocess.run([sys.executable, *map(str, args(task, no_dropout_models[task], corpus, tmp_path / "one", 4))],
-                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+def test_fsdp_trains_like_one_process_and_saves_a_whole_model(task, no_dropout_models, corpus, single, tmp_path):
     finish(torchrun("--standalone", "--nproc_per_node", "2",
                     script_args=[*args(task, no_dropout_models[task], corpus, tmp_path / "fsdp", 2), "--fsdp"]))
-    assert_same_training(tmp_path / "one", tmp_path / "fsdp", task)  # from_pretrained loads the gathered model
+    assert_same_training(single(task), tmp_path / "fsdp", task)  # from_pretrained loads the gathered model
 
 
 def test_fsdp_checkpoint_resumes(no_dropout_models, corpus, tmp_path):
@@ -102,3 +120,61 @@ def test_fsdp_needs_torchrun(no_dropout_models, corpus, tmp_path):
     r = subprocess.run([sys.executable, *map(str, args("clm", no_dropout_models["clm"], corpus, tmp_path / "x", 4)),
                         "--fsdp"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "torchrun" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_signalled_torchrun_run_prints_a_torchrun_command_and_resumes_on_one_process(no_dropout_models, corpus, single,
+                                                                                    tmp_path):
+    """2 processes x batch 2, stopped by SIGTERM after step 3 (mid-epoch), resumed by 1 process x batch 4."""
+    model, two = no_dropout_models["mlm"], tmp_path / "two"
+    err = finish(torchrun("--standalone", "--nproc_per_node", "2", script_args=args("mlm", model, corpus, two, 2),
+                          env=signalled_at(3, "SIGTERM")), returncode=1)  # torchrun's code when a worker fails
+    command = err.split("resume with: ")[1].splitlines()[0]
+    checkpoint = two / "checkpoints" / "step-3"
+    assert command.startswith("torchrun --standalone --nproc_per_node 2 ") and command.endswith(f"--resume-from {checkpoint}")
+    resumed = one_process("mlm", model, corpus, two, "--resume-from", checkpoint)
+    assert "resume: --batch-size 2 -> 4 from step 3" in resumed.stdout
+    assert "resume: processes 2 -> 1 from step 3" in resumed.stdout
+    assert "dropout draws differ" in resumed.stderr
+    assert_same_training(single("mlm"), two, "mlm")
+
+
+def test_one_process_checkpoint_resumes_on_two(no_dropout_models, corpus, single, tmp_path):
+    """The reference's step-3 checkpoint (1 process x batch 4) continued by 2 processes x batch 2."""
+    out = tmp_path / "two"
+    finish(torchrun("--standalone", "--nproc_per_node", "2",
+                    script_args=[*args("clm", no_dropout_models["clm"], corpus, out, 2),
+                                 "--resume-from", single("clm") / "checkpoints" / "step-3"]))
+    reference = scalars(single("clm"), "train/loss")
+    resumed = scalars(out, "train/loss")
+    assert [s for s, _ in resumed] == [4, 5, 6]
+    for (_, x), (_, y) in zip(reference[3:], resumed):
+        assert y == pytest.approx(x, rel=1e-5)
+    assert_same_weights(single("clm"), out, "clm")
+
+
+def test_resume_refuses_another_global_batch(no_dropout_models, corpus, single, tmp_path):
+    r = subprocess.run([sys.executable, *map(str, args("clm", no_dropout_models["clm"], corpus, tmp_path / "x", 2)),
+                        "--resume-from", single("clm") / "checkpoints" / "step-3"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert ("global batch is 8 examples (--batch-size 4 x 1 process x --grad-accum-steps 2), this run's 4 examples "
+            "(--batch-size 2 x 1 process x --grad-accum-steps 2)") in r.stderr
+
+
+@pytest.mark.parametrize("case", ["not-utf8-found-while-tokenizing", "fewer-blocks-than-processes"])
+def test_a_preparation_error_stops_every_rank_at_once(case, no_dropout_models, corpus, tmp_path):
+    extra, message = [], "2 processes: each process needs at least one"
+    train_file = corpus
+    if case == "not-utf8-found-while-tokenizing":  # found only while rank 0 tokenizes
+        train_file = tmp_path / "bad.txt"
+        train_file.write_bytes(corpus.read_bytes() * 3 + b"caf\xe9\n")
+        extra, message = ["--validation-file", corpus], "not UTF-8 text"
+    else:
+        extra = ["--max-train-samples", "1"]
+    script = [*args("clm", no_dropout_models["clm"], train_file, tmp_path / "out", 2), *extra, "--ddp-timeout", "600"]
+    started = time.monotonic()
+    err = finish(torchrun("--standalone", "--nproc_per_node", "2", script_args=script), timeout=120, returncode=1)
+    assert time.monotonic() - started < 100  # not the 600 s timeout
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1] and message in errors[0], err[-3000:]
+    assert "exitcode  : 2" in err  # torchrun's summary of the ranks

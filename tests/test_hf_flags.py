@@ -9,7 +9,7 @@ VALUES = dict(model="some/model", dataset="wikitext", dataset_config="wikitext-2
               max_train_samples="100", max_eval_samples="20", lr="3e-4", weight_decay="0.1",
               lr_scheduler="cosine", warmup_steps="7", grad_accum_steps="4", epochs="2", max_train_steps="50",
               batch_size="16", eval_batch_size="32", output_dir="out", save_every="5", resume_from="latest",
-              preprocessing_workers="3")
+              preprocessing_workers="3", ddp_timeout="60")
 NEEDS = dict(validation_file=["--train-file", "t.txt"], dataset_config=["--dataset", "wikitext"])
 
 

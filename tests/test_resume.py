@@ -43,13 +43,17 @@ def signalled_at(step: int, *names: str) -> dict:
             "LM_TEST_SIGNALS": ",".join(names)}
 
 
-def logged_losses(out: Path) -> list[tuple[int, float]]:
-    """(step, value) of train/loss as TensorBoard shows it (points a resumed run purged are gone)."""
+def logged(out: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a scalar as TensorBoard shows it (points a resumed run purged are gone)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out / "logs"), size_guidance={"scalars": 0})
     events.Reload()
-    return [(e.step, e.value) for e in events.Scalars("train/loss")]
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def logged_losses(out: Path) -> list[tuple[int, float]]:
+    return logged(out, "train/loss")
 
 
 def assert_same_weights(out: Path, reference: Path) -> None:
@@ -165,3 +169,74 @@ def test_failed_checkpoint_write_keeps_previous_one(model_dirs, corpus, referenc
     train(Config.for_task("mlm", **run, resume_from="latest"))
     assert_same_weights(out, reference("mlm"))
     assert [p.name for p in checkpoint.all_checkpoints(out)] == ["step-12"]
+
+
+# A valid value other than the base's, for every option: a new option without one fails the walk below,
+# so whoever adds it decides how a resumed run treats it.
+OTHER_VALUE = dict(
+    task="mlm", model="other-model", dataset="wikitext", dataset_config="wikitext-2-raw-v1", train_file="other.txt",
+    validation_file="other-valid.txt", text_column="body", validation_split_percentage=10.0, block_size=64,
+    line_by_line=True, mlm_prob=0.2, max_train_samples=4, max_eval_samples=3, lr=5e-4, head_lr=1e-2,
+    weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6, lr_scheduler="cosine", warmup_steps=2,
+    warmup_ratio=0.1, grad_accum_steps=2, max_grad_norm=0.5, epochs=2.0, max_train_steps=20, batch_size=4,
+    eval_batch_size=3, seed=2, device="cuda", precision="bf16", fsdp=True, ddp_timeout=60, compile=True,
+    gradient_checkpointing=True, peak_flops=1e12, eval_every=2, eval_only=True, log_every=3, output_dir="elsewhere",
+    overwrite_output_dir=True, save_every=7, save_total_limit=2, resume_from="latest", cache_dir="/tmp/other-cache",
+    preprocessing_workers=1, prepare_only=True,
+)
+
+
+def test_every_option_has_a_resume_policy_and_it_holds(tmp_path):
+    import dataclasses
+    import json
+
+    base = Config.for_task("clm", **settings(Path("m"), Path("c.txt"), tmp_path / "run"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "state.json").write_text(json.dumps({"config": base.to_dict(), "model": base.model, "world_size": 1,
+                                                 "step": 5}))
+    names = [f.name for f in dataclasses.fields(Config)]
+    assert sorted(OTHER_VALUE) == sorted(names)
+    for name in names:
+        old, new = getattr(base, name), OTHER_VALUE[name]
+        assert old != new, name
+        changed = dataclasses.replace(base, **{name: new})
+        model = changed.model
+        if name in checkpoint.RESUME_FIXED:
+            with pytest.raises(UsageError, match=rf"different run: {name}={old!r} \(now {new!r}\)"):
+                checkpoint.check_resumable(ckpt, changed, model, 1)
+        elif name in checkpoint.RESUME_GLOBAL_BATCH:
+            with pytest.raises(UsageError, match=r"global batch is 2 examples \(--batch-size 2 x 1 process x "
+                                                 r"--grad-accum-steps 1\), this run's 4 examples"):
+                checkpoint.check_resumable(ckpt, changed, model, 1)
+            # the same global batch, made up another way, is fine: 1 example x 2 processes
+            assert checkpoint.check_resumable(ckpt, dataclasses.replace(base, batch_size=1), model, 2) == [
+                "resume: --batch-size 2 -> 1 from step 5", "resume: processes 1 -> 2 from step 5"]
+        elif name in checkpoint.RESUME_NOT_COMPARED:
+            assert checkpoint.check_resumable(ckpt, changed, model, 1) == [], name
+        else:  # may change: announced, applied from the resumed step on
+            flag = name.replace("_", "-")
+            assert checkpoint.check_resumable(ckpt, changed, model, 1) == [
+                f"resume: --{flag} {old} -> {new} from step 5"], name
+
+
+def test_resumed_run_applies_new_optimizer_settings_and_schedule(model_dirs, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = dict(settings(model_dirs["clm"], corpus, out), max_train_steps=6, save_every=3)
+    train(Config.for_task("clm", **first))
+    capsys.readouterr()
+    changed = dict(first, lr=5e-4, weight_decay=0.1, adam_eps=1e-6, max_train_steps=10,
+                   resume_from=str(out / "checkpoints" / "step-3"))
+    train(Config.for_task("clm", **changed))
+    printed = capsys.readouterr().out
+    for line in ("resume: --lr 0.001 -> 0.0005 from step 3", "resume: --weight-decay 0.01 -> 0.1 from step 3",
+                 "resume: --adam-eps 1e-08 -> 1e-06 from step 3", "resume: --max-train-steps 6 -> 10 from step 3",
+                 "resume: linear schedule over 10 steps (0 warmup), was linear over 6 (0): lr at step 3 0.0005 -> 0.00035"):
+        assert line in printed, printed
+    lrs = logged(out, "train/lr")
+    assert [s for s, _ in lrs] == list(range(1, 11))
+    expected = [1e-3 * (1 - s / 6) for s in range(3)] + [5e-4 * (1 - s / 10) for s in range(3, 10)]
+    assert [v for _, v in lrs] == pytest.approx(expected, rel=1e-6)
+    groups = checkpoint.load(out / "checkpoints" / "step-9").optimizer["param_groups"]
+    assert {(g["weight_decay"], g["eps"], g["base_lr"]) for g in groups} == {(0.1, 1e-6, 5e-4), (0.0, 1e-6, 5e-4)}
+

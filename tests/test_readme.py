@@ -1,0 +1,152 @@
+"""The README's commands work offline, or fail the way it says they do."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+from torch.distributed.run import get_args_parser
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+from conftest import ROOT, metrics, run_script, scalars
+from lm import embedded
+from lm.config import parse_args
+from lm.errors import UsageError
+from test_cli_errors import snapshot
+from test_train import METRICS, TAGS
+
+NOT_CHECKED = ("bash install.sh", "pip ", "tensorboard ", "python -m pytest")  # setup, a viewer, the tests themselves
+SCRIPT = re.compile(r"train_(clm|mlm)\.py")
+# The torchrun examples' placeholders and what stands in for them here; None drops the token.
+PLACEHOLDERS = {"$NODE_RANK": "0", "HOST:29500": "10.0.0.1:29500", "BIG": "a-big-model", "...": None}
+BUDGET = ["--max-train-steps", "2", "--max-eval-samples", "8"]
+AUTO = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM}
+
+
+def readme_commands(markdown: str) -> list[str]:
+    """The command lines of the ```bash blocks: continuations joined, comments dropped, `a && b` split."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", markdown, flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*", "", line)
+            commands += [" ".join(part.split()) for part in line.split("&&")]
+    return [c for c in commands if c and not c.startswith(NOT_CHECKED)]
+
+
+def names_hub(args: list[str]) -> bool:
+    """Whether a train_*.py command line takes its model or its dataset from the Hugging Face Hub."""
+    value = dict(zip(args, args[1:]))
+    model = value.get("--model")
+    return "--dataset" in value or (
+        model is not None and model not in embedded.DEFAULT_MODEL.values() and not (ROOT / model).exists())
+
+
+def kind(command: str) -> str | None:
+    """'torchrun', 'hub' or 'local' (embedded defaults or local files); None for a command this test can't check."""
+    argv = shlex.split(command)
+    if argv[0] == "torchrun":
+        return "torchrun"
+    if argv[0] == "python" and len(argv) > 1 and SCRIPT.fullmatch(argv[1]):
+        return "hub" if names_hub(argv[2:]) else "local"
+    return None
+
+
+def script_args(command: str) -> tuple[str, list[str]]:
+    """(task, the arguments after the script name) of a `python train_<task>.py ...` command."""
+    argv = shlex.split(command)
+    return SCRIPT.fullmatch(argv[1]).group(1), argv[2:]
+
+
+def torchrun_script_args(command: str) -> tuple[str, list[str]]:
+    """(task, the script's arguments) of a torchrun command, placeholders replaced; torchrun's own flags parsed too."""
+    argv = [PLACEHOLDERS.get(token, token) for token in shlex.split(command)[1:]]
+    parsed = get_args_parser().parse_args([token for token in argv if token is not None])
+    return SCRIPT.fullmatch(parsed.training_script).group(1), parsed.training_script_args
+
+
+COMMANDS = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
+LOCAL, HUB, TORCHRUN = ([c for c in COMMANDS if kind(c) == k] for k in ("local", "hub", "torchrun"))
+
+
+def test_readme_commands_come_from_bash_blocks_only():
+    text = (
+        "Inline `python train_clm.py --inline` is prose.\n"
+        "```bash\n"
+        "bash install.sh && python train_clm.py --block-size 128   # set up, then train\n"
+        "pip install -e .\n"
+        "# a comment line\n"
+        "torchrun --standalone train_mlm.py --model m \\\n"
+        "    --lr 2e-5 ...\n"
+        "tensorboard --logdir runs\n"
+        "python -m pytest -q   # the tests\n"
+        "```\n"
+        "```python\n"
+        "python train_clm.py --in-a-python-block\n"
+        "```\n")
+    assert readme_commands(text) == ["python train_clm.py --block-size 128",
+                                     "torchrun --standalone train_mlm.py --model m --lr 2e-5 ..."]
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("python train_clm.py --block-size 128", "local"),
+    ("python train_clm.py --model smollm2-135m-instruct", "local"),
+    ("python train_mlm.py --model tests", "local"),  # a directory
+    ("python train_mlm.py --model distilroberta-base --lr 2e-5", "hub"),
+    ("python train_clm.py --dataset wikitext", "hub"),
+    ("torchrun --standalone train_clm.py --model BIG", "torchrun"),
+    ("python bench/vs_trainer.py --task mlm", None),
+])
+def test_kind(command, expected):
+    assert kind(command) == expected
+
+
+def test_a_misspelled_flag_in_a_torchrun_command_is_caught():
+    command = "torchrun --standalone --nproc_per_node 8 train_clm.py --model BIG --fsdp --gradient-checkpointing"
+    assert torchrun_script_args(command) == ("clm", ["--model", "a-big-model", "--fsdp", "--gradient-checkpointing"])
+    with pytest.raises(UsageError, match="unrecognized arguments: --fsdq"):
+        parse_args(*torchrun_script_args(command.replace("--fsdp", "--fsdq")))
+
+
+def test_every_readme_command_is_checked():
+    assert [c for c in COMMANDS if kind(c) is None] == []
+    # Both quick starts and both tutorial commands: a README rewrite that drops one is noticed.
+    assert sorted(script_args(c)[0] for c in LOCAL) == ["clm", "mlm"]
+    assert sorted(script_args(c)[0] for c in HUB) == ["clm", "mlm"]
+    assert len(TORCHRUN) >= 3
+
+
+@pytest.mark.parametrize("command", LOCAL)
+def test_quick_start_trains_offline(command, tmp_path):
+    task, args = script_args(command)
+    out = tmp_path / "run"
+    result = run_script(task, *args, *BUDGET, "--output-dir", out, env={"HF_HUB_OFFLINE": "1"}, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = metrics(out)
+    assert METRICS <= set(m) and m["train_steps"] == 2
+    for tag in TAGS:
+        assert scalars(out, tag), tag
+    AUTO[task].from_pretrained(out)
+
+
+@pytest.mark.parametrize("command", HUB)
+def test_hub_command_fails_offline_in_one_line(command, tmp_path):
+    task, args = script_args(command)
+    out = tmp_path / "out"
+    if "--output-dir" in args:
+        out = ROOT / args[args.index("--output-dir") + 1]
+    else:
+        args += ["--output-dir", str(out)]
+    existed, before = out.exists(), snapshot(out)
+    # An empty Hugging Face cache: a model or dataset cached by an earlier online run would still load.
+    result = run_script(task, *args, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}, timeout=60)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "Hugging Face Hub" in result.stderr and "unreachable" in result.stderr, result.stderr
+    assert "--train-file" in result.stderr  # one of the remedies the README says it names
+    assert out.exists() == existed and snapshot(out) == before
+
+
+@pytest.mark.parametrize("command", TORCHRUN)
+def test_torchrun_command_parses(command):
+    parse_args(*torchrun_script_args(command))
