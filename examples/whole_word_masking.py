@@ -12,8 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 import torch
 
 from lm.cli import main
-from lm.data import pad_batch
-from lm.masking import IGNORE, MaskingCollator, example_generator, mask_tokens
+from lm.masking import MaskingCollator, mask_tokens
 from lm.objectives import MLM
 
 # Without a WordPiece prefix, a token that begins with whitespace starts a word: byte-level BPE's
@@ -50,15 +49,6 @@ class WholeWordCollator(MaskingCollator):
     def __init__(self, tokenizer, cfg, evaluation: bool = False):
         super().__init__(tokenizer, cfg.mlm_prob, cfg.seed, evaluation)
         self.continues = continues_word(tokenizer)
-
-    def __call__(self, items, epoch: int = 0) -> dict:
-        batch = pad_batch(items, self.pad_id)
-        inputs, labels = batch["input_ids"].clone(), torch.full_like(batch["input_ids"], IGNORE)
-        for row, (index, ids) in enumerate(items):  # the real tokens only: padding never shifts the draws
-            inputs[row, :len(ids)], labels[row, :len(ids)] = self.mask(ids, example_generator(
-                self.seed, self.stream, epoch, index))
-        batch["input_ids"], batch["labels"] = inputs, labels
-        return batch
 
     def mask(self, ids, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels) of one example."""

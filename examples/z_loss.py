@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lm.cli import main
-from lm.masking import IGNORE
+from lm.data import IGNORE
 from lm.objectives import CLM, TokenLoss
 
 Z_WEIGHT = 1e-4  # PaLM's coefficient
@@ -27,14 +27,8 @@ class ZLoss(TokenLoss):
         if not self.training:
             return super().forward(input_ids, attention_mask, labels)  # perplexity comparable with plain CLM
         keep = labels != IGNORE  # (B, T)
-        # log Z needs the logits themselves, so no fused head + loss here: full (N, V) fp32 logits
-        if self.split is not None:
-            body, head = (getattr(self.model, name) for name in self.split)
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-            logits = head(hidden[keep])  # (N, V): the head on labelled positions only
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]  # (N, V)
-        logits = logits.float()
+        # log Z needs the logits themselves, so no fused head + loss here: (N, V) fp32 logits
+        logits = self.labelled_logits(input_ids, attention_mask, keep).float()
         cross_entropy = F.cross_entropy(logits, labels[keep], reduction="sum")
         z_loss = Z_WEIGHT * torch.logsumexp(logits, dim=-1).square().sum()
         return {"loss": cross_entropy + z_loss, "z_loss": z_loss}

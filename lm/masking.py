@@ -34,6 +34,7 @@ class MaskingCollator:
 
     Training draws from stream 0 with the current epoch; evaluation uses stream 1 and a fixed epoch,
     so every evaluation sees identical masks and perplexities are comparable across steps and runs.
+    Another masking scheme overrides `mask`, which sees one example's real tokens.
     """
 
     def __init__(self, tokenizer, mlm_prob: float, seed: int, evaluation: bool = False):
@@ -46,15 +47,16 @@ class MaskingCollator:
 
     def __call__(self, items, epoch: int = 0) -> dict:
         batch = pad_batch(items, self.pad_id)
-        ids = batch["input_ids"]
-        maskable = ~torch.isin(ids, self.special_ids) & batch["attention_mask"].bool()
-        inputs, labels = ids.clone(), torch.full_like(ids, IGNORE)
-        lengths = batch["attention_mask"].sum(1).tolist()
-        for row, (index, n) in enumerate(zip(batch["index"].tolist(), lengths)):
-            g = example_generator(self.seed, self.stream, epoch, index)
-            # draw over the real tokens only: the padding a batch adds must not shift the random numbers
-            inputs[row, :n], labels[row, :n] = mask_tokens(ids[row, :n], maskable[row, :n], self.mlm_prob,
-                                                           self.mask_id, self.vocab_size, g)
+        inputs, labels = batch["input_ids"].clone(), torch.full_like(batch["input_ids"], IGNORE)
+        for row, (index, ids) in enumerate(items):
+            # the real tokens only: the padding a batch adds must not shift the random numbers
+            generator = example_generator(self.seed, self.stream, epoch, index)
+            inputs[row, :len(ids)], labels[row, :len(ids)] = self.mask(ids, generator)
         batch["input_ids"], batch["labels"] = inputs, labels
         return batch
+
+    def mask(self, ids: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of one example's (T,) ids: tokens picked one by one, never special ones."""
+        maskable = ~torch.isin(ids, self.special_ids)
+        return mask_tokens(ids, maskable, self.mlm_prob, self.mask_id, self.vocab_size, generator)
 

@@ -121,18 +121,25 @@ class TokenLoss(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels):
         keep = labels != IGNORE  # (B, T)
-        if self.split is not None:
-            body, head = (getattr(self.model, name) for name in self.split)
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-            if chunkable(head):
-                dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
-                         else head.weight.dtype)
-                return LinearCrossEntropy.apply(hidden[keep], head.weight, head.bias, labels[keep], dtype)
-            logits = head(hidden[keep])  # (N, V)
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]  # (N, V)
+        if self.split is not None and chunkable(getattr(self.model, self.split[1])):
+            hidden, head = self.hidden_states(input_ids, attention_mask), getattr(self.model, self.split[1])
+            dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
+                     else head.weight.dtype)
+            return LinearCrossEntropy.apply(hidden[keep], head.weight, head.bias, labels[keep], dtype)
         # fp32 loss whatever the autocast dtype: log-softmax over ~50k logits loses digits in bf16
-        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+        return F.cross_entropy(self.labelled_logits(input_ids, attention_mask, keep).float(), labels[keep],
+                               reduction="sum")
+
+    def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
+        """(B, T, H) states the vocabulary head reads (split models only)."""
+        body = getattr(self.model, self.split[0])
+        return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def labelled_logits(self, input_ids, attention_mask, keep) -> torch.Tensor:
+        """(N, V) logits of the positions where `keep` (B, T) is set; the head runs on those alone if it can."""
+        if self.split is not None:
+            return getattr(self.model, self.split[1])(self.hidden_states(input_ids, attention_mask)[keep])
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
 
 
 # Rows of logits per chunk: ~32 MB of fp32 logits at a time, whatever the vocabulary.

@@ -39,7 +39,7 @@ def names_hub(args: list[str]) -> bool:
     value = dict(zip(args, args[1:]))
     model = value.get("--model")
     return "--dataset" in value or (
-        model is not None and model not in embedded.DEFAULT_MODEL.values() and not (ROOT / model).exists())
+        model is not None and model not in embedded.MODELS and not (ROOT / model).exists())
 
 
 def kind(command: str) -> str | None:
