@@ -1,12 +1,24 @@
-"""Which device and which numerics a run uses, decided by pure functions the tests can call."""
+"""Which device and which numerics a run uses, decided by pure functions the tests can call; and MFU's
+two halves: what the device can compute (a GPU table or a measured peak) and what a step computes."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from lm.errors import UsageError
+from lm.objectives import split_head
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -90,3 +102,166 @@ def peak_flops(device: torch.device, precision: str, override: float | None = No
 def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the weights (forward + backward) plus attention's 12*L*H*T."""
     return 6 * n_params + 12 * n_layers * hidden * seq_len
+
+
+def resolve_peak_flops(requested: float | str, device: torch.device, precision: str,
+                       shapes: tuple[tuple[int, int, int], ...], cache_dir: Path | str | None) -> float:
+    """FLOP/s of one device for MFU: --peak-flops as given; "auto": the GPU table, else a measured peak."""
+    if requested != "auto":
+        return float(requested)
+    return peak_flops(device, precision) or measure_peak_flops(device, precision, shapes, cache_dir)
+
+
+# Seconds the probe spends timing, shared by its shapes; the warmup adds about a fifth.
+PROBE_SECONDS = 1.0
+# Vocabulary columns in the probe's head matmul: a slice, as LinearCrossEntropy computes logits in chunks.
+PROBE_VOCAB = 4096
+PEAK_CACHE = "peak-flops.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def probe_shapes(config, tokens: int) -> tuple[tuple[int, int, int], ...]:
+    """(m, k, n) matmuls like a step's over `tokens` rows: the MLP's up projection and a slice of the head."""
+    hidden = config.hidden_size
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    return (tokens, hidden, inner), (tokens, hidden, min(config.vocab_size, PROBE_VOCAB))
+
+
+def measure_peak_flops(device: torch.device, precision: str, shapes: tuple[tuple[int, int, int], ...],
+                       cache_dir: Path | str | None) -> float:
+    """The best matmul FLOP/s seen at these shapes and precision, cached per machine in cache_dir/peak-flops.json.
+
+    The probe runs in the calling process, so it uses the thread count training will use (part of the key).
+    """
+    key = probe_key(device, precision, shapes)
+    path = Path(cache_dir) / PEAK_CACHE if cache_dir is not None else None
+    known = read_cache(path)
+    if key in known:
+        return known[key]["flops"]
+    flops = max(best_matmul_rate(device, DTYPES[precision], shape, PROBE_SECONDS / len(shapes)) for shape in shapes)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the probe's buffers go back before training allocates
+    if path is not None:  # read again: another process may have added its machine meanwhile
+        write_atomically(path, {**read_cache(path), key: {
+            "flops": flops, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}})
+    return flops
+
+
+def probe_key(device: torch.device, precision: str, shapes: tuple[tuple[int, int, int], ...]) -> str:
+    """What a measured peak depends on, readably: the device, threads, torch, precision (TF32 or not), shapes."""
+    parts = [device_name(device), f"{torch.get_num_threads()} threads", f"torch {torch.__version__}", precision]
+    if precision == "fp32" and device.type == "cuda":
+        parts.append(f"tf32 {torch.backends.cuda.matmul.allow_tf32}")
+    return ", ".join(parts + [" ".join("x".join(map(str, shape)) for shape in shapes)])
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and core count (for MPS too: the chip is both)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo() if line.startswith("model name")), None)
+    return f"{device.type} {cpu or platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return []
+
+
+def best_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], seconds: float) -> float:
+    """Best FLOP/s of (m, k) activations times an (n, k) weight over `seconds` of repeats, after a warmup.
+
+    The weight is laid out as nn.Linear keeps it: a CPU without bf16 emulates a bf16 matmul with
+    (k, n) weights several times slower still. The warmup doubles the rows from 16 up to m, and
+    stops where one call takes a tenth of `seconds`: emulated bf16 is ~10x slower than fp32 and
+    would take seconds per call at a large shape, where a few dozen rows already keep it busy.
+    """
+    m, k, n = shape
+    x, weight = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
+    rows = min(m, 16)
+    timed_matmuls(x[:rows], weight, 1, device)  # the first call pays for library set-up
+    while (took := timed_matmuls(x[:rows], weight, 1, device)) < seconds / 10 and rows < m:
+        rows = min(m, 2 * rows)
+    calls = max(1, int(seconds / 20 / took))  # a GPU's calls are microseconds: time many between two waits
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        best = max(best, 2 * rows * k * n * calls / timed_matmuls(x[:rows], weight, calls, device))
+    return best
+
+
+def timed_matmuls(x: torch.Tensor, weight: torch.Tensor, calls: int, device: torch.device) -> float:
+    """Wall seconds of `calls` back-to-back F.linear(x, weight), waiting for the device at both ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        F.linear(x, weight)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def read_cache(path: Path | None) -> dict:
+    """The cached peaks, or {} when there are none (or the file is unreadable: they are measured again)."""
+    try:
+        return json.loads(path.read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_atomically(path: Path, data: dict) -> None:
+    """Write JSON through a uniquely named temporary file: several processes may probe at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+class FlopCounts(NamedTuple):
+    """What a model's training FLOPs depend on: step_flops(*counts, seq_len, input_tokens, predicted_tokens)."""
+
+    body: int  # parameters that multiply every input token (embedding tables excluded: a lookup does no FLOPs)
+    head: int  # parameters of a split vocabulary head, which runs on the labelled positions only
+    layers: int
+    width: int  # attention heads x head size: the hidden size in most models
+
+
+def flop_counts(model: nn.Module) -> FlopCounts:
+    """The parameters a step multiplies, split as TokenLoss runs them, and the attention's dimensions.
+
+    A weight tied to an embedding table (GPT-2's and SmolLM2's head) counts once, where it does
+    work: in the head. An untied model counts the same; its input table does no FLOPs either. A
+    model without a split head runs its head on every position: then it is part of `body`.
+    """
+    config = model.config
+    split = split_head(model)
+    head = {id(p): p for p in getattr(model, split[1]).parameters()} if split else {}
+    multiplied = {id(p): p for module in model.modules() if not isinstance(module, nn.Embedding)
+                  for p in module.parameters(recurse=False)}  # tied: the same tensor, once
+    body = sum(p.numel() for key, p in multiplied.items() if key not in head)
+    heads = config.num_attention_heads
+    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return FlopCounts(body, sum(p.numel() for p in head.values()), config.num_hidden_layers, width)
+
+
+def step_flops(body_params: int, head_params: int, n_layers: int, width: int, seq_len: int,
+               input_tokens: int, predicted_tokens: int) -> float:
+    """Training FLOPs (forward + backward) of a batch: 6 per weight per token it multiplies, plus attention.
+
+    Weights: 2 FLOPs per multiply-add forward, 4 backward (gradients of inputs and of weights).
+    Attention: QK^T and AV cost 2*2*width*seq_len per token and layer forward, x3 with backward.
+    That counts all seq_len keys, causal or not, as nanoGPT and PaLM do: a causal kernel that skips
+    the masked half does less, so CLM's attention term is up to 2x what runs (at 128 tokens it is ~3%
+    of SmolLM2's FLOPs).
+    Count real tokens, not padding: MFU then charges padding as waste.
+    """
+    attention = 12 * n_layers * width * seq_len
+    return 6 * body_params * input_tokens + 6 * head_params * predicted_tokens + attention * input_tokens

@@ -1,8 +1,16 @@
+import json
+import time
+
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import tiny_model
 from lm.errors import UsageError
-from lm.hardware import autocast, choose_precision, resolve_device
+from lm.hardware import (PEAK_CACHE, FlopCounts, autocast, choose_precision, flop_counts, measure_peak_flops, probe_key,
+                         resolve_device, resolve_peak_flops, step_flops)
+from lm.masking import IGNORE
+from lm.objectives import SPLIT_HEAD, TokenLoss, causal_labels
 
 
 @pytest.mark.parametrize("device, native, expected", [
@@ -33,3 +41,113 @@ def test_auto_device_is_cpu_here_and_a_missing_device_is_an_error():
         assert resolve_device("auto").type in ("cpu", "mps")
         with pytest.raises(UsageError, match="no such device"):
             resolve_device("cuda")
+
+
+# ---------------------------------------------------------------- the measured peak
+
+SMALL = ((256, 64, 256), (256, 64, 1024))  # (m, k, n): quick even where bf16 is emulated
+
+
+def test_the_probe_measures_a_plausible_peak_quickly_and_caches_it_per_precision(tmp_path):
+    cpu = torch.device("cpu")
+    started = time.perf_counter()
+    flops = measure_peak_flops(cpu, "fp32", SMALL, tmp_path)
+    assert time.perf_counter() - started < 10
+    assert 1e8 < flops < 1e14  # from an old laptop core to a many-core server
+    cache = tmp_path / PEAK_CACHE
+    (key, entry), = json.loads(cache.read_text()).items()
+    assert entry["flops"] == flops and "fp32" in key
+    cache.write_text(json.dumps({key: {**entry, "flops": 123.0}}))
+    assert measure_peak_flops(cpu, "fp32", SMALL, tmp_path) == 123.0  # read back, not measured again
+    assert measure_peak_flops(cpu, "bf16", SMALL, tmp_path) > 1e6  # a separate entry, measured
+    assert len(json.loads(cache.read_text())) == 2
+    assert measure_peak_flops(cpu, "fp32", SMALL[:1], tmp_path) != 123.0  # other shapes: measured again
+
+
+def test_the_probe_key_names_the_thread_count_training_will_use():
+    threads = torch.get_num_threads()
+    try:
+        keys = set()
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            keys.add(probe_key(torch.device("cpu"), "fp32", SMALL))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(keys) == 2
+
+
+def test_a_given_peak_is_used_as_is_and_auto_measures_on_a_cpu(tmp_path):
+    cpu = torch.device("cpu")
+    assert resolve_peak_flops(2.5e12, cpu, "fp32", SMALL, tmp_path) == 2.5e12
+    assert not (tmp_path / PEAK_CACHE).exists()
+    (tmp_path / PEAK_CACHE).write_text(json.dumps({probe_key(cpu, "fp32", SMALL): {"flops": 7e9}}))
+    assert resolve_peak_flops("auto", cpu, "fp32", SMALL, tmp_path) == 7e9
+
+
+# ---------------------------------------------------------------- the FLOPs of a step
+
+def test_gpt2_counts_its_tied_head_once_where_it_does_work(tokenizer):
+    from transformers import GPT2LMHeadModel
+
+    tied = tiny_model("clm", tokenizer)
+    untied = GPT2LMHeadModel(tied.config.__class__(**{**tied.config.to_dict(), "tie_word_embeddings": False}))
+    assert tied.lm_head.weight is tied.transformer.wte.weight and untied.lm_head.weight is not untied.transformer.wte.weight
+    H, L, V = 32, 2, len(tokenizer)
+    # a block: 2 layer norms, qkv, attention out, MLP in and out (4H wide) with biases; then the final norm.
+    # Not counted: the token and position tables, which are looked up, not multiplied.
+    expected = FlopCounts(body=L * (12 * H * H + 13 * H) + 2 * H, head=V * H, layers=L, width=H)
+    assert flop_counts(tied) == flop_counts(untied) == expected
+
+
+def test_bert_mlm_head_flops_count_only_the_labelled_positions(tokenizer):
+    H, L, I, V, T = 32, 2, 64, len(tokenizer), 64
+    counts = flop_counts(tiny_model("mlm", tokenizer))
+    # body: the embeddings' layer norm; per layer q, k, v, out (H x H + bias), 2 layer norms, H -> I -> H with biases
+    body = 2 * H + L * (4 * (H * H + H) + 4 * H + (H * I + I) + (I * H + H))
+    # head (`cls`): dense H x H + bias, layer norm, decoder V x H (tied to the word table) + its bias
+    head = (H * H + H) + 2 * H + V * H + V
+    assert counts == FlopCounts(body, head, L, H)
+    assert step_flops(*counts, seq_len=T, input_tokens=T, predicted_tokens=10) == (
+        6 * body * T + 6 * head * 10 + 12 * L * H * T * T)
+
+
+def opt_without_split_head(tokenizer):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                    num_attention_heads=2, word_embed_proj_dim=32, max_position_embeddings=64))
+
+
+def test_a_head_that_runs_on_every_position_counts_with_the_body(tokenizer):
+    model = opt_without_split_head(tokenizer)
+    assert model.config.model_type not in SPLIT_HEAD
+    counts = flop_counts(model)
+    assert counts.head == 0 and counts.body > len(tokenizer) * 32  # the tied head's V x H is in the body
+
+
+def addmm_inplace(self_shape, a_shape, b_shape, **_):  # FlopCounterMode counts addmm, not addmm_ (our fused head)
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+@pytest.mark.parametrize("task", ["clm", "mlm", "no split head"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_step_flops_agree_with_the_matmuls_torch_counts_in_a_real_step(tokenizer, task, precision):
+    model = opt_without_split_head(tokenizer) if task == "no split head" else tiny_model(task, tokenizer)
+    model.set_attn_implementation("eager")  # attention as bmm, which the counter sees (CPU SDPA it doesn't)
+    input_ids = torch.randint(5, 1000, (2, 64))
+    mask = torch.ones_like(input_ids)
+    if task == "mlm":
+        labels = torch.full_like(input_ids, IGNORE)
+        labels[0, :10] = input_ids[0, :10]
+    else:
+        labels = causal_labels(input_ids, mask)
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_inplace}) as counter:
+        with autocast(torch.device("cpu"), precision):
+            loss = TokenLoss(model)(input_ids, mask, labels)
+        loss.backward()
+    ours = step_flops(*flop_counts(model), seq_len=64, input_tokens=mask.sum().item(),
+                      predicted_tokens=(labels != IGNORE).sum().item())
+    # ours also counts biases and norm weights as 6 FLOPs per token (the 6N convention); torch counts
+    # matmuls only. BERT's decoder bias (V of them) is the largest such term: 3% of this tiny model.
+    assert ours == pytest.approx(counter.get_total_flops(), rel=0.04)
+    assert ours >= counter.get_total_flops()
