@@ -60,7 +60,21 @@ class Progress:
     perplexity_before: float | None = None
     train_tokens: int = 0  # input tokens of all processes
     train_seconds: float = 0.0  # training steps only: no loading, no evaluation
-    window: dict = field(default_factory=lambda: dict(loss_sum=0.0, tokens=0, inputs=0, seconds=0.0))  # since the last log
+    train_flops: float = 0.0  # model FLOPs of those steps, all processes (lm.hardware.step_flops)
+    window: dict = field(default_factory=dict)  # sums since the last log: loss_sum, tokens, inputs, seconds, flops, logs
+
+    def record(self, loss_sum: float, tokens: int, inputs: int, examples: int, seconds: float, flops: float,
+               logs: dict) -> None:
+        """Count one optimizer step (totals of all processes), in the run's totals and in the log window."""
+        self.step += 1
+        self.examples_done += examples
+        self.train_tokens += inputs
+        self.train_seconds += seconds
+        self.train_flops += flops
+        for key, value in dict(loss_sum=loss_sum, tokens=tokens, inputs=inputs, seconds=seconds, flops=flops).items():
+            self.window[key] = self.window.get(key, 0) + value
+        for name, value in logs.items():  # an objective's own summed values, e.g. an auxiliary loss
+            self.window.setdefault("logs", {})[name] = self.window["logs"].get(name, 0.0) + value
 
 
 @dataclass

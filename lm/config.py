@@ -19,6 +19,14 @@ def option(default, help, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
+def _number_or_text(text: str):
+    """A float where the text is one, else the text: validated() judges it."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 @dataclass
 class Config:
     """All settings of a fine-tuning run. Defaults that depend on the task are filled in by `for_task`."""
@@ -76,8 +84,9 @@ class Config:
         1800, "under torchrun: seconds a process waits for the others (e.g. while rank 0 tokenizes) before failing")
     compile: bool = option(False, "torch.compile the model (slow first steps; pays off on long GPU runs)")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
-    peak_flops: Optional[float] = option(
-        None, "peak FLOP/s of one device, for MFU; default: a table of known GPUs (none for CPUs)")
+    peak_flops: Union[float, str] = option(
+        "auto", "peak FLOP/s of one device, for MFU; auto: a table of known GPUs, else a ~1 s matmul probe at "
+        "the run's precision, cached in CACHE_DIR/peak-flops.json", type=_number_or_text)
 
     # --- evaluation, logging, output ---
     eval_every: Optional[int] = option(None, "also evaluate every N optimizer steps")
@@ -120,6 +129,8 @@ class Config:
         for name in ("lr", "head_lr", "epochs", "adam_eps"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{flag(name)} must be positive, got {value}")
+        need(self.peak_flops == "auto" or (type(self.peak_flops) is float and self.peak_flops > 0),
+             f"--peak-flops must be a positive number or 'auto', got {self.peak_flops!r}")
         need(self.save_every in (None, "epoch") or (type(self.save_every) is int and self.save_every > 0),
              f"--save-every must be a positive integer or 'epoch', got {self.save_every!r}")
         need(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32 - 1], got {self.seed}")  # NumPy's seed range

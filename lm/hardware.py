@@ -86,10 +86,8 @@ PEAK_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), 
                ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 125), ("T4", 65)]
 
 
-def peak_flops(device: torch.device, precision: str, override: float | None = None) -> float | None:
-    """FLOP/s the device could do at this precision: --peak-flops, else the GPU table; None if unknown."""
-    if override:
-        return override
+def table_peak_flops(device: torch.device, precision: str) -> float | None:
+    """FLOP/s of a known GPU at this precision (the table above); None elsewhere."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -99,17 +97,12 @@ def peak_flops(device: torch.device, precision: str, override: float | None = No
     return tflops * 1e12 / (2 if precision == "fp32" else 1)  # fp32 runs as TF32: half the bf16 rate
 
 
-def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the weights (forward + backward) plus attention's 12*L*H*T."""
-    return 6 * n_params + 12 * n_layers * hidden * seq_len
-
-
 def resolve_peak_flops(requested: float | str, device: torch.device, precision: str,
                        shapes: tuple[tuple[int, int, int], ...], cache_dir: Path | str | None) -> float:
     """FLOP/s of one device for MFU: --peak-flops as given; "auto": the GPU table, else a measured peak."""
     if requested != "auto":
         return float(requested)
-    return peak_flops(device, precision) or measure_peak_flops(device, precision, shapes, cache_dir)
+    return table_peak_flops(device, precision) or measure_peak_flops(device, precision, shapes, cache_dir)
 
 
 # Seconds the probe spends timing, shared by its shapes; the warmup adds about a fifth.

@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 from lm import checkpoint, data, distributed
 from lm.checkpoint import Progress, Snapshot
 from lm.config import Config, find_objective
+from lm.embedded import cache_root
 from lm.data import IGNORE, EpochSampler
 from lm.errors import UsageError
-from lm.hardware import (autocast, check_compile, choose_precision, configure, flops_per_token, native_bf16,
-                         peak_flops, resolve_device)
+from lm.hardware import (FlopCounts, autocast, check_compile, choose_precision, configure, flop_counts, native_bf16,
+                         probe_shapes, resolve_device, resolve_peak_flops, step_flops)
 from lm.modeling import load_config, load_model, load_tokenizer, max_positions, resolve_block_size, resolve_model
 from lm.objectives import Objective, loss_and_logs
 from lm.optim import build_optimizer, lr_factor, parameter_groups, set_lr
@@ -63,8 +64,8 @@ class Run:
     trained: torch.nn.Module = None  # the module under DDP or FSDP: what trains
     optimizer: torch.optim.Optimizer = None
     scaler: torch.amp.GradScaler | None = None
-    token_flops: float = 0.0  # training FLOPs per token, for MFU
-    peak_flops: float | None = None  # of one device at this precision; None: unknown
+    flop_counts: FlopCounts | None = None  # what a step's FLOPs depend on, for MFU
+    peak_flops: float = 0.0  # FLOP/s of one device at this precision: the GPU table, measured, or --peak-flops
     eval_world: distributed.World = distributed.World()  # who shares the evaluation
     total_steps: int = 0
     warmup_steps: int = 0
@@ -175,8 +176,12 @@ def build_model(run: Run, model) -> None:
     run.optimizer = build_optimizer(groups, cfg, device, fused=not cfg.fsdp)
     run.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
     n_params = sum(p.numel() for p in model.parameters())
-    run.token_flops = flops_per_token(n_params, model.config.num_hidden_layers, model.config.hidden_size, run.block_size)
-    run.peak_flops = peak_flops(device, run.precision, cfg.peak_flops)
+    run.flop_counts = flop_counts(model)
+    shapes = probe_shapes(model.config, cfg.batch_size * run.block_size)
+    run.peak_flops = distributed.run_on_main(world, lambda: resolve_peak_flops(
+        cfg.peak_flops, device, run.precision, shapes, cache_root(cfg.cache_dir)))
+    run.say(f"MFU against a peak of {run.peak_flops / 1e9:,.1f} GFLOP/s per device ("
+            + ("--peak-flops)" if cfg.peak_flops != "auto" else "GPU table or measured, cached)"))
     run.say(f"model {run.model_name}: {n_params / 1e6:.1f}M parameters"
             + (f", {len(fresh)} freshly initialised tensors (lr {cfg.head_lr or cfg.lr:g})" if fresh else ""))
 
@@ -313,7 +318,10 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     # Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks,
     # so every token weighs the same however the step is split into micro-batches and processes
     # (DDP averages gradients: hence * world.size).
-    n_tokens, = distributed.all_sum(world, sum(int((mb["labels"] != IGNORE).sum()) for mb in micro), device=device)
+    labelled = [int((mb["labels"] != IGNORE).sum()) for mb in micro]
+    flops = sum(step_flops(*run.flop_counts, mb["input_ids"].shape[1], int(mb["attention_mask"].sum()), n)
+                for mb, n in zip(micro, labelled))
+    n_tokens, flops = distributed.all_sum(world, sum(labelled), flops, device=device)
     scale = world.size / max(n_tokens, 1)
     step_loss, logs = torch.zeros((), device=device), {}
     for i, mb in enumerate(micro):
@@ -343,18 +351,10 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     optimizer.zero_grad(set_to_none=True)
 
     inputs = sum(int(mb["attention_mask"].sum()) for mb in micro) * world.size
-    seconds = time.perf_counter() - started
-    window = progress.window
-    progress.step += 1
-    progress.examples_done += sum(len(mb["input_ids"]) for mb in micro) * world.size  # ranks' batches are equal
-    progress.train_tokens += inputs
-    progress.train_seconds += seconds
-    window.update(loss_sum=window["loss_sum"] + step_loss, tokens=window["tokens"] + n_tokens,
-                  inputs=window["inputs"] + inputs, seconds=window["seconds"] + seconds)
-    for name, value in zip(logs, sums):  # the objective's own summed values, e.g. an auxiliary loss
-        window.setdefault("logs", {})[name] = window.get("logs", {}).get(name, 0.0) + value
+    examples = sum(len(mb["input_ids"]) for mb in micro) * world.size  # the ranks' batches are equal
+    progress.record(step_loss, n_tokens, inputs, examples, time.perf_counter() - started, flops, dict(zip(logs, sums)))
     if progress.step % cfg.log_every == 0 or progress.step == run.total_steps:
-        log_window(run, progress.step, lr, float(grad_norm), window)
+        log_window(run, progress.step, lr, float(grad_norm), progress.window)
     return step_loss, n_tokens
 
 
@@ -367,12 +367,10 @@ def log_window(run: Run, step: int, lr: float, grad_norm: float, window: dict) -
     run.writer.add_scalar("train/lr", lr, step)
     run.writer.add_scalar("train/grad_norm", grad_norm, step)
     run.writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step)
-    mfu = model_flops_utilization(run, tokens_per_sec)
-    if mfu is not None:
-        run.writer.add_scalar("train/mfu", mfu, step)
-    for name, value in window.pop("logs", {}).items():
+    run.writer.add_scalar("train/mfu", model_flops_utilization(run, window["flops"], window["seconds"]), step)
+    for name, value in window.get("logs", {}).items():
         run.writer.add_scalar(f"train/{name}", value / max(window["tokens"], 1), step)
-    window.update(loss_sum=0.0, tokens=0, inputs=0, seconds=0.0)
+    window.clear()
 
 
 def evaluate_at(run: Run, loader: DataLoader, step: int) -> float:
@@ -420,7 +418,7 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict
         metrics.update(perplexity_before=progress.perplexity_before, train_steps=step,
                        train_tokens=progress.train_tokens, train_seconds=progress.train_seconds,
                        tokens_per_second=progress.train_tokens / seconds,
-                       mfu=model_flops_utilization(run, progress.train_tokens / seconds))
+                       mfu=model_flops_utilization(run, progress.train_flops, progress.train_seconds))
         model_state, _ = distributed.full_state(run.model, sharded=run.cfg.fsdp)  # a collective under FSDP
         if run.world.main:
             run.model.save_pretrained(run.out, state_dict=model_state)
@@ -434,15 +432,13 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict
         run.say(f"perplexity: {metrics['perplexity']:.4f}")
     else:
         run.say(f"perplexity: {metrics['perplexity_before']:.3f} -> {metrics['perplexity']:.3f}"
-                + (f" (MFU {metrics['mfu']:.1%})" if metrics["mfu"] is not None else ""))
+                + f" (MFU {metrics['mfu']:.1%})")
     return metrics
 
 
-def model_flops_utilization(run: Run, tokens_per_second: float) -> float | None:
-    """Model FLOPs per second per device over the device's peak; None where the peak is unknown."""
-    if not run.peak_flops:
-        return None
-    return run.token_flops * tokens_per_second / run.peak_flops / run.world.size
+def model_flops_utilization(run: Run, flops: float, seconds: float) -> float:
+    """Model FLOPs per second per device over the device's peak (the FLOPs the steps really did)."""
+    return flops / max(seconds, 1e-9) / run.world.size / run.peak_flops
 
 
 @torch.no_grad()

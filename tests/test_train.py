@@ -13,7 +13,7 @@ from lm.objectives import TokenLoss
 from lm.texts import read_texts
 from lm.train import train
 
-TAGS = ["train/loss", "train/perplexity", "train/lr", "train/grad_norm", "train/tokens_per_sec",
+TAGS = ["train/loss", "train/perplexity", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu",
         "eval/loss", "eval/perplexity"]
 METRICS = {"eval_loss", "perplexity", "perplexity_before", "train_steps", "train_tokens", "train_seconds",
            "tokens_per_second", "precision"}
@@ -23,6 +23,7 @@ def check_run(out, steps, auto):
     m = metrics(out)
     assert METRICS <= set(m) and m["train_steps"] == steps and m["train_tokens"] > 0
     assert math.isclose(m["perplexity"], math.exp(m["eval_loss"]))
+    assert 0 < m["mfu"] and math.isfinite(m["mfu"])  # against a measured matmul peak, on CPU too
     for tag in TAGS:
         assert scalars(out, tag), tag
     assert [s for s, _ in scalars(out, "train/loss")] == list(range(1, steps + 1))
