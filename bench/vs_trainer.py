@@ -2,6 +2,7 @@
 
     python bench/vs_trainer.py --task mlm            # MiniLM-L6, ~4-6 min on 2 cores
     python bench/vs_trainer.py --task clm            # SmolLM2-135M, ~8 min idle, ~23 min on a busy machine
+    python bench/vs_trainer.py --task mlm --defaults # ours at --precision auto against Trainer's default (fp32)
 
 Each round trains once with each side, alternating which goes first, every run in a fresh
 subprocess: the two never share a heap, and peak RSS (ru_maxrss) is the run's own. Both get the
@@ -42,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, help="untimed optimizer steps first (default: 1)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: our autocast against Trainer's bf16=True")
+    p.add_argument("--defaults", action="store_true",
+                   help="each side at its default precision: ours auto (bf16 where native), Trainer fp32")
     p.add_argument("--side", choices=("ours", "trainer"), help=argparse.SUPPRESS)  # one run, in a child
     args = p.parse_args(argv)
     for name, value in DEFAULTS[args.task].items():
@@ -146,7 +149,7 @@ def run_side(args) -> dict:
     clock.on_step_end = on_step_end
     cfg = Config.for_task(args.task, head_lr=None, batch_size=BATCH, block_size=BLOCK, max_train_steps=total,
                           max_train_samples=total * BATCH, max_eval_samples=1, log_every=1, seed=SEED,
-                          device="cpu", precision=args.precision)
+                          device="cpu", precision=side_precision(args, args.side))
     path = str(model_dir(find_objective(args.task).embedded_model))
     with tempfile.TemporaryDirectory(prefix="vs-trainer-") as out:
         if args.side == "ours":
@@ -191,10 +194,62 @@ def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch) -> Non
     Trainer(model=model, args=args, train_dataset=items, data_collator=collator).train()
 
 
+def side_precision(args, side: str) -> str:
+    """The precision a side trains at: --precision for both, or with --defaults each side's default."""
+    if not args.defaults:
+        return args.precision
+    if side == "trainer":
+        return "fp32"  # TrainingArguments' default: bf16=False
+    from lm.hardware import choose_precision, native_bf16
+    import torch
+
+    return choose_precision("auto", "cpu", native_bf16(torch.device("cpu")))[0]
+
+
+def machine() -> str:
+    """The CPU's name, cores and the bf16 features that decide --precision auto."""
+    from lm.hardware import device_name
+
+    lines = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    flags = sorted({f for f in ("avx512_bf16", "amx_tile", "amx_bf16") if f in lines})
+    import torch
+
+    return f"{device_name(torch.device('cpu'))}, flags: {' '.join(flags) or 'no native bf16 (AVX2 only)'}"
+
+
+def utilization(args, results: dict[str, list[dict]]) -> None:
+    """The machine's bf16/fp32 matmul ratio, measured now, and each side's MFU against its precision's peak.
+
+    Both sides are charged the same model FLOPs per step, those our loop does (MLM head on the
+    expected masked share only), so the MFU ratio is the speed ratio.
+    """
+    import torch
+    import transformers
+
+    from lm.config import find_objective
+    from lm.embedded import model_dir
+    from lm.hardware import flop_counts, measure_peak_flops, probe_shapes, step_flops
+
+    objective = find_objective(args.task)
+    config = transformers.AutoConfig.from_pretrained(model_dir(objective.embedded_model))
+    with torch.device("meta"):
+        counts = flop_counts(getattr(transformers, objective.model_class).from_config(config))
+    predicted = BATCH * (BLOCK - 1) if args.task == "clm" else round(0.15 * BATCH * BLOCK)
+    flops = step_flops(*counts, BLOCK, BATCH * BLOCK, predicted)
+    shapes = probe_shapes(config, BATCH * BLOCK)
+    peak = {p: measure_peak_flops(torch.device("cpu"), p, shapes, None) for p in ("fp32", "bf16")}  # fresh, not cached
+    print(f"matmul peak, measured now: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s, "
+          f"bf16/fp32 {peak['bf16'] / peak['fp32']:.2f}x")
+    for side, runs in results.items():
+        rate = statistics.median(r["steps"] / r["seconds"] for r in runs) * flops
+        print(f"MFU {side}: {rate / peak[side_precision(args, side)]:.1%} of the {side_precision(args, side)} peak "
+              f"({flops / 1e9:.1f} GFLOP per step)")
+
+
 def run_child(args, side: str) -> dict:
     """Run one side in a fresh interpreter; its last stdout line is its JSON result."""
     cmd = [sys.executable, __file__, "--task", args.task, "--rounds", "1", "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--precision", args.precision, "--side", side]
+           "--warmup", str(args.warmup), "--precision", args.precision, "--side", side, *["--defaults"] * args.defaults]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{side} run failed:\n{done.stderr[-3000:]}")
@@ -227,8 +282,9 @@ def main(argv=None) -> None:
     if args.side:
         print(json.dumps(run_side(args)))
         return
-    print(f"{args.task}: batch {BATCH} x {BLOCK}, {args.precision}, cpu ({os.cpu_count()} cores), "
-          f"{args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warmup) per side", flush=True)
+    precisions = {side: side_precision(args, side) for side in ("ours", "trainer")}
+    print(f"{args.task}: batch {BATCH} x {BLOCK}, ours {precisions['ours']}, Trainer {precisions['trainer']}, "
+          f"{machine()}, {args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warmup) per side", flush=True)
     started = time.perf_counter()
     results = {"ours": [], "trainer": []}
     for r in range(args.rounds):
@@ -239,6 +295,7 @@ def main(argv=None) -> None:
                   f"overhead {100 * (1 - res['busy'] / res['seconds']):.2f}%, "
                   f"peak RSS {res['max_rss'] / 2 ** 30:.2f} GiB, load average {res['load']:.1f}", flush=True)
     summarize(args.task, results, time.perf_counter() - started)
+    utilization(args, results)
 
 
 if __name__ == "__main__":
