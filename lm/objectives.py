@@ -35,7 +35,9 @@ class Objective:
     adapt: Callable | None = None  # (model, tokenizer): changes before training, e.g. new tokens
 
     def __post_init__(self):
-        _REGISTRY[self.name] = self  # so a checkpoint's or a config's task name finds it
+        # so a checkpoint's or a config's task name finds it; a name means one objective
+        if _REGISTRY.setdefault(self.name, self) != self:
+            raise ValueError(f"another objective is already called {self.name!r}: give this one its own name")
 
 
 _REGISTRY: dict[str, Objective] = {}

@@ -7,7 +7,6 @@ train() calls the stages in reading order. `Run` holds what setup builds once; `
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -56,6 +55,7 @@ class Run:
     resume: Path | None = None
     sources: tuple = ()  # (train, validation) texts, checked
     model_path: tuple | None = None  # (path or Hub name, from_pretrained kwargs) when cfg.model is loaded
+    loss: object = None  # (model) -> loss module: the objective's, or train()'s `loss` argument
     tokenizer: object = None
     model_config: object = None
     block_size: int = 0
@@ -90,9 +90,8 @@ def train(cfg: Config, *, objective: Objective | None = None, model=None, tokeni
     objective = objective or find_objective(cfg.task)
     if objective.name != cfg.task:
         raise UsageError(f"the config is for task {cfg.task!r}, the objective is {objective.name!r}")
-    if loss is not None:
-        objective = dataclasses.replace(objective, loss=loss)
     run, changes = setup(cfg, objective, model, tokenizer)
+    run.loss = loss or objective.loss
     train_set, eval_set = prepare_data(run, tokenizer)
     if cfg.prepare_only:
         return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
@@ -163,7 +162,7 @@ def build_model(run: Run, model) -> None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.model = model.to(device)
-    run.module = run.objective.loss(model).to(device)
+    run.module = run.loss(model).to(device)
     if cfg.compile:
         run.module.compile()  # in place: the saved state dict keeps its plain names
     if cfg.fsdp:

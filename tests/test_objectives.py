@@ -43,3 +43,9 @@ def test_the_builtin_objectives_differ_only_in_their_records():
     with pytest.raises(UsageError, match="--line-by-line is for masked LM only"):
         Config.for_task("clm", line_by_line=True)
     assert Config.for_task("mlm", line_by_line=True).line_by_line
+
+
+def test_a_name_means_one_objective():
+    assert dataclasses.replace(CLM) is not CLM and find("clm") is CLM  # an equal copy is fine
+    with pytest.raises(ValueError, match="already called 'mlm'"):
+        dataclasses.replace(MLM, description="something else")

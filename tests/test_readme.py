@@ -18,6 +18,7 @@ from test_train import METRICS, TAGS
 
 NOT_CHECKED = ("bash install.sh", "pip ", "tensorboard ", "python -m pytest")  # setup, a viewer, the tests themselves
 SCRIPT = re.compile(r"train_(clm|mlm)\.py")
+EXAMPLE = re.compile(r"examples/(\w+)\.py")
 # The torchrun examples' placeholders and what stands in for them here; None drops the token.
 PLACEHOLDERS = {"$NODE_RANK": "0", "HOST:29500": "10.0.0.1:29500", "BIG": "a-big-model", "...": None}
 BUDGET = ["--max-train-steps", "2", "--max-eval-samples", "8"]
@@ -43,10 +44,13 @@ def names_hub(args: list[str]) -> bool:
 
 
 def kind(command: str) -> str | None:
-    """'torchrun', 'hub' or 'local' (embedded defaults or local files); None for a command this test can't check."""
+    """'torchrun', 'example', 'hub' or 'local' (embedded defaults or local files); None for a command this test
+    can't check."""
     argv = shlex.split(command)
     if argv[0] == "torchrun":
         return "torchrun"
+    if argv[0] == "python" and len(argv) > 1 and EXAMPLE.fullmatch(argv[1]):
+        return "example"
     if argv[0] == "python" and len(argv) > 1 and SCRIPT.fullmatch(argv[1]):
         return "hub" if names_hub(argv[2:]) else "local"
     return None
@@ -66,7 +70,7 @@ def torchrun_script_args(command: str) -> tuple[str, list[str]]:
 
 
 COMMANDS = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
-LOCAL, HUB, TORCHRUN = ([c for c in COMMANDS if kind(c) == k] for k in ("local", "hub", "torchrun"))
+LOCAL, HUB, TORCHRUN, EXAMPLES = ([c for c in COMMANDS if kind(c) == k] for k in ("local", "hub", "torchrun", "example"))
 
 
 def test_readme_commands_come_from_bash_blocks_only():
@@ -95,6 +99,7 @@ def test_readme_commands_come_from_bash_blocks_only():
     ("python train_mlm.py --model distilroberta-base --lr 2e-5", "hub"),
     ("python train_clm.py --dataset wikitext", "hub"),
     ("torchrun --standalone train_clm.py --model BIG", "torchrun"),
+    ("python examples/z_loss.py --max-train-steps 3", "example"),
     ("python bench/vs_trainer.py --task mlm", None),
 ])
 def test_kind(command, expected):
@@ -150,3 +155,17 @@ def test_hub_command_fails_offline_in_one_line(command, tmp_path):
 @pytest.mark.parametrize("command", TORCHRUN)
 def test_torchrun_command_parses(command):
     parse_args(*torchrun_script_args(command))
+
+
+@pytest.mark.parametrize("command", EXAMPLES)
+def test_example_command_parses(command):
+    """An examples/ script's flags against its own objective (tests/test_examples.py runs the scripts)."""
+    import importlib.util
+
+    argv = shlex.split(command)
+    spec = importlib.util.spec_from_file_location(EXAMPLE.fullmatch(argv[1]).group(1), ROOT / argv[1])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines its objective; main() runs only as a script
+    objectives = [v for v in vars(module).values() if type(v).__name__ == "Objective" and v.name not in ("clm", "mlm")]
+    assert len(objectives) == 1
+    parse_args(objectives[0], argv[2:])
