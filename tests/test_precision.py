@@ -27,6 +27,9 @@ def test_bf16_trains_with_finite_losses_and_saves_fp32_weights(task, model_dirs,
     assert all(math.isfinite(v) for v in losses(tmp_path / "bf16"))
     weights = load_file(tmp_path / "bf16" / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.float32}
+    # the same short run in fp32: bf16 lands within 2% in perplexity
+    assert run_script(task, *common(model_dirs[task], corpus, tmp_path / "fp32", "--precision", "fp32")).returncode == 0
+    assert m["perplexity"] == pytest.approx(metrics(tmp_path / "fp32")["perplexity"], rel=0.02)
 
 
 def test_gradient_checkpointing_changes_memory_not_the_maths(model_dirs, corpus, tmp_path):
