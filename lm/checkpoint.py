@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lm import distributed
 from lm.errors import UsageError
 
 DIRNAME = "checkpoints"
@@ -129,6 +130,30 @@ def load(path: Path) -> Snapshot:
     tensors = {name: torch.load(Path(path) / filename, map_location="cpu", weights_only=True)  # data, never code
                if (Path(path) / filename).exists() else None for name, filename in FILES.items()}
     return Snapshot(Progress(**progress), state, **tensors)
+
+
+def capture(progress: Progress, run: dict, model, optimizer, scaler, world, sharded: bool) -> Snapshot | None:
+    """The run as it stands: a Snapshot on rank 0, None elsewhere. Every rank calls it: it gathers."""
+    rng = distributed.gather_to_main(world, rng_state())
+    model_state, optim_state = distributed.full_state(model, optimizer, sharded=sharded)
+    if not world.main:
+        return None
+    return Snapshot(progress, run, model_state, optim_state, rng, scaler.state_dict() if scaler else None)
+
+
+def restore(snapshot: Snapshot, model, optimizer, scaler, world, sharded: bool, say=print) -> Progress:
+    """The inverse of capture, into the run's objects; the optimizer keeps this run's settings (lr, betas, ...)."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    distributed.load_full_state(model, optimizer, snapshot.model, snapshot.optimizer, sharded=sharded)
+    for group, ours in zip(optimizer.param_groups, settings):
+        group.update(ours)  # a new --lr, --weight-decay, betas or eps applies from here on
+    if scaler is not None and snapshot.scaler is not None:
+        scaler.load_state_dict(snapshot.scaler)
+    if len(snapshot.rng) != world.size:
+        say(f"warning: the checkpoint was written by {len(snapshot.rng)} processes, this run has {world.size}: "
+            "batches and masks stay the same, dropout draws differ", file=sys.stderr)
+    set_rng_state(snapshot.rng[world.rank % len(snapshot.rng)])
+    return snapshot.progress
 
 
 def all_checkpoints(output_dir: Path) -> list[Path]:

@@ -6,6 +6,7 @@ helper here is a no-op, so the loop reads the same either way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -162,3 +163,12 @@ def load_full_state(model: torch.nn.Module, optimizer, model_state, optim_state,
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+
+def no_sync(trained, world: World, fsdp: bool, sync: bool):
+    """Skip the gradient reduction of an accumulation micro-step (DDP's no_sync, FSDP2's flag)."""
+    if fsdp:
+        trained.set_requires_gradient_sync(sync)
+    elif world.distributed and not sync:
+        return trained.no_sync()
+    return contextlib.nullcontext()

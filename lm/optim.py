@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -51,3 +52,29 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     return optimizer.param_groups[0]["lr"]
+
+
+def schedule(cfg, n_train: int, processes: int) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps) for `n_train` examples shared by `processes`."""
+    per_rank = (n_train - n_train % processes) // processes
+    steps_per_epoch = math.ceil(math.ceil(per_rank / cfg.batch_size) / cfg.grad_accum_steps)
+    total = cfg.max_train_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return total, cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+
+
+# The options that decide the learning rate at a step.
+SCHEDULE_OPTIONS = ("lr", "lr_scheduler", "warmup_steps", "warmup_ratio", "epochs", "max_train_steps", "batch_size",
+                    "grad_accum_steps")
+
+
+def schedule_change(saved_config: dict, saved_processes: int, cfg, processes: int, n_train: int,
+                    step: int) -> str | None:
+    """How the learning rate goes on from `step` when a resumed run changed its schedule; None if it didn't."""
+    saved = dataclasses.replace(cfg, **{k: saved_config[k] for k in SCHEDULE_OPTIONS})
+    before, now = schedule(saved, n_train, saved_processes), schedule(cfg, n_train, processes)
+    if (*before, saved.lr_scheduler, saved.lr) == (*now, cfg.lr_scheduler, cfg.lr):
+        return None
+    old = saved.lr * lr_factor(step, *before, saved.lr_scheduler)
+    new = cfg.lr * lr_factor(step, *now, cfg.lr_scheduler)
+    return (f"resume: {cfg.lr_scheduler} schedule over {now[0]} steps ({now[1]} warmup), was {saved.lr_scheduler} "
+            f"over {before[0]} ({before[1]}): lr at step {step} {old:.3g} -> {new:.3g}")

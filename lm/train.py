@@ -6,7 +6,6 @@ train() calls the stages in reading order. `Run` holds what setup builds once; `
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lm import checkpoint, data, distributed
-from lm.checkpoint import Progress, Snapshot
+from lm.checkpoint import Progress
 from lm.config import Config, find_objective
 from lm.embedded import cache_root
 from lm.data import IGNORE, EpochSampler
@@ -36,7 +35,8 @@ from lm.hardware import (FlopCounts, autocast, check_compile, choose_precision, 
                          probe_shapes, resolve_device, resolve_peak_flops, step_flops)
 from lm.modeling import load_config, load_model, load_tokenizer, max_positions, resolve_block_size, resolve_model
 from lm.objectives import Objective, loss_and_logs
-from lm.optim import build_optimizer, lr_factor, parameter_groups, set_lr
+from lm.evaluation import evaluate, perplexity
+from lm.optim import build_optimizer, lr_factor, parameter_groups, schedule, schedule_change, set_lr
 from lm.output import check_output_dir, summary_writer, write_json
 from lm.texts import load_sources
 
@@ -145,8 +145,8 @@ def prepare_data(run: Run, tokenizer) -> tuple:
         run.objective.check_tokenizer(run.tokenizer)
     run.model_config = run.model_config or load_config(*run.model_path)
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
-    if note and world.main:
-        print(f"warning: {note}", file=sys.stderr)
+    if note:
+        run.say(f"warning: {note}", file=sys.stderr)
     return data.prepare_data(cfg, run.tokenizer, run.block_size, world, run.say, sources=run.sources)
 
 
@@ -207,14 +207,6 @@ def epoch_batches(run: Run, train_set, collate, sampler: EpochSampler, epoch: in
                       generator=torch.Generator())
 
 
-def schedule(cfg: Config, n_train: int, processes: int) -> tuple[int, int]:
-    """(total optimizer steps, warmup steps) for `n_train` examples shared by `processes`."""
-    per_rank = (n_train - n_train % processes) // processes
-    steps_per_epoch = math.ceil(math.ceil(per_rank / cfg.batch_size) / cfg.grad_accum_steps)
-    total = cfg.max_train_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    return total, cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
-
-
 def start(run: Run, changes: list[str], n_train: int) -> Progress:
     """Where the run starts: afresh, or exactly where a checkpoint left it, with the changed options announced."""
     cfg, world = run.cfg, run.world
@@ -223,9 +215,12 @@ def start(run: Run, changes: list[str], n_train: int) -> Progress:
         torch.manual_seed(cfg.seed + world.rank)
     progress = Progress()
     if run.resume is not None:
-        progress = restore(run, checkpoint.load(run.resume))
+        progress = checkpoint.restore(checkpoint.load(run.resume), run.model, run.optimizer, run.scaler, world,
+                                      cfg.fsdp, run.say)
         run.say(f"resuming from {run.resume} at step {progress.step}")
-        for line in changes + [schedule_change(run, n_train, progress.step)]:
+        state = checkpoint.read_state(run.resume)
+        for line in changes + [schedule_change(state["config"], state["world_size"], cfg, world.size, n_train,
+                                               progress.step)]:
             if line:
                 run.say(line)
     elif cfg.overwrite_output_dir and world.main:
@@ -240,40 +235,6 @@ def start(run: Run, changes: list[str], n_train: int) -> Progress:
         run.writer.add_text("config", "```\n" + json.dumps({**cfg.to_dict(), "precision": run.precision}, indent=2)
                             + "\n```")
     return progress
-
-
-def restore(run: Run, snapshot: Snapshot) -> Progress:
-    """Load a checkpoint into the run's objects. Optimizer settings come from this run's options."""
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
-    distributed.load_full_state(run.model, run.optimizer, snapshot.model, snapshot.optimizer, sharded=run.cfg.fsdp)
-    for group, ours in zip(run.optimizer.param_groups, settings):
-        group.update(ours)  # a new --lr, --weight-decay, betas or eps applies from here on
-    if run.scaler is not None and snapshot.scaler is not None:
-        run.scaler.load_state_dict(snapshot.scaler)
-    if len(snapshot.rng) != run.world.size:
-        run.say(f"warning: the checkpoint was written by {len(snapshot.rng)} processes, this run has "
-                f"{run.world.size}: batches and masks stay the same, dropout draws differ", file=sys.stderr)
-    checkpoint.set_rng_state(snapshot.rng[run.world.rank % len(snapshot.rng)])
-    return snapshot.progress
-
-
-def schedule_change(run: Run, n_train: int, step: int) -> str | None:
-    """How the learning rate continues when a resumed run changed its schedule: the new one applies from here."""
-    state = checkpoint.read_state(run.resume)
-    cfg = run.cfg
-    saved = Config(**{**cfg.to_dict(), **{k: state["config"][k] for k in SCHEDULE_OPTIONS}})
-    total, warmup = schedule(saved, n_train, state["world_size"])
-    if (total, warmup, saved.lr_scheduler, saved.lr) == (run.total_steps, run.warmup_steps, cfg.lr_scheduler, cfg.lr):
-        return None
-    old = saved.lr * lr_factor(step, total, warmup, saved.lr_scheduler)
-    new = cfg.lr * lr_factor(step, run.total_steps, run.warmup_steps, cfg.lr_scheduler)
-    return (f"resume: {cfg.lr_scheduler} schedule over {run.total_steps} steps ({run.warmup_steps} warmup), was "
-            f"{saved.lr_scheduler} over {total} ({warmup}): lr at step {step} {old:.3g} -> {new:.3g}")
-
-
-# The options that decide the learning rate at a step.
-SCHEDULE_OPTIONS = ("lr", "lr_scheduler", "warmup_steps", "warmup_ratio", "epochs", "max_train_steps", "batch_size",
-                    "grad_accum_steps")
 
 
 def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> None:
@@ -326,7 +287,7 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     for i, mb in enumerate(micro):
         input_ids, attention_mask, labels = (mb[k].to(device, non_blocking=True)
                                              for k in ("input_ids", "attention_mask", "labels"))
-        with no_sync(run.trained, world, cfg.fsdp, sync=i == len(micro) - 1), autocast(device, run.precision):
+        with distributed.no_sync(run.trained, world, cfg.fsdp, sync=i == len(micro) - 1), autocast(device, run.precision):
             loss_sum, extra = loss_and_logs(run.trained(input_ids, attention_mask, labels))
         (run.scaler.scale(loss_sum * scale) if run.scaler else loss_sum * scale).backward()
         step_loss += loss_sum.detach()
@@ -384,14 +345,9 @@ def evaluate_at(run: Run, loader: DataLoader, step: int) -> float:
 
 def save_checkpoint(run: Run, progress: Progress) -> Path | None:
     """Write a checkpoint of the run as it stands (rank 0 writes; every rank takes part in the gathering)."""
-    rng = distributed.gather_to_main(run.world, checkpoint.rng_state())
-    model_state, optim_state = distributed.full_state(run.model, run.optimizer, sharded=run.cfg.fsdp)
-    if not run.world.main:
-        return None
     info = {"task": run.cfg.task, "model": run.model_name, "world_size": run.world.size, "config": run.cfg.to_dict()}
-    snapshot = Snapshot(progress, info, model_state, optim_state, rng,
-                        run.scaler.state_dict() if run.scaler else None)
-    return checkpoint.save(run.out, snapshot, run.cfg.save_total_limit)
+    snapshot = checkpoint.capture(progress, info, run.model, run.optimizer, run.scaler, run.world, run.cfg.fsdp)
+    return checkpoint.save(run.out, snapshot, run.cfg.save_total_limit) if snapshot else None
 
 
 def stop_here(run: Run, progress: Progress, signum: int) -> None:
@@ -438,37 +394,6 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict
 def model_flops_utilization(run: Run, flops: float, seconds: float) -> float:
     """Model FLOPs per second per device over the device's peak (the FLOPs the steps really did)."""
     return flops / max(seconds, 1e-9) / run.world.size / run.peak_flops
-
-
-@torch.no_grad()
-def evaluate(module, loader, device, precision: str, world=distributed.World()) -> float:
-    """Mean loss per labelled token over the whole split, on all ranks (token-weighted, not a mean of means)."""
-    was_training = module.training
-    module.eval()
-    loss_sum, tokens = 0.0, 0
-    for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True, disable=not world.main):
-        labels = batch["labels"].to(device)
-        with autocast(device, precision):
-            output = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)
-        loss_sum += loss_and_logs(output)[0].item()
-        tokens += int((labels != IGNORE).sum())
-    module.train(was_training)
-    loss_sum, tokens = distributed.all_sum(world, loss_sum, tokens, device=device)
-    return loss_sum / tokens if tokens else float("nan")  # nothing to predict: no perplexity, not 1.0
-
-
-def no_sync(trained, world, fsdp: bool, sync: bool):
-    """Skip the gradient reduction of an accumulation micro-step (DDP's no_sync, FSDP2's flag)."""
-    if fsdp:
-        trained.set_requires_gradient_sync(sync)
-    elif world.distributed and not sync:
-        return trained.no_sync()
-    return contextlib.nullcontext()
-
-
-def perplexity(loss: float) -> float:
-    """exp(loss), saturating at inf instead of raising on overflow."""
-    return math.exp(loss) if not loss >= 700 else float("inf")  # nan stays nan
 
 
 def seed_everything(seed: int) -> None:

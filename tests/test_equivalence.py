@@ -31,7 +31,8 @@ from lm import objectives  # noqa: E402
 from lm.objectives import TokenLoss, find  # noqa: E402
 from lm.texts import TextFile, python_docs_texts, split_lines  # noqa: E402
 from lm.token_cache import prepare  # noqa: E402
-from lm.train import evaluate, train  # noqa: E402
+from lm.evaluation import evaluate  # noqa: E402
+from lm.train import train  # noqa: E402
 
 BLOCK, BATCH, ACCUM, STEPS = 16, 4, 2, 20
 HYPER = dict(lr=1e-3, weight_decay=0.1, warmup_steps=5, max_grad_norm=0.5)  # low norm so clipping acts
