@@ -74,8 +74,9 @@ class Progress:
         self.train_flops += flops
         for key, value in dict(loss_sum=loss_sum, tokens=tokens, inputs=inputs, seconds=seconds, flops=flops).items():
             self.window[key] = self.window.get(key, 0) + value
-        for name, value in logs.items():  # an objective's own summed values, e.g. an auxiliary loss
-            self.window.setdefault("logs", {})[name] = self.window["logs"].get(name, 0.0) + value
+        logged = self.window.setdefault("logs", {})  # an objective's own summed values, e.g. an auxiliary loss
+        for name, value in logs.items():
+            logged[name] = logged.get(name, 0.0) + value
 
 
 @dataclass
