@@ -35,12 +35,16 @@ class Objective:
     adapt: Callable | None = None  # (model, tokenizer): changes before training, e.g. new tokens
 
     def __post_init__(self):
-        # so a checkpoint's or a config's task name finds it; a name means one objective
-        if _REGISTRY.setdefault(self.name, self) != self:
-            raise ValueError(f"another objective is already called {self.name!r}: give this one its own name")
+        # so a checkpoint's or a config's task name finds it; the latest definition of a name wins (a
+        # script imported twice), but the built-in names stay theirs
+        if self.name not in _BUILT_IN:
+            _REGISTRY[self.name] = self
+        elif _REGISTRY[self.name] != self:
+            raise ValueError(f"{self.name!r} is a built-in objective: give this one its own name")
 
 
 _REGISTRY: dict[str, Objective] = {}
+_BUILT_IN: set[str] = set()  # filled once CLM and MLM exist
 
 
 def find(name: str) -> Objective:
@@ -213,3 +217,4 @@ CLM = Objective("clm", "causal language model", "AutoModelForCausalLM", embedded
 MLM = Objective("mlm", "masked language model", "AutoModelForMaskedLM", embedded.MINILM,
                 lambda tokenizer, cfg, evaluation: MaskingCollator(tokenizer, cfg.mlm_prob, cfg.seed, evaluation),
                 TokenLoss, defaults=dict(lr=1e-4, head_lr=1e-3, epochs=3.0), check_tokenizer=needs_mask_token)
+_BUILT_IN.update((CLM.name, MLM.name))
