@@ -44,14 +44,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import torch  # noqa: E402
 
-from lm.config import Config  # noqa: E402
-from lm.data import build_examples  # noqa: E402
-from lm.embedded import DEFAULT_MODEL, cache_root, model_dir, python_docs_texts  # noqa: E402
+from lm.config import Config, find_objective  # noqa: E402
+from lm.data import blocks_of  # noqa: E402
+from lm.embedded import cache_root, model_dir  # noqa: E402
 from lm.hardware import (autocast, flop_counts, native_bf16, probe_shapes, resolve_device,  # noqa: E402
                          resolve_peak_flops, step_flops, synchronize)
-from lm.masking import IGNORE  # noqa: E402
+from lm.data import IGNORE  # noqa: E402
 from lm.modeling import load_model, load_tokenizer  # noqa: E402
-from lm.objectives import TokenLoss, make_collator  # noqa: E402
+from lm.objectives import TokenLoss  # noqa: E402
+from lm.texts import TextList, python_docs_texts  # noqa: E402
+from lm.token_cache import prepare  # noqa: E402
 from lm.optim import build_optimizer, parameter_groups  # noqa: E402
 
 # Groups of op (CPU) and kernel (CUDA) names, matched in this order, case-insensitively; the rest is "other".
@@ -85,8 +87,10 @@ def group_of(name: str) -> str:
 
 def real_batch(task: str, tokenizer, batch: int, block: int) -> dict:
     """The first `batch` blocks of the embedded corpus, through the task's own collator."""
-    examples = build_examples(python_docs_texts()[0], tokenizer, block, False, batch, "train")
-    return make_collator(task, tokenizer, mlm_prob=0.15, seed=0)([examples[i] for i in range(len(examples))])
+    ids = prepare(TextList(python_docs_texts()[0]), tokenizer, cache_root(), 1, say=lambda *a, **k: None).tokens()
+    items = [(i, torch.from_numpy(row.astype("int64"))) for i, row in enumerate(blocks_of(ids, block, "train")[:batch])]
+    collate = find_objective(task).collator(tokenizer, Config.for_task(task, mlm_prob=0.15, seed=0), False)
+    return collate(items)
 
 
 def train_step(module, model, optimizer, batch: dict, device: torch.device, precision: str, max_norm: float) -> None:
@@ -111,9 +115,10 @@ def timed_step(*args) -> float:
 
 def profile(task: str, precision: str, args, device: torch.device) -> None:
     """Load the task's default model afresh, then warm up, time, profile and report one configuration."""
-    path = (str(model_dir(DEFAULT_MODEL[task])), {})
-    tokenizer = load_tokenizer(*path, task)
-    model, fresh = load_model(*path, task)
+    objective = find_objective(task)
+    path = (str(model_dir(objective.embedded_model)), {})
+    tokenizer = load_tokenizer(*path)
+    model, fresh = load_model(*path, objective.model_class)
     model.to(device).train()
     module = TokenLoss(model)
     cfg = Config.for_task(task)
@@ -123,7 +128,7 @@ def profile(task: str, precision: str, args, device: torch.device) -> None:
     flops = step_flops(*flop_counts(model), seq_len=batch["input_ids"].shape[1], input_tokens=inputs,
                        predicted_tokens=predicted)
     peak = resolve_peak_flops("auto", device, precision, probe_shapes(model.config, inputs), cache_root())
-    print(f"\n== {task} {precision} on {device}: {DEFAULT_MODEL[task]}, batch {args.batch} x {args.block}, "
+    print(f"\n== {task} {precision} on {device}: {find_objective(task).embedded_model}, batch {args.batch} x {args.block}, "
           f"{predicted} labelled positions, {flops / 1e9:.1f} GFLOP per step; peak {peak / 1e9:.1f} GFLOP/s", flush=True)
     if precision == "bf16" and not native_bf16(device) and flops / peak > args.max_emulated_seconds:
         print(f"skipped: emulated bf16, a step would take over {flops / peak:.0f} s even at that peak (x"
