@@ -207,7 +207,7 @@ HF_ALIASES = {
     "checkpointing_steps": "save_every",
     "resume_from_checkpoint": "resume_from",
     "preprocessing_num_workers": "preprocessing_workers",
-    "ddp_timeout": "ddp_timeout",  # Trainer's name, and its default
+    "ddp_timeout": "ddp_timeout",  # TrainingArguments' name, and its default
 }
 # Their switches that change nothing here, and why.
 HF_IGNORED = {
