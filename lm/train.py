@@ -57,7 +57,7 @@ class Run:
     model_path: tuple | None = None  # (path or Hub name, from_pretrained kwargs) when cfg.model is loaded
     loss: object = None  # (model) -> loss module: the objective's, or train()'s `loss` argument
     tokenizer: object = None
-    model_config: object = None
+    model_config: object = None  # read for the longest block the model takes
     block_size: int = 0
     model: torch.nn.Module = None  # the plain model: what is saved
     module: torch.nn.Module = None  # the loss module wrapping it: what evaluates
@@ -158,7 +158,6 @@ def build_model(run: Run, model) -> None:
         model, fresh = load_model(*run.model_path, run.objective.model_class)
     if run.objective.adapt:
         run.objective.adapt(model, run.tokenizer)
-    run.model_config = model.config
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.model = model.to(device)
