@@ -3,6 +3,7 @@
     python bench/vs_trainer.py --task mlm            # MiniLM-L6, ~4-6 min on 2 cores
     python bench/vs_trainer.py --task clm            # SmolLM2-135M, ~8 min idle, ~23 min on a busy machine
     python bench/vs_trainer.py --task mlm --defaults # ours at --precision auto against Trainer's default (fp32)
+    python bench/vs_trainer.py --task clm --device cuda --model DIR --precision bf16 --batch 32 --block 512
 
 Each round trains once with each side, alternating which goes first, every run in a fresh
 subprocess: the two never share a heap, and peak RSS (ru_maxrss) is the run's own. Both get the
@@ -31,8 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's lm, not an installed one
 
-BATCH, BLOCK, SEED = 8, 128, 0
+SEED = 0
 DEFAULTS = {"mlm": dict(rounds=3, steps=6, warmup=1), "clm": dict(rounds=3, steps=4, warmup=1)}
+CUDA_DEFAULTS = dict(rounds=3, steps=50, warmup=10)
 
 
 def parse_args(argv=None):
@@ -45,9 +47,15 @@ def parse_args(argv=None):
                    help="bf16: our autocast against Trainer's bf16=True")
     p.add_argument("--defaults", action="store_true",
                    help="each side at its default precision: ours auto (bf16 where native), Trainer fp32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: every step waits for the GPU; fp32 is TF32 on both sides (default: cpu)")
+    p.add_argument("--model", help="a checkpoint directory of the task's kind (default: the embedded model)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--block", type=int, default=128, help="tokens per sequence (default: 128)")
+    p.add_argument("--compile", action="store_true", help="both sides compiled: ours --compile, Trainer torch_compile=True")
     p.add_argument("--side", choices=("ours", "trainer"), help=argparse.SUPPRESS)  # one run, in a child
     args = p.parse_args(argv)
-    for name, value in DEFAULTS[args.task].items():
+    for name, value in (CUDA_DEFAULTS if args.device == "cuda" else DEFAULTS[args.task]).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
@@ -56,7 +64,7 @@ def parse_args(argv=None):
 class StepClock:
     """Times forward, backward, clipping and optimizer steps, and marks where each optimizer step ends."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
         import torch
         from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -73,6 +81,8 @@ class StepClock:
             clock.busy.append((clock._start, time.perf_counter()))
 
         def after_step(*_):
+            if device == "cuda":  # the step ends when the GPU is done with it
+                torch.cuda.synchronize()
             after_busy()
             clock.step_ends.append(time.perf_counter())
             clock.cpu_ends.append(time.process_time())
@@ -114,15 +124,24 @@ class StepClock:
                 "cpu_seconds": self.cpu_ends[-1] - self.cpu_ends[warmup - 1], "load": os.getloadavg()[0]}
 
 
-def reset_peak_rss() -> None:
-    """Restart the kernel's peak-RSS counter (VmHWM) of this process, Linux only."""
+def reset_peak_rss(device: str) -> None:
+    """Restart the kernel's peak-RSS counter (VmHWM) of this process, Linux only (on CUDA: the GPU's peak)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
 
 
-def current_peak_rss() -> int:
+def current_peak_rss(device: str) -> int:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated()
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
@@ -136,21 +155,22 @@ def run_side(args) -> dict:
     from lm.config import Config, find_objective
     from lm.embedded import model_dir
 
-    clock = StepClock()
+    clock = StepClock(args.device)
     total = args.warmup + args.steps
     timed_peak = {}
 
     def on_step_end(n):  # peak of the timed steps: from the end of warmup (every buffer built) to the last
         if n == args.warmup:
-            reset_peak_rss()
+            reset_peak_rss(args.device)
         if n == total:
-            timed_peak["rss"] = current_peak_rss()
+            timed_peak["rss"] = current_peak_rss(args.device)
 
     clock.on_step_end = on_step_end
-    cfg = Config.for_task(args.task, head_lr=None, batch_size=BATCH, block_size=BLOCK, max_train_steps=total,
-                          max_train_samples=total * BATCH, max_eval_samples=1, log_every=1, seed=SEED,
-                          device="cpu", precision=side_precision(args, args.side))
-    path = str(model_dir(find_objective(args.task).embedded_model))
+    cfg = Config.for_task(args.task, head_lr=None, batch_size=args.batch, block_size=args.block,
+                          max_train_steps=total, max_train_samples=total * args.batch, max_eval_samples=1,
+                          log_every=1, seed=SEED, device=args.device, precision=side_precision(args, args.side),
+                          model=args.model, compile=args.compile)
+    path = args.model or str(model_dir(find_objective(args.task).embedded_model))
     with tempfile.TemporaryDirectory(prefix="vs-trainer-") as out:
         if args.side == "ours":
             from lm.objectives import TokenLoss
@@ -160,7 +180,7 @@ def run_side(args) -> dict:
             train(cfg, loss=lambda model: clock.watch(TokenLoss(model)))
         else:
             train_with_trainer(cfg, path, out, clock, torch)
-    return {**clock.window(args.warmup), "tokens_per_step": BATCH * BLOCK, "peak_rss": timed_peak["rss"],
+    return {**clock.window(args.warmup), "tokens_per_step": args.batch * args.block, "peak_rss": timed_peak["rss"],
             "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -175,10 +195,11 @@ def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch) -> Non
     tokenizer = AutoTokenizer.from_pretrained(path)
     auto = AutoModelForCausalLM if cfg.task == "clm" else AutoModelForMaskedLM
     model = clock.watch(auto.from_pretrained(path, dtype=torch.float32))
-    examples, _ = prepare_data(cfg, tokenizer, BLOCK, World(), print)  # the blocks our side trains on
+    block = cfg.block_size
+    examples, _ = prepare_data(cfg, tokenizer, block, World(), print)  # the blocks our side trains on
     order = EpochSampler(len(examples), cfg.seed).order().tolist()
     if cfg.task == "clm":  # as run_clm.py: labels are the inputs, the model shifts them
-        items = [{"input_ids": examples[i][1], "attention_mask": torch.ones(BLOCK, dtype=torch.long),
+        items = [{"input_ids": examples[i][1], "attention_mask": torch.ones(block, dtype=torch.long),
                   "labels": examples[i][1]} for i in order]
         collator = default_data_collator
     else:
@@ -189,8 +210,8 @@ def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch) -> Non
         max_steps=cfg.max_train_steps, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_eps,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.log_every, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
-        bf16=cfg.precision == "bf16", train_sampling_strategy="sequential", dataloader_num_workers=0, seed=cfg.seed)
+        logging_steps=cfg.log_every, save_strategy="no", report_to="none", use_cpu=cfg.device == "cpu", disable_tqdm=True,
+        bf16=cfg.precision == "bf16", tf32=True if cfg.device == "cuda" else None, torch_compile=cfg.compile, train_sampling_strategy="sequential", dataloader_num_workers=0, seed=cfg.seed)
     Trainer(model=model, args=args, train_dataset=items, data_collator=collator).train()
 
 
@@ -203,13 +224,17 @@ def side_precision(args, side: str) -> str:
     from lm.hardware import choose_precision, native_bf16
     import torch
 
-    return choose_precision("auto", "cpu", native_bf16(torch.device("cpu")))[0]
+    return choose_precision("auto", args.device, native_bf16(torch.device(args.device)))[0]
 
 
-def machine() -> str:
-    """The CPU's name, cores and the bf16 features that decide --precision auto."""
+def machine(device: str) -> str:
+    """The CPU's name, cores and the bf16 features that decide --precision auto (and the GPU's name)."""
     from lm.hardware import device_name
 
+    if device == "cuda":
+        import torch
+
+        return f"{device_name(torch.device('cuda'))}, torch {torch.__version__}"
     lines = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
     flags = sorted({f for f in ("avx512_bf16", "amx_tile", "amx_bf16") if f in lines})
     import torch
@@ -228,38 +253,46 @@ def utilization(args, results: dict[str, list[dict]]) -> None:
 
     from lm.config import find_objective
     from lm.embedded import model_dir
-    from lm.hardware import flop_counts, measure_peak_flops, probe_shapes, step_flops
+    from lm.hardware import flop_counts, measure_peak_flops, probe_shapes, step_flops, table_peak_flops
 
     objective = find_objective(args.task)
-    config = transformers.AutoConfig.from_pretrained(model_dir(objective.embedded_model))
+    config = transformers.AutoConfig.from_pretrained(args.model or model_dir(objective.embedded_model))
     with torch.device("meta"):
         counts = flop_counts(getattr(transformers, objective.model_class).from_config(config))
-    predicted = BATCH * (BLOCK - 1) if args.task == "clm" else round(0.15 * BATCH * BLOCK)
-    flops = step_flops(*counts, BLOCK, BATCH * BLOCK, predicted)
-    shapes = probe_shapes(config, BATCH * BLOCK)
-    peak = {p: measure_peak_flops(torch.device("cpu"), p, shapes, None) for p in ("fp32", "bf16")}  # fresh, not cached
-    print(f"matmul peak, measured now: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s, "
-          f"bf16/fp32 {peak['bf16'] / peak['fp32']:.2f}x")
+    tokens = args.batch * args.block
+    predicted = args.batch * (args.block - 1) if args.task == "clm" else round(0.15 * tokens)
+    flops = step_flops(*counts, args.block, tokens, predicted)
+    shapes = probe_shapes(config, tokens)
+    device = torch.device(args.device)
+    peak = {p: measure_peak_flops(device, p, shapes, None) for p in ("fp32", "bf16")}  # fresh, not cached
+    print(f"matmul peak at the model's shapes, measured now: fp32 {peak['fp32'] / 1e9:,.1f} GFLOP/s, "
+          f"bf16 {peak['bf16'] / 1e9:,.1f} GFLOP/s, bf16/fp32 {peak['bf16'] / peak['fp32']:.2f}x")
+    if device.type == "cuda":  # MFU against the datasheet, as usual for GPUs (the shapes' rate is printed above)
+        peak = {p: table_peak_flops(device, p) or peak[p] for p in peak}
     for side, runs in results.items():
         rate = statistics.median(r["steps"] / r["seconds"] for r in runs) * flops
-        print(f"MFU {side}: {rate / peak[side_precision(args, side)]:.1%} of the {side_precision(args, side)} peak "
+        p = side_precision(args, side)
+        print(f"MFU {side}: {rate / peak[p]:.1%} of the {p} peak {peak[p] / 1e12:,.3f} TFLOP/s "
               f"({flops / 1e9:.1f} GFLOP per step)")
 
 
 def run_child(args, side: str) -> dict:
     """Run one side in a fresh interpreter; its last stdout line is its JSON result."""
     cmd = [sys.executable, __file__, "--task", args.task, "--rounds", "1", "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--precision", args.precision, "--side", side, *["--defaults"] * args.defaults]
+           "--warmup", str(args.warmup), "--precision", args.precision, "--side", side, *["--defaults"] * args.defaults,
+           "--device", args.device, "--batch", str(args.batch), "--block", str(args.block),
+           *["--compile"] * args.compile, *(["--model", args.model] if args.model else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{side} run failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def summarize(task: str, results: dict[str, list[dict]], seconds: float) -> None:
+def summarize(task: str, results: dict[str, list[dict]], seconds: float, device: str) -> None:
     gib = 2 ** 30
+    timed = "peak GPU mem. timed" if device == "cuda" else "peak RSS timed steps"
     speed = {side: [r["tokens_per_step"] * r["steps"] / r["seconds"] for r in runs] for side, runs in results.items()}
-    print(f"\n{'':8} {'tokens/s median (min-max)':>28} {'peak RSS process':>17} {'peak RSS timed steps':>21}")
+    print(f"\n{'':8} {'tokens/s median (min-max)':>28} {'peak RSS process':>17} {timed:>21}")
     for side, name in (("ours", "ours"), ("trainer", "Trainer")):
         runs, s = results[side], speed[side]
         print(f"{name:8} {statistics.median(s):>10.1f} ({min(s):.1f}-{max(s):.1f}){'':>6}"
@@ -283,8 +316,8 @@ def main(argv=None) -> None:
         print(json.dumps(run_side(args)))
         return
     precisions = {side: side_precision(args, side) for side in ("ours", "trainer")}
-    print(f"{args.task}: batch {BATCH} x {BLOCK}, ours {precisions['ours']}, Trainer {precisions['trainer']}, "
-          f"{machine()}, {args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warmup) per side", flush=True)
+    print(f"{args.task}: batch {args.batch} x {args.block}, ours {precisions['ours']}, Trainer {precisions['trainer']}, "
+          f"{machine(args.device)}," + (" both compiled," if args.compile else "") + f" {args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warmup) per side", flush=True)
     started = time.perf_counter()
     results = {"ours": [], "trainer": []}
     for r in range(args.rounds):
@@ -294,7 +327,7 @@ def main(argv=None) -> None:
             print(f"round {r + 1} {side:7}: {res['tokens_per_step'] * res['steps'] / res['seconds']:8.1f} tokens/s, "
                   f"overhead {100 * (1 - res['busy'] / res['seconds']):.2f}%, "
                   f"peak RSS {res['max_rss'] / 2 ** 30:.2f} GiB, load average {res['load']:.1f}", flush=True)
-    summarize(args.task, results, time.perf_counter() - started)
+    summarize(args.task, results, time.perf_counter() - started, args.device)
     utilization(args, results)
 
 

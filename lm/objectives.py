@@ -131,7 +131,7 @@ class TokenLoss(nn.Module):
             hidden, head = self.hidden_states(input_ids, attention_mask), getattr(self.model, self.split[1])
             dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
                      else head.weight.dtype)
-            return LinearCrossEntropy.apply(hidden[keep], head.weight, head.bias, labels[keep], dtype)
+            return fused_head_loss(hidden[keep], head.weight, head.bias, labels[keep], dtype)
         # fp32 loss whatever the autocast dtype: log-softmax over ~50k logits loses digits in bf16
         return F.cross_entropy(self.labelled_logits(input_ids, attention_mask, keep).float(), labels[keep],
                                reduction="sum")
@@ -155,6 +155,16 @@ CHUNK_LOGITS = 2 ** 23
 def chunkable(head: nn.Module) -> bool:
     """Whether the fused head + loss applies: a plain linear head whose gradients are wanted."""
     return isinstance(head, nn.Linear) and torch.is_grad_enabled() and head.weight.requires_grad
+
+
+@torch.compiler.disable
+def fused_head_loss(hidden, weight, bias, labels, dtype) -> torch.Tensor:
+    """LinearCrossEntropy, kept out of torch.compile's graphs (a graph break around it).
+
+    Traced by Dynamo, its gradients (computed in the forward pass) came out as zeros on CUDA:
+    compiled CLM runs did not learn. Eagerly, between compiled graphs, it behaves as without --compile.
+    """
+    return LinearCrossEntropy.apply(hidden, weight, bias, labels, dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

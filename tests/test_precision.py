@@ -60,3 +60,31 @@ def test_fp16_without_cuda_is_a_one_line_error(model_dirs, corpus, tmp_path):
     r = run_script("clm", *common(model_dirs["clm"], corpus, tmp_path / "fp16", "--precision", "fp16"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
     assert "fp16 needs a CUDA GPU" in r.stderr and "bf16" in r.stderr
+
+
+def test_compile_leaves_the_fused_head_loss_out_of_its_graphs():
+    # Traced by Dynamo, the fused head + loss (gradients made in its forward) gave all-zero gradients
+    # on CUDA: compiled CLM runs did not learn. It must run eagerly between the compiled graphs.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lm.objectives import TokenLoss
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=16, n_layer=1, n_head=2,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.print_readable(print_output=False))
+        return gm.forward
+
+    ids = torch.randint(0, 97, (2, 8))
+    labels = ids.clone()
+    labels[:, 0] = -100
+    torch._dynamo.reset()
+    loss = torch.compile(TokenLoss(model), backend=record)(ids, torch.ones_like(ids), labels)
+    loss.backward()
+    assert graphs and any("transformer" in g or "wte" in g for g in graphs)  # the model body was compiled
+    assert not any("logsumexp" in g for g in graphs)
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads) and sum(float(g.norm()) for g in grads) > 0
