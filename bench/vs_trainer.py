@@ -7,12 +7,13 @@
 
 Each round trains once with each side, alternating which goes first, every run in a fresh
 subprocess: the two never share a heap, and peak RSS (ru_maxrss) is the run's own. Both get the
-same blocks in the same order, batch 8 x 128, the same AdamW (fused), schedule and clipping; Trainer
+same blocks in the same order, batch 8 x 128 unless told, the same AdamW (fused), schedule and clipping; Trainer
 masks with DataCollatorForLanguageModeling, we with our collator. Timing starts after the warmup
 steps: a step's wall time is the gap between two optimizer steps' ends, and tokens/s is the
 window's tokens over its seconds. Memory is RSS: the whole process's peak (ours includes the final
 evaluation and save_pretrained that train() does, Trainer saves nothing), and the peak over the
 timed steps alone (the kernel's high-water mark, reset after warmup, read after the last step).
+On CUDA the timed peak is the GPU memory PyTorch allocated, and MFU is against the datasheet peak.
 """
 
 from __future__ import annotations
