@@ -51,7 +51,7 @@ from lm.hardware import (autocast, flop_counts, native_bf16, probe_shapes, resol
                          resolve_peak_flops, step_flops, synchronize)
 from lm.data import IGNORE  # noqa: E402
 from lm.modeling import load_model, load_tokenizer  # noqa: E402
-from lm.objectives import TokenLoss  # noqa: E402
+from lm.losses import TokenLoss  # noqa: E402
 from lm.texts import TextList, python_docs_texts  # noqa: E402
 from lm.token_cache import prepare  # noqa: E402
 from lm.optim import build_optimizer, parameter_groups  # noqa: E402

@@ -174,7 +174,7 @@ def run_side(args) -> dict:
     path = args.model or str(model_dir(find_objective(args.task).embedded_model))
     with tempfile.TemporaryDirectory(prefix="vs-trainer-") as out:
         if args.side == "ours":
-            from lm.objectives import TokenLoss
+            from lm.losses import TokenLoss
             from lm.train import train
 
             cfg.output_dir = out
@@ -190,7 +190,7 @@ def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch) -> Non
     from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer,
                               DataCollatorForLanguageModeling, Trainer, TrainingArguments, default_data_collator)
 
-    from lm.data import EpochSampler, prepare_data
+    from lm.data import StepSampler, prepare_data
     from lm.distributed import World
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -198,7 +198,7 @@ def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch) -> Non
     model = clock.watch(auto.from_pretrained(path, dtype=torch.float32))
     block = cfg.block_size
     examples, _ = prepare_data(cfg, tokenizer, block, World(), print)  # the blocks our side trains on
-    order = EpochSampler(len(examples), cfg.seed).order().tolist()
+    order = StepSampler(len(examples), cfg.seed, cfg.batch_size).order().tolist()
     if cfg.task == "clm":  # as run_clm.py: labels are the inputs, the model shifts them
         items = [{"input_ids": examples[i][1], "attention_mask": torch.ones(block, dtype=torch.long),
                   "labels": examples[i][1]} for i in order]

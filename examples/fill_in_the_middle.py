@@ -14,7 +14,8 @@ import torch
 
 from lm.cli import main
 from lm.masking import example_generator
-from lm.objectives import CLM, CausalCollator
+from lm.data import CausalCollator
+from lm.objectives import CLM
 
 FIM_RATE = 0.5  # share of blocks rearranged; the others train left to right as plain CLM
 FIM_TOKENS = ("<fim_prefix>", "<fim_middle>", "<fim_suffix>")

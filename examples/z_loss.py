@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from lm.cli import main
 from lm.data import IGNORE
-from lm.objectives import CLM, TokenLoss
+from lm.losses import TokenLoss
+from lm.objectives import CLM
 
 Z_WEIGHT = 1e-4  # PaLM's coefficient
 

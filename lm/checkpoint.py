@@ -52,6 +52,21 @@ def set_rng_state(state: dict) -> None:
 
 
 @dataclass
+class Window:
+    """Sums over the optimizer steps since the last log line, of all processes."""
+
+    loss_sum: float = 0.0  # summed loss over the labelled tokens
+    tokens: int = 0  # labelled tokens: what the loss is averaged over
+    inputs: int = 0  # input tokens: what throughput counts
+    seconds: float = 0.0
+    flops: float = 0.0
+    logs: dict = field(default_factory=dict)  # an objective's own summed values, e.g. an auxiliary loss
+
+    def per_token(self, value: float) -> float:
+        return value / max(self.tokens, 1)
+
+
+@dataclass
 class Progress:
     """Where a run stands: saved as state.json, and all a resumed run needs besides the tensors."""
 
@@ -62,7 +77,7 @@ class Progress:
     train_tokens: int = 0  # input tokens of all processes
     train_seconds: float = 0.0  # training steps only: no loading, no evaluation
     train_flops: float = 0.0  # model FLOPs of those steps, all processes (lm.hardware.step_flops)
-    window: dict = field(default_factory=dict)  # sums since the last log: loss_sum, tokens, inputs, seconds, flops, logs
+    window: Window = field(default_factory=Window)  # since the last log line
 
     def record(self, loss_sum: float, tokens: int, inputs: int, examples: int, seconds: float, flops: float,
                logs: dict) -> None:
@@ -72,11 +87,22 @@ class Progress:
         self.train_tokens += inputs
         self.train_seconds += seconds
         self.train_flops += flops
-        for key, value in dict(loss_sum=loss_sum, tokens=tokens, inputs=inputs, seconds=seconds, flops=flops).items():
-            self.window[key] = self.window.get(key, 0) + value
-        logged = self.window.setdefault("logs", {})  # an objective's own summed values, e.g. an auxiliary loss
+        w = self.window
+        w.loss_sum, w.tokens, w.inputs, w.seconds, w.flops = (
+            w.loss_sum + loss_sum, w.tokens + tokens, w.inputs + inputs, w.seconds + seconds, w.flops + flops)
         for name, value in logs.items():
-            logged[name] = logged.get(name, 0.0) + value
+            w.logs[name] = w.logs.get(name, 0.0) + value
+
+    def take_window(self) -> Window:
+        """The window so far; the next one starts empty."""
+        window, self.window = self.window, Window()
+        return window
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "Progress":
+        """The inverse of dataclasses.asdict, from a checkpoint's state.json."""
+        fields = {f.name: state[f.name] for f in dataclasses.fields(cls)}
+        return cls(**{**fields, "window": Window(**fields["window"])})
 
 
 @dataclass
@@ -107,7 +133,7 @@ def save(output_dir: Path, snapshot: Snapshot, keep: int | None = None) -> Path:
     try:
         for name, filename in FILES.items():
             if getattr(snapshot, name) is not None:
-                torch.save(getattr(snapshot, name), tmp / filename)
+                save_file(getattr(snapshot, name), tmp / filename)
         state = {**snapshot.run, **dataclasses.asdict(snapshot.progress)}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))  # last: it marks a complete checkpoint
         if final.exists():  # the same step saved twice (e.g. --save-every at an epoch's end)
@@ -124,13 +150,44 @@ def save(output_dir: Path, snapshot: Snapshot, keep: int | None = None) -> Path:
     return final
 
 
+class _Writes:
+    """A file for torch.save that keeps the OSError of a failed write: torch reports it as a RuntimeError
+    about stream positions, which would hide a full disk behind a traceback."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+
+def save_file(obj, path: Path) -> None:
+    """torch.save to `path`; a failed write raises its OSError (no space, file too large, quota)."""
+    with open(path, "wb") as f:
+        writes = _Writes(f)
+        try:
+            torch.save(obj, writes)
+        except RuntimeError:
+            if writes.error is None:
+                raise
+            raise writes.error from None
+
+
 def load(path: Path) -> Snapshot:
     """The inverse of save: a checkpoint's Snapshot, tensors on the CPU."""
     state = read_state(path)
-    progress = {f.name: state.pop(f.name) for f in dataclasses.fields(Progress)}
+    progress = Progress.from_dict(state)
+    run = {k: v for k, v in state.items() if k not in {f.name for f in dataclasses.fields(Progress)}}
     tensors = {name: torch.load(Path(path) / filename, map_location="cpu", weights_only=True)  # data, never code
                if (Path(path) / filename).exists() else None for name, filename in FILES.items()}
-    return Snapshot(Progress(**progress), state, **tensors)
+    return Snapshot(progress, run, **tensors)
 
 
 def capture(progress: Progress, run: dict, model, optimizer, scaler, world, sharded: bool) -> Snapshot | None:
@@ -189,6 +246,14 @@ def resolve(resume_from: str, output_dir: Path) -> Path:
     return path
 
 
+def run_dir(resume_from: str | None) -> Path | None:
+    """The run directory that holds the checkpoint `resume_from` names (OUT/checkpoints/step-N), or None."""
+    if resume_from is None or resume_from == "latest":
+        return None
+    path = Path(resume_from)
+    return path.parent.parent if path.parent.name == DIRNAME else None
+
+
 def read_state(path: Path) -> dict:
     return json.loads((Path(path) / "state.json").read_text())
 
@@ -198,7 +263,7 @@ def read_state(path: Path) -> dict:
 # - the global batch, --batch-size x processes x --grad-accum-steps, must stay; its factors may change;
 # - not compared: what this invocation does rather than how the run trains;
 # - every other option may change and applies from the resumed step on; `check_resumable` lists them.
-RESUME_FIXED = ("task", "model", "dataset", "dataset_config", "train_file", "validation_file", "text_column",
+RESUME_FIXED = ("task", "model", "tokenizer", "dataset", "dataset_config", "train_file", "validation_file", "text_column",
                 "validation_split_percentage", "block_size", "line_by_line", "mlm_prob", "max_train_samples",
                 "seed", "fsdp")
 RESUME_GLOBAL_BATCH = ("batch_size", "grad_accum_steps")

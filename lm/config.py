@@ -12,6 +12,9 @@ from typing import Optional, Union
 from lm.errors import UsageError
 
 EMBEDDED_CORPUS = "python-docs"
+# transformers' learning-rate schedules (get_scheduler's names) that need no setting beyond warmup; lm.optim.lr_factor
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+             "inverse_sqrt")
 
 
 def option(default, help, **meta):
@@ -38,6 +41,8 @@ class Config:
     model: Optional[str] = option(
         None, "model directory or Hub name; default: the embedded model of the task "
         "(clm: smollm2-135m-instruct, mlm: all-minilm-l6-v2)")
+    tokenizer: Optional[str] = option(
+        None, "tokenizer directory or Hub name; default: the tokenizer saved with --model")
     dataset: Optional[str] = option(
         None, f"Hub dataset name (e.g. wikitext); default: the embedded corpus '{EMBEDDED_CORPUS}' "
         "unless --train-file is given")
@@ -62,8 +67,9 @@ class Config:
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_eps: float = option(1e-8, "AdamW epsilon")
-    lr_scheduler: str = option("linear", "learning-rate schedule after warmup",
-                               choices=("linear", "cosine", "constant"))
+    lr_scheduler: str = option(
+        "linear", f"learning-rate schedule, as transformers shapes it: {', '.join(SCHEDULES)} (constant has no "
+        "warmup, constant_with_warmup has)", choices=SCHEDULES)
     warmup_steps: int = option(0, "linear warmup steps (overrides --warmup-ratio)")
     warmup_ratio: float = option(0.0, "warmup as a fraction of all optimizer steps")
     grad_accum_steps: int = option(1, "micro-batches per optimizer step")
@@ -139,6 +145,8 @@ class Config:
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         need(self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+        need(self.lr_scheduler != "polynomial" or self.lr > 1e-7,
+             f"--lr-scheduler polynomial decays to 1e-07: --lr must be above that, got {self.lr}")
         need(0 < self.validation_split_percentage < 100,
              f"--validation-split-percentage must be in (0, 100), got {self.validation_split_percentage}")
         need(not (self.prepare_only and self.line_by_line),
@@ -170,7 +178,7 @@ class Config:
 
 def find_objective(task):
     """The Objective of `task`: itself, or the one registered under that name (lm.objectives)."""
-    from lm import objectives  # torch: imported only once a config is built, so `import lm` stays light
+    from lm import objectives
 
     return task if isinstance(task, objectives.Objective) else objectives.find(task)
 
@@ -183,6 +191,7 @@ def flag(name: str) -> str:
 # other spellings of our fields, hidden from --help (the README lists them). --seed is spelled alike.
 HF_ALIASES = {
     "model_name_or_path": "model",
+    "tokenizer_name": "tokenizer",
     "dataset_name": "dataset",
     "dataset_config_name": "dataset_config",
     "train_file": "train_file",
@@ -218,8 +227,7 @@ HF_IGNORED = {
 HF_REFUSED = {
     "config_name": "train from a saved model directory with --model DIR",
     "model_type": "train from a saved model directory with --model DIR",
-    "tokenizer_name": "save the tokenizer with the model and pass --model DIR",
-    "use_slow_tokenizer": "lm uses the tokenizer saved with the model: save the one you want and pass --model DIR",
+    "use_slow_tokenizer": "lm uses the tokenizer as saved: save the one you want and pass --tokenizer DIR",
     "trust_remote_code": "lm loads only architectures that transformers implements",
     "overwrite_cache": "the token cache is keyed by the tokenizer and the data, so it is never stale; "
                        "delete CACHE_DIR/tokens to rebuild it",

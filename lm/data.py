@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -75,23 +77,44 @@ def pad_batch(items, pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "index": index}
 
 
-class EpochSampler(Sampler):
-    """Indices in an order that depends only on (seed, epoch), resumable mid-epoch, sharded by rank.
+class CausalCollator:
+    """Pads a batch; the labels are the next token of each position. Causal batches carry no randomness."""
 
-    Because the order is a pure function of the epoch, no sampler RNG state needs saving: a resumed
-    run rebuilds the permutation and starts at `start`. Rank r takes every world-th index, so the
-    union of the ranks' batches i is the single-process batch i of size world * batch_size. For
-    training, the last n % world examples are left out so that every rank runs as many batches.
+    def __init__(self, tokenizer, cfg=None, evaluation: bool = False):
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def __call__(self, items, epoch: int = 0) -> dict:
+        batch = pad_batch(items, self.pad_id)
+        batch["labels"] = causal_labels(batch["input_ids"], batch["attention_mask"])
+        return batch
+
+
+def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels where position t predicts token t+1; IGNORE after the last token and on padding."""
+    labels = torch.full_like(input_ids, IGNORE)
+    labels[:, :-1] = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE)
+    return labels
+
+
+class StepSampler(Sampler):
+    """This rank's micro-batches of an epoch, optimizer step by optimizer step, in an order set by (seed, epoch).
+
+    An epoch is a permutation of the n examples seeded by (seed, epoch), cut into steps of `step_size`
+    examples: the global batch, batch_size x world x accumulation. Only an epoch's last step can be
+    short. Rank r takes every world-th example of a step and cuts its share into micro-batches of
+    `batch_size`. So a step holds the same examples on any number of processes (a run resumes
+    exactly on another one, with the same global batch), and no sampler state needs saving: a
+    resumed run rebuilds the permutation and starts at an example count.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world: int = 1,
-                 drop_remainder: bool = True):
-        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
-        self.used = n - n % world if drop_remainder else n
+    def __init__(self, n: int, seed: int, batch_size: int, world: int = 1, rank: int = 0, accumulation: int = 1,
+                 shuffle: bool = True):
+        self.n, self.seed, self.batch_size, self.world, self.rank = n, seed, batch_size, world, rank
+        self.step_size, self.shuffle = batch_size * world * accumulation, shuffle
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Select the epoch's order; `start` (in global examples) skips what was already trained on."""
+        """Select the epoch's order; `start` (examples of all ranks) skips what was already trained on."""
         self.epoch, self.start = epoch, start
 
     def order(self) -> torch.Tensor:
@@ -100,11 +123,25 @@ class EpochSampler(Sampler):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         return torch.randperm(self.n, generator=g)
 
+    def steps(self):
+        """(this rank's micro-batches, the number of micro-batches rank 0 has) of each step from `start` on.
+
+        The two differ only in an epoch's short last step, where a rank may hold fewer examples than
+        rank 0, or none.
+        """
+        order = self.order().tolist()
+        for lo in range(self.start, self.n, self.step_size):
+            step = order[lo:lo + self.step_size]
+            mine = step[self.rank::self.world]
+            most = math.ceil(math.ceil(len(step) / self.world) / self.batch_size)
+            yield [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)], most
+
     def __iter__(self):
-        return iter(self.order()[: self.used][self.start + self.rank:: self.world].tolist())
+        for micro, _ in self.steps():
+            yield from micro
 
     def __len__(self):
-        return len(range(self.start + self.rank, self.used, self.world))
+        return sum(len(micro) for micro, _ in self.steps())
 
 
 # ---------------------------------------------------------------- a run's data

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,6 +52,18 @@ def model_dir(name: str, cache_dir: str | None = None, say=print) -> Path:
     raise KeyError(name)
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Hold back what is written to stderr; let it out only if the block fails."""
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
+
+
 def _convert_gguf(gguf_path: Path, target: Path, say=print) -> None:
     """Dequantize a GGUF once into an fp32 safetensors checkpoint, so later loads take a second.
 
@@ -59,18 +74,19 @@ def _convert_gguf(gguf_path: Path, target: Path, say=print) -> None:
 
     say(f"converting the embedded {SMOLLM2} (GGUF, once, ~20 s) into {target}", flush=True)
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(quantized.state_dict())
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        with quiet_stderr():  # transformers' progress bars: the line above says what is happening
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            model = AutoModelForCausalLM.from_config(config)
+            model.load_state_dict(quantized.state_dict())
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         try:
             os.replace(tmp, target)  # atomic: a half-converted model is never picked up
         except OSError:

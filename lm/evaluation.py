@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from lm import distributed
 from lm.data import IGNORE
 from lm.hardware import autocast
-from lm.objectives import loss_and_logs
+from lm.losses import loss_and_logs
 
 
 @torch.no_grad()
@@ -19,12 +19,13 @@ def evaluate(module, loader, device, precision: str, world=distributed.World()) 
     was_training = module.training
     module.eval()
     loss_sum, tokens = 0.0, 0
-    for batch in tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True, disable=not world.main):
-        labels = batch["labels"].to(device)
-        with autocast(device, precision):
-            output = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)
-        loss_sum += loss_and_logs(output)[0].item()
-        tokens += int((labels != IGNORE).sum())
+    with tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True, disable=not world.main) as bar:
+        for batch in bar:
+            labels = batch["labels"].to(device)
+            with autocast(device, precision):
+                output = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)
+            loss_sum += loss_and_logs(output)[0].item()
+            tokens += int((labels != IGNORE).sum())
     module.train(was_training)
     loss_sum, tokens = distributed.all_sum(world, loss_sum, tokens, device=device)
     return loss_sum / tokens if tokens else float("nan")  # nothing to predict: no perplexity, not 1.0

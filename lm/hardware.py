@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.errors import UsageError
-from lm.objectives import split_head
+from lm.losses import split_head
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -34,7 +35,9 @@ def resolve_device(requested: str) -> torch.device:
 def native_bf16(device: torch.device) -> bool:
     """Whether this device runs bf16 matmuls natively (Ampere+ GPUs; CPUs with AMX or AVX512-BF16)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        # Ampere (compute capability 8) and newer, or ROCm. Not torch.cuda.is_bf16_supported(): it also
+        # counts emulation, which runs bf16 on a V100 or T4 several times slower than fp32.
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     return False  # MPS: kept on fp32, the path we can't measure
@@ -81,20 +84,31 @@ def configure(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-# Dense bf16/fp16 tensor-core peak of one GPU, TFLOP/s, by a substring of its name (first match wins).
-PEAK_TFLOPS = [("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121),
-               ("A10", 125), ("RTX 4090", 165), ("RTX 3090", 71), ("V100", 125), ("T4", 65)]
+# Dense peaks of one GPU in TFLOP/s, as PyTorch runs each precision: bf16 and fp16 with fp32
+# accumulation, and fp32 as TF32 where the card has it (configure() allows it), else plain fp32.
+# None: the card has no bf16 units (it would be emulated), so the probe measures what it gets.
+# Names match as whole words, the first row that matches wins: "L4" is not "L40", "A10" not "A100" or "A10G".
+GPU_PEAKS = [  # (name, bf16, fp16, fp32)
+    ("H200", 989, 989, 494), ("H100 PCIe", 756, 756, 378), ("H100 NVL", 835, 835, 418), ("H100", 989, 989, 494),
+    ("A100", 312, 312, 156), ("L40S", 362, 362, 183), ("L40", 181, 181, 90.5), ("L4", 121, 121, 60),
+    ("A10", 125, 125, 62.5), ("RTX 4090", 165, 165, 82.6), ("RTX 3090 Ti", 80, 80, 40), ("RTX 3090", 71, 71, 35.6),
+    ("V100-PCIE", None, 112, 14), ("V100", None, 125, 15.7), ("T4", None, 65, 8.1),
+]
+_PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 def table_peak_flops(device: torch.device, precision: str) -> float | None:
     """FLOP/s of a known GPU at this precision (the table above); None elsewhere."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    tflops = next((t for key, t in PEAK_TFLOPS if key in name), None)
-    if tflops is None:
-        return None
-    return tflops * 1e12 / (2 if precision == "fp32" else 1)  # fp32 runs as TF32: half the bf16 rate
+    return gpu_peak_flops(torch.cuda.get_device_name(device), precision)
+
+
+def gpu_peak_flops(name: str, precision: str) -> float | None:
+    """FLOP/s of the GPU called `name` at `precision` from GPU_PEAKS, or None when the table doesn't know it."""
+    row = next((row for row in GPU_PEAKS if re.search(rf"(?<![A-Za-z0-9]){re.escape(row[0])}(?![A-Za-z0-9])", name)), None)
+    tflops = row[1 + _PRECISIONS.index(precision)] if row else None
+    return tflops * 1e12 if tflops is not None else None
 
 
 def resolve_peak_flops(requested: float | str, device: torch.device, precision: str,
@@ -172,7 +186,9 @@ def best_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     would take seconds per call at a large shape, where a few dozen rows already keep it busy.
     """
     m, k, n = shape
-    x, weight = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed(0)  # its own: the global generators belong to training
+    x = torch.randn(m, k, device=device, dtype=dtype, generator=g)
+    weight = torch.randn(n, k, device=device, dtype=dtype, generator=g)
     rows = min(m, 16)
     timed_matmuls(x[:rows], weight, 1, device)  # the first call pays for library set-up
     while (took := timed_matmuls(x[:rows], weight, 1, device)) < seconds / 10 and rows < m:

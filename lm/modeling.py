@@ -13,36 +13,80 @@ from lm.texts import hub_reachable
 DEFAULT_BLOCK_SIZE = 128
 
 
-def resolve_model(name: str | None, default: str, cache_dir: str | None = None, say=print) -> tuple[str, dict]:
+def resolve_model(name: str | None, default: str, cache_dir: str | None = None, say=print,
+                  what: str = "--model") -> tuple[str, dict]:
     """(path or Hub name, extra from_pretrained kwargs) of `name`, else of the embedded `default`.
-    Fails fast, in one line, when offline."""
+    Fails fast, in one line, when offline. `what` names the option in messages (--model or --tokenizer)."""
     name = name or default
     if name in embedded.MODELS:
         return str(embedded.model_dir(name, cache_dir, say)), {}
     if Path(name).is_dir():
-        if not (Path(name) / "config.json").is_file():
+        if what == "--model" and not (Path(name) / "config.json").is_file():
             raise UsageError(f"--model {name}: the directory holds no config.json (is it a saved model?)")
         return name, {}
     if Path(name).exists() or name.startswith((".", "/")):
-        raise UsageError(f"--model {name}: no such model directory")
+        raise UsageError(f"{what} {name}: no such directory")
     if hub_reachable():
         return name, {}
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
-    try:  # a model cached by an earlier online run still loads offline
-        AutoConfig.from_pretrained(name, local_files_only=True)
+    try:  # a model or tokenizer cached by an earlier online run still loads offline
+        (AutoConfig if what == "--model" else AutoTokenizer).from_pretrained(name, local_files_only=True)
         return name, {"local_files_only": True}
     except (OSError, ValueError):
-        raise UsageError(
-            f"--model {name}: not a directory, and the Hugging Face Hub is unreachable; use the embedded "
-            f"default (drop --model: {default}) or --model DIR, and --train-file "
-            "for your own text") from None
+        instead = ("use the embedded default (drop --model: {default}) or --model DIR, and --train-file for your "
+                   "own text" if what == "--model" else "use --tokenizer DIR").format(default=default)
+        raise UsageError(f"{what} {name}: not a directory, and the Hugging Face Hub is unreachable; {instead}") from None
+
+
+# Files from which AutoTokenizer builds a tokenizer; save_pretrained writes tokenizer_config.json beside them
+# (alone, it describes tokenizers without a vocabulary, e.g. byte-level ones).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def resolve_tokenizer(requested: str | None, model_path: tuple[str, dict], model_name: str) -> tuple[str, dict]:
+    """(path or Hub name, from_pretrained kwargs) of the tokenizer: --tokenizer, else the model's own.
+
+    A directory must hold tokenizer files: without them transformers builds an empty tokenizer for
+    some models (every text becomes 0 tokens) and fails with an unrelated message for others.
+    """
+    if requested is not None:
+        path, extra = resolve_model(requested, requested, what="--tokenizer")
+        flag = f"--tokenizer {requested}"
+    else:
+        (path, extra), flag = model_path, f"--model {model_name}"
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        raise UsageError(f"{flag}: the directory {path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:4])}, ...); "
+                         + ("save one there with tokenizer.save_pretrained, or " if requested is None else "")
+                         + "name the tokenizer to use with --tokenizer DIR")
+    return path, extra
 
 
 def load_tokenizer(path: str, extra: dict):
+    """The tokenizer at `path`; one that can't be built, or turns text into no tokens, is a UsageError."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, **extra)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+    except (OSError, ValueError, ImportError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"the tokenizer in {path} could not be loaded ({reason}); "
+                         "name a working one with --tokenizer DIR") from None
+    if not tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]:
+        raise UsageError(f"the tokenizer in {path} turns text into no tokens (its vocabulary is empty); "
+                         "name a working one with --tokenizer DIR")
+    return tokenizer
+
+
+def check_model_class(config, model_class: str, model_name: str, default: str) -> None:
+    """Refuse a model the task's Auto class can't load (e.g. GPT-2 for masked LM) before any data is tokenized."""
+    import transformers
+
+    mapping = getattr(getattr(transformers, model_class), "_model_mapping", None)
+    if mapping is not None and type(config) not in mapping:
+        raise UsageError(f"--model {model_name} is a {config.model_type} model, which {model_class} cannot load: "
+                         f"this task needs another kind of model, such as the default ({default})")
 
 
 def max_positions(config, tokenizer) -> int | None:

@@ -26,17 +26,33 @@ def parameter_groups(model: nn.Module, lr: float, weight_decay: float,
     return [groups[k] for k in sorted(groups)]
 
 
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak learning rate at optimizer step `step` (0-based), as HF's schedules."""
+# The schedules are transformers' (lm.config.SCHEDULES names them) with their default settings:
+POLYNOMIAL_END_LR = 1e-7  # polynomial decays (power 1) to this learning rate, not to 0
+INVERSE_SQRT_TIMESCALE = 10_000  # inverse_sqrt's timescale when there is no warmup
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str, lr: float = 1.0) -> float:
+    """Multiplier of the peak learning rate `lr` at optimizer step `step` (0-based), as transformers' schedule
+    `kind` gives it. Only polynomial depends on `lr`: it decays to an absolute POLYNOMIAL_END_LR."""
+    if kind == "constant":
+        return 1.0  # no warmup, as in transformers: constant_with_warmup has one
     if step < warmup:
         return step / max(1, warmup)
-    if kind == "constant":
-        return 1.0
     progress = (step - warmup) / max(1, total - warmup)
+    if kind == "constant_with_warmup":
+        return 1.0
     if kind == "linear":
         return max(0.0, 1.0 - progress)
     if kind == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if kind == "cosine_with_restarts":  # one cycle by default: cosine, then 0 from the last step on
+        return 0.0 if progress >= 1 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * (progress % 1.0))))
+    if kind == "polynomial":
+        end = POLYNOMIAL_END_LR
+        return (end if step > total else (lr - end) * (1 - progress) + end) / lr
+    if kind == "inverse_sqrt":
+        timescale = warmup or INVERSE_SQRT_TIMESCALE
+        return 1.0 / math.sqrt((step + timescale - warmup) / timescale)
     raise ValueError(kind)
 
 
@@ -56,8 +72,7 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
 
 def schedule(cfg, n_train: int, processes: int) -> tuple[int, int]:
     """(total optimizer steps, warmup steps) for `n_train` examples shared by `processes`."""
-    per_rank = (n_train - n_train % processes) // processes
-    steps_per_epoch = math.ceil(math.ceil(per_rank / cfg.batch_size) / cfg.grad_accum_steps)
+    steps_per_epoch = math.ceil(n_train / (cfg.batch_size * processes * cfg.grad_accum_steps))  # lm.data.StepSampler
     total = cfg.max_train_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     return total, cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
 
@@ -74,7 +89,7 @@ def schedule_change(saved_config: dict, saved_processes: int, cfg, processes: in
     before, now = schedule(saved, n_train, saved_processes), schedule(cfg, n_train, processes)
     if (*before, saved.lr_scheduler, saved.lr) == (*now, cfg.lr_scheduler, cfg.lr):
         return None
-    old = saved.lr * lr_factor(step, *before, saved.lr_scheduler)
-    new = cfg.lr * lr_factor(step, *now, cfg.lr_scheduler)
+    old = saved.lr * lr_factor(step, *before, saved.lr_scheduler, saved.lr)
+    new = cfg.lr * lr_factor(step, *now, cfg.lr_scheduler, cfg.lr)
     return (f"resume: {cfg.lr_scheduler} schedule over {now[0]} steps ({now[1]} warmup), was {saved.lr_scheduler} "
             f"over {before[0]} ({before[1]}): lr at step {step} {old:.3g} -> {new:.3g}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from lm import checkpoint
@@ -11,15 +12,38 @@ from lm.errors import UsageError
 
 
 def check_output_dir(out: Path, cfg, resume: Path | None) -> None:
-    """Refuse to mix runs: another run's checkpoints stay untouched unless the user says otherwise."""
+    """Refuse to mix runs: another run's checkpoints and logs stay untouched unless the user says otherwise."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file")
-    if resume is None and checkpoint.all_checkpoints(out) and not cfg.overwrite_output_dir:
-        raise UsageError(f"--output-dir {out} holds another run's checkpoints: continue it with --resume-from "
-                         "latest, replace it with --overwrite-output-dir, or choose another --output-dir")
+    found = earlier_run(out)
+    if resume is None and found and not cfg.overwrite_output_dir:
+        resumable = "checkpoints" in found
+        raise UsageError(f"--output-dir {out} holds another run ({', '.join(found)}): "
+                         + ("continue it with --resume-from latest, " if resumable else "")
+                         + "replace it with --overwrite-output-dir, or choose another --output-dir")
     parent = next(p for p in [out, *out.parents] if p.exists())
     if not os.access(parent, os.W_OK):
         raise UsageError(f"--output-dir {out}: {parent} is not writable")
+
+
+# What a run leaves in its directory besides the saved model, which the next run's overwrites.
+RUN_FILES = ("checkpoints", "logs", "metrics.json")
+
+
+def earlier_run(out: Path) -> list[str]:
+    """What an earlier run left in `out`: complete checkpoints, TensorBoard logs, metrics."""
+    found = [name for name in RUN_FILES[1:] if (out / name).exists()]
+    return (["checkpoints"] if checkpoint.all_checkpoints(out) else []) + found
+
+
+def clear_run(out: Path) -> None:
+    """Remove an earlier run's checkpoints, logs and metrics from `out` (--overwrite-output-dir)."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def summary_writer(log_dir: Path, world, purge_step=None):

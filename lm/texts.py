@@ -81,6 +81,8 @@ def check_text_file(path: str) -> Path:
         raise UsageError(f"{path}: no such file")
     if not os.access(p, os.R_OK):
         raise UsageError(f"{path}: not readable (check its permissions)")
+    if p.stat().st_size <= SCAN_BYTES and not p.read_bytes().strip():  # a big file is checked as it streams
+        raise UsageError(f"{path}: the file is empty")
     return p
 
 

@@ -10,13 +10,11 @@ import functools
 import json
 import math
 import random
-import shutil
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +24,20 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lm import checkpoint, data, distributed
-from lm.checkpoint import Progress
+from lm.checkpoint import Progress, Window
 from lm.config import Config, find_objective
 from lm.embedded import cache_root
-from lm.data import IGNORE, EpochSampler
+from lm.data import IGNORE, StepSampler
 from lm.errors import UsageError
 from lm.hardware import (FlopCounts, autocast, check_compile, choose_precision, configure, flop_counts, native_bf16,
                          probe_shapes, resolve_device, resolve_peak_flops, step_flops)
-from lm.modeling import load_config, load_model, load_tokenizer, max_positions, resolve_block_size, resolve_model
-from lm.objectives import Objective, loss_and_logs
+from lm.modeling import (check_model_class, load_config, load_model, load_tokenizer, max_positions, resolve_block_size,
+                         resolve_model, resolve_tokenizer)
+from lm.losses import loss_and_logs
+from lm.objectives import Objective
 from lm.evaluation import evaluate, perplexity
 from lm.optim import build_optimizer, lr_factor, parameter_groups, schedule, schedule_change, set_lr
-from lm.output import check_output_dir, summary_writer, write_json
+from lm.output import check_output_dir, clear_run, summary_writer, write_json
 from lm.texts import load_sources
 
 
@@ -55,9 +55,10 @@ class Run:
     resume: Path | None = None
     sources: tuple = ()  # (train, validation) texts, checked
     model_path: tuple | None = None  # (path or Hub name, from_pretrained kwargs) when cfg.model is loaded
+    tokenizer_path: tuple | None = None  # the same for the tokenizer: --tokenizer, else the model's own
     loss: object = None  # (model) -> loss module: the objective's, or train()'s `loss` argument
     tokenizer: object = None
-    model_config: object = None  # read for the longest block the model takes
+    model_config: object = None  # checked against the task, read for the longest block the model takes
     block_size: int = 0
     model: torch.nn.Module = None  # the plain model: what is saved
     module: torch.nn.Module = None  # the loss module wrapping it: what evaluates
@@ -109,7 +110,6 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
 
     Mistakes found here cost seconds. Returns the run and the options a resumed run changes.
     """
-    seed_everything(cfg.seed)
     if model is not None and tokenizer is None and cfg.model is None:
         raise UsageError("train(model=...) needs tokenizer=... as well, or cfg.model naming the directory "
                          "that holds the model's tokenizer")
@@ -120,18 +120,28 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     if cfg.fsdp and not world.distributed:
         raise UsageError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N >= 2)")
     configure(device)
-    # one name for all ranks: their clocks may tick over a second apart
-    default_out = f"runs/{objective.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    # Resuming goes on in the checkpoint's run directory; a new run gets a new one, one name for all
+    # ranks (their clocks may tick over a second apart)
+    default_out = checkpoint.run_dir(cfg.resume_from) or f"runs/{objective.name}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(distributed.broadcast_from_main(world, cfg.output_dir or default_out))
     model_name = cfg.model or ("custom" if model is not None else objective.embedded_model)
     run = Run(cfg, objective, world, device, precision, out, model_name)
+    if cfg.lr_scheduler == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
+        run.say("warning: --lr-scheduler constant has no warmup, as in transformers; "
+                "constant_with_warmup warms up", file=sys.stderr)
     run.resume = checkpoint.resolve(cfg.resume_from, out) if cfg.resume_from else None
     check_output_dir(out, cfg, run.resume)
     changes = checkpoint.check_resumable(run.resume, cfg, model_name, world.size) if run.resume else []
     run.sources = load_sources(cfg)  # checks the files before anything slow (e.g. converting the default model)
     if model is None or tokenizer is None:
         run.model_path = resolve_model(cfg.model, objective.embedded_model, cfg.cache_dir, run.say)
-    run.model_config = model.config if model is not None else None
+    if tokenizer is None:
+        run.tokenizer_path = resolve_tokenizer(cfg.tokenizer, run.model_path, model_name)
+    if model is None:
+        run.model_config = load_config(*run.model_path)
+        check_model_class(run.model_config, objective.model_class, model_name, objective.embedded_model)
+    else:
+        run.model_config = model.config
     run.say(f"device {device}" + (f" x {world.size} processes" if world.distributed else "")
             + f", precision {precision} ({precision_why})" + (", compiled" if cfg.compile else ""))
     return run, changes
@@ -140,10 +150,9 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
 def prepare_data(run: Run, tokenizer) -> tuple:
     """The tokenizer and the (train, validation) examples: rank 0 tokenizes, the other ranks read its result."""
     cfg, world = run.cfg, run.world
-    run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.model_path)
+    run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.tokenizer_path)
     if run.objective.check_tokenizer:
         run.objective.check_tokenizer(run.tokenizer)
-    run.model_config = run.model_config or load_config(*run.model_path)
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
     if note:
         run.say(f"warning: {note}", file=sys.stderr)
@@ -155,6 +164,7 @@ def build_model(run: Run, model) -> None:
     cfg, device, world = run.cfg, run.device, run.world
     fresh = frozenset()
     if model is None:
+        seed_everything(cfg.seed)  # fresh parameters (e.g. a new head) from the seed, whatever ran before
         model, fresh = load_model(*run.model_path, run.objective.model_class)
     if run.objective.adapt:
         run.objective.adapt(model, run.tokenizer)
@@ -190,28 +200,40 @@ def evaluation_batches(run: Run, eval_set) -> DataLoader:
     # Sharded too, except under FSDP, whose forwards are collectives that every rank must run
     # equally often: there each rank evaluates the whole split.
     run.eval_world = distributed.World() if cfg.fsdp else run.world
-    sampler = EpochSampler(len(eval_set), cfg.seed, shuffle=False, rank=run.eval_world.rank,
-                           world=run.eval_world.size, drop_remainder=False)
+    sampler = StepSampler(len(eval_set), cfg.seed, cfg.eval_batch_size or cfg.batch_size, run.eval_world.size,
+                          run.eval_world.rank, shuffle=False)
     collate = run.objective.collator(run.tokenizer, cfg, True)
-    return DataLoader(eval_set, cfg.eval_batch_size or cfg.batch_size, sampler=sampler, collate_fn=collate,
-                      generator=torch.Generator())
+    return DataLoader(eval_set, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator())
 
 
-def epoch_batches(run: Run, train_set, collate, sampler: EpochSampler, epoch: int, start: int) -> DataLoader:
-    """This rank's training batches of `epoch` in its order, from global example `start` on."""
+def epoch_batches(run: Run, train_set, collate, sampler: StepSampler, epoch: int, start: int):
+    """This rank's micro-batches of each optimizer step of `epoch`, from global example `start` on.
+
+    In an epoch's short last step a rank may hold fewer micro-batches than rank 0. It runs `idle`
+    ones instead, whose labels are all IGNORE: under DDP and FSDP every rank must run as many
+    forwards and backwards, and these add nothing to the loss, the gradients or the counts.
+    """
     sampler.set_epoch(epoch, start=start)
     # A private generator: a DataLoader otherwise draws its base seed from the global RNG at every
     # iter(), which would shift dropout after a resume mid-epoch.
-    return DataLoader(train_set, run.cfg.batch_size, sampler=sampler, collate_fn=functools.partial(collate, epoch=epoch),
-                      generator=torch.Generator())
+    batches = iter(DataLoader(train_set, batch_sampler=sampler, collate_fn=functools.partial(collate, epoch=epoch),
+                              generator=torch.Generator()))
+    idle = None
+    for micro, most in sampler.steps():
+        if len(micro) < most and idle is None:
+            idle = collate([train_set[0]], epoch=epoch)
+            idle.update(labels=torch.full_like(idle["labels"], IGNORE), idle=True)
+        yield [next(batches) for _ in micro] + [idle] * (most - len(micro))
 
 
 def start(run: Run, changes: list[str], n_train: int) -> Progress:
     """Where the run starts: afresh, or exactly where a checkpoint left it, with the changed options announced."""
     cfg, world = run.cfg, run.world
     run.total_steps, run.warmup_steps = schedule(cfg, n_train, world.size)
-    if world.distributed:  # same weights everywhere (DDP broadcast them); dropout differs per rank
-        torch.manual_seed(cfg.seed + world.rank)
+    # Dropout draws from the global generators, seeded here: after loading, converting, tokenizing and
+    # measuring, so that nothing those did (or skipped, having it cached) moves what is trained. One
+    # stream per rank; a resumed run then restores the checkpoint's.
+    seed_everything(int(np.random.SeedSequence([cfg.seed, world.rank]).generate_state(1)[0]))
     progress = Progress()
     if run.resume is not None:
         progress = checkpoint.restore(checkpoint.load(run.resume), run.model, run.optimizer, run.scaler, world,
@@ -222,9 +244,8 @@ def start(run: Run, changes: list[str], n_train: int) -> Progress:
                                                progress.step)]:
             if line:
                 run.say(line)
-    elif cfg.overwrite_output_dir and world.main:
-        for old in checkpoint.all_checkpoints(run.out):
-            shutil.rmtree(old)
+    elif cfg.overwrite_output_dir and world.main:  # the directory shows this run alone
+        clear_run(run.out)
     global_batch = checkpoint.global_batch(cfg.batch_size, world.size, cfg.grad_accum_steps)[1]
     run.say(f"{run.total_steps} steps of {global_batch}, output {run.out}")
     if world.main:
@@ -239,18 +260,17 @@ def start(run: Run, changes: list[str], n_train: int) -> Progress:
 def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> None:
     """Optimizer steps until the budget is spent or a signal arrives; evaluates, logs and checkpoints on the way."""
     cfg, world = run.cfg, run.world
-    sampler = EpochSampler(len(train_set), cfg.seed, rank=world.rank, world=world.size)
+    sampler = StepSampler(len(train_set), cfg.seed, cfg.batch_size, world.size, world.rank, cfg.grad_accum_steps)
     collate = run.objective.collator(run.tokenizer, cfg, False)
     if progress.perplexity_before is None:
         progress.perplexity_before = perplexity(evaluate_at(run, eval_loader, 0))
         run.say(f"perplexity before training: {progress.perplexity_before:.3f}")
-    bar = tqdm(total=run.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
-               disable=not world.main)
     run.trained.train()
-    with checkpoint.StopOnSignal() as stop:
-        while progress.step < run.total_steps:
-            batches = iter(epoch_batches(run, train_set, collate, sampler, progress.epoch, progress.examples_done))
-            while progress.step < run.total_steps and (micro := list(islice(batches, cfg.grad_accum_steps))):
+    # the bar closes however fit ends, so that an error is printed on a line of its own
+    with tqdm(total=run.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
+              disable=not world.main) as bar, checkpoint.StopOnSignal() as stop:
+        while progress.step < run.total_steps:  # one epoch, or what is left of it, per pass
+            for micro in epoch_batches(run, train_set, collate, sampler, progress.epoch, progress.examples_done):
                 loss_sum, tokens = train_step(run, progress, micro)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}")
@@ -261,26 +281,29 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
                 if distributed.all_sum(world, stop.signum is not None, device=run.device)[0] > 0:
                     bar.close()
                     stop_here(run, progress, stop.signum or signal.SIGTERM)
-            if progress.examples_done >= sampler.used:  # the epoch ran out, not the step budget
+                if progress.step == run.total_steps:
+                    break  # the budget may end mid-epoch
+            if progress.examples_done == len(train_set):  # every example of the epoch was trained on
                 evaluate_at(run, eval_loader, progress.step)
                 progress.epoch, progress.examples_done = progress.epoch + 1, 0
                 if cfg.save_every:
                     save_checkpoint(run, progress)
-    bar.close()
 
 
 def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, int]:
     """One optimizer step over this rank's micro-batches; records it in `progress`; (summed loss, tokens) of all ranks."""
     cfg, world, device, optimizer = run.cfg, run.world, run.device, run.optimizer
     started = time.perf_counter()
-    lr = set_lr(optimizer, lr_factor(progress.step, run.total_steps, run.warmup_steps, cfg.lr_scheduler))
+    lr = set_lr(optimizer, lr_factor(progress.step, run.total_steps, run.warmup_steps, cfg.lr_scheduler, cfg.lr))
     # Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks,
     # so every token weighs the same however the step is split into micro-batches and processes
     # (DDP averages gradients: hence * world.size).
-    labelled = [int((mb["labels"] != IGNORE).sum()) for mb in micro]
-    flops = sum(step_flops(*run.flop_counts, mb["input_ids"].shape[1], int(mb["attention_mask"].sum()), n)
-                for mb, n in zip(micro, labelled))
-    n_tokens, flops = distributed.all_sum(world, sum(labelled), flops, device=device)
+    real = [mb for mb in micro if not mb.get("idle")]
+    labelled = [int((mb["labels"] != IGNORE).sum()) for mb in real]
+    inputs = [int(mb["attention_mask"].sum()) for mb in real]
+    flops = sum(step_flops(*run.flop_counts, mb["input_ids"].shape[1], i, n) for mb, i, n in zip(real, inputs, labelled))
+    n_tokens, n_inputs, examples, flops = distributed.all_sum(
+        world, sum(labelled), sum(inputs), sum(len(mb["input_ids"]) for mb in real), flops, device=device)
     scale = world.size / max(n_tokens, 1)
     step_loss, logs = torch.zeros((), device=device), {}
     for i, mb in enumerate(micro):
@@ -309,27 +332,24 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-    inputs = sum(int(mb["attention_mask"].sum()) for mb in micro) * world.size
-    examples = sum(len(mb["input_ids"]) for mb in micro) * world.size  # the ranks' batches are equal
-    progress.record(step_loss, n_tokens, inputs, examples, time.perf_counter() - started, flops, dict(zip(logs, sums)))
+    progress.record(step_loss, int(n_tokens), int(n_inputs), int(examples), time.perf_counter() - started, flops,
+                    dict(zip(logs, sums)))
     if progress.step % cfg.log_every == 0 or progress.step == run.total_steps:
-        log_window(run, progress.step, lr, float(grad_norm), progress.window)
+        log_window(run, progress.step, lr, float(grad_norm), progress.take_window())
     return step_loss, n_tokens
 
 
-def log_window(run: Run, step: int, lr: float, grad_norm: float, window: dict) -> None:
-    """Training scalars averaged over the steps since the last log, then a fresh window."""
-    mean = window["loss_sum"] / max(window["tokens"], 1)
-    tokens_per_sec = window["inputs"] / window["seconds"]
+def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window) -> None:
+    """Training scalars averaged over the steps since the last log."""
+    mean = window.per_token(window.loss_sum)
     run.writer.add_scalar("train/loss", mean, step)
     run.writer.add_scalar("train/perplexity", perplexity(mean), step)
     run.writer.add_scalar("train/lr", lr, step)
     run.writer.add_scalar("train/grad_norm", grad_norm, step)
-    run.writer.add_scalar("train/tokens_per_sec", tokens_per_sec, step)
-    run.writer.add_scalar("train/mfu", model_flops_utilization(run, window["flops"], window["seconds"]), step)
-    for name, value in window.get("logs", {}).items():
-        run.writer.add_scalar(f"train/{name}", value / max(window["tokens"], 1), step)
-    window.clear()
+    run.writer.add_scalar("train/tokens_per_sec", window.inputs / window.seconds, step)
+    run.writer.add_scalar("train/mfu", model_flops_utilization(run, window.flops, window.seconds), step)
+    for name, value in window.logs.items():
+        run.writer.add_scalar(f"train/{name}", window.per_token(value), step)
 
 
 def evaluate_at(run: Run, loader: DataLoader, step: int) -> float:
@@ -396,6 +416,7 @@ def model_flops_utilization(run: Run, flops: float, seconds: float) -> float:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (torch's on every device)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

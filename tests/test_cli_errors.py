@@ -28,8 +28,8 @@ CASES = [
     ("block-size-above-model", "clm", BASE + " --block-size 65", "--block-size 65 is above the model's maximum of 64"),
     ("mlm-prob-zero", "mlm", BASE + " --mlm-prob 0", "--mlm-prob must be between 0 and 1"),
     ("mlm-prob-one", "mlm", BASE + " --mlm-prob 1", "--mlm-prob must be between 0 and 1"),
-    ("mlm-without-mask-token", "mlm", "--model {nomask} --train-file {corpus} --output-dir {out}",
-     "its tokenizer has no mask token"),
+    ("mlm-without-mask-token", "mlm", "--model {mlm} --tokenizer {nomask} --train-file {corpus} --output-dir {out}",
+     "has no mask token, so it can't do masked LM"),
     ("line-by-line-with-clm", "clm", BASE + " --line-by-line", "--line-by-line is for masked LM only"),
     ("model-neither-dir-nor-reachable", "clm", "--model distilgpt2 --train-file {corpus} --output-dir {out}",
      "--model distilgpt2: not a directory, and the Hugging Face Hub is unreachable"),
@@ -46,7 +46,7 @@ CASES = [
      "--resume-from {ckpt}", "the checkpoint is of a different run: model="),
     ("resume-from-other-task", "mlm", "--model {clm} --train-file {corpus} --block-size 32 --output-dir {out} "
      "--resume-from {ckpt}", "the checkpoint is of a different run: task='clm' (now 'mlm')"),
-    ("output-dir-holds-another-run", "clm", BASE, "holds another run's checkpoints: continue it with --resume-from"),
+    ("output-dir-holds-another-run", "clm", BASE, "holds another run (checkpoints): continue it with --resume-from latest"),
     ("batch-size-zero", "clm", BASE + " --batch-size 0", "--batch-size must be a positive integer, got 0"),
     ("batch-size-negative", "mlm", BASE + " --batch-size -2", "--batch-size must be a positive integer, got -2"),
     ("steps-zero", "clm", BASE + " --max-train-steps 0", "--max-train-steps must be a positive integer, got 0"),
@@ -58,6 +58,18 @@ CASES = [
     ("seed-too-large", "clm", BASE + " --seed 4294967296", "--seed must be in [0, 2**32 - 1], got 4294967296"),
     ("eval-only-resumes-nothing", "clm", BASE + " --eval-only --resume-from latest", "--eval-only evaluates --model"),
     ("hf-flag-we-lack", "clm", BASE + " --push_to_hub", "--push_to_hub is not supported: upload OUTPUT_DIR"),
+    # model directories checked before anything is tokenized (a cache inside {out} would change it)
+    ("gpt2-dir-without-tokenizer", "clm", "--model {bare}/gpt2 --train-file {corpus} --cache-dir {out}/cache "
+     "--output-dir {out}", "/gpt2 holds no tokenizer (tokenizer.json, tokenizer_config.json, vocab.json, vocab.txt, "
+     "...); save one there with tokenizer.save_pretrained, or name the tokenizer to use with --tokenizer DIR"),
+    ("llama-dir-without-tokenizer", "clm", "--model {bare}/llama --train-file {corpus} --cache-dir {out}/cache "
+     "--output-dir {out}", "/llama holds no tokenizer"),
+    ("tokenizer-dir-without-tokenizer", "mlm", BASE + " --tokenizer {bare}/gpt2 --cache-dir {out}/cache",
+     "--tokenizer {bare}/gpt2: the directory {bare}/gpt2 holds no tokenizer"),
+    ("causal-model-for-masked-lm", "mlm", "--model {clm} --train-file {corpus} --cache-dir {out}/cache "
+     "--output-dir {out}", "is a gpt2 model, which AutoModelForMaskedLM cannot load: this task needs another kind "
+     "of model, such as the default (all-minilm-l6-v2)"),
+    ("unknown-schedule", "clm", BASE + " --lr-scheduler reduce_lr_on_plateau", "invalid choice: 'reduce_lr_on_plateau'"),
 ]
 
 
@@ -103,6 +115,19 @@ def clm_checkpoint(model_dirs, corpus, tmp_path_factory) -> Path:
     return out / "checkpoints" / "step-1"
 
 
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory) -> Path:
+    """A folder with tiny GPT-2 and Llama models saved without any tokenizer files."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("bare")
+    GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=64, n_embd=16, n_layer=1, n_head=2, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(path / "gpt2")
+    LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=64)).save_pretrained(path / "llama")
+    return path
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -119,7 +144,8 @@ def test_bad_input_is_one_line_exit_2(task, args, message, request, data, model_
     needs = lambda name: "{" + name + "}" in args  # build the slow fixtures only for the cases using them
     values = dict(model=model_dirs[task], clm=model_dirs["clm"], mlm=model_dirs["mlm"], corpus=corpus, data=data,
                   out=out, nomask=request.getfixturevalue("nomask_model") if needs("nomask") else None,
-                  ckpt=request.getfixturevalue("clm_checkpoint") if needs("ckpt") else None)
+                  ckpt=request.getfixturevalue("clm_checkpoint") if needs("ckpt") else None,
+                  bare=request.getfixturevalue("bare") if needs("bare") else None)
     if request.node.callspec.id == "output-dir-holds-another-run":
         shutil.copytree(request.getfixturevalue("clm_checkpoint"), out / "checkpoints" / "step-1")
     before = snapshot(out)
@@ -128,5 +154,5 @@ def test_bad_input_is_one_line_exit_2(task, args, message, request, data, model_
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    assert message in result.stderr
+    assert message.format(**values) in result.stderr
     assert snapshot(out) == before and sorted(os.listdir(out)) == sorted({p.split("/")[0] for p in before})

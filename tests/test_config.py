@@ -63,3 +63,20 @@ def test_help_of_the_scripts_renders_every_flag(task):
     flags = [a.option_strings[0] for a in build_parser(task)._actions if a.help != argparse.SUPPRESS]
     missing = [f for f in flags if f not in r.stdout]
     assert not missing and "~30%" in r.stdout  # a literal % in a help text
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--batch-size", "two"], ["--mlm-prob", "2"], ["--no-such-flag"]])
+def test_help_and_usage_errors_answer_before_torch_is_imported(argv):
+    # what makes them answer at once: torch and transformers take seconds to import
+    import subprocess
+    import sys
+
+    from conftest import ENV, ROOT
+
+    code = ("import sys; from lm.cli import main\n"
+            "try:\n    code = main('mlm', sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+            "heavy = [m for m in ('torch', 'transformers', 'numpy') if m in sys.modules]\n"
+            "print('heavy:', heavy, 'code:', code)")
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.splitlines()[-1] == f"heavy: [] code: {0 if argv == ['--help'] else 2}", r.stdout + r.stderr

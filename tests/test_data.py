@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lm.config import Config
-from lm.data import EpochSampler, group_into_blocks, pad_batch, prepare_data
+from lm.data import StepSampler, group_into_blocks, pad_batch, prepare_data
 from lm.distributed import World
 from lm.errors import UsageError
 from lm.texts import hold_out, read_texts, split_lines
@@ -91,21 +91,32 @@ def test_pad_batch_pads_right_with_a_mask():
     assert batch["index"].tolist() == [4, 9]
 
 
-def test_epoch_sampler_order_depends_only_on_seed_and_epoch():
-    a, b = EpochSampler(50, seed=1), EpochSampler(50, seed=1)
-    first = list(a)
-    assert first == list(b) and sorted(first) == list(range(50))
+def examples_in(sampler) -> list[int]:
+    return [i for micro in sampler for i in micro]
+
+
+def test_step_sampler_order_depends_only_on_seed_and_epoch():
+    a, b = StepSampler(50, seed=1, batch_size=4), StepSampler(50, seed=1, batch_size=4)
+    first = examples_in(a)
+    assert first == examples_in(b) and sorted(first) == list(range(50))
     a.set_epoch(1)
-    assert list(a) != first and sorted(a) == list(range(50))
+    assert examples_in(a) != first and sorted(examples_in(a)) == list(range(50))
     a.set_epoch(0, start=20)
-    assert list(a) == first[20:]
+    assert examples_in(a) == first[20:]
 
 
-def test_epoch_sampler_shards_are_disjoint_and_interleave_to_the_single_order():
-    single = list(EpochSampler(40, seed=3))
-    shards = [list(EpochSampler(40, seed=3, rank=r, world=2)) for r in (0, 1)]
+def test_step_sampler_shards_are_disjoint_and_interleave_to_the_single_order():
+    single = examples_in(StepSampler(40, seed=3, batch_size=8))
+    shards = [examples_in(StepSampler(40, seed=3, batch_size=4, world=2, rank=r)) for r in (0, 1)]
     assert sorted(shards[0] + shards[1]) == list(range(40))
     # global batch i of a 2-rank run holds the same examples as batch i of size 2*B in one process
     b = 4
     for i in range(5):
         assert sorted(shards[0][i * b:(i + 1) * b] + shards[1][i * b:(i + 1) * b]) == sorted(single[i * 2 * b:(i + 1) * 2 * b])
+
+
+def test_a_short_last_step_tells_each_rank_how_many_micro_batches_rank_0_runs():
+    # 9 examples, global batch 8 (2 ranks x 2 x accumulation 2): a full step, then one example for rank 0 alone
+    steps = [list(StepSampler(9, seed=0, batch_size=2, world=2, rank=r, accumulation=2).steps()) for r in (0, 1)]
+    assert [(len(micro), most) for micro, most in steps[0]] == [(2, 2), (1, 1)]
+    assert [(len(micro), most) for micro, most in steps[1]] == [(2, 2), (0, 1)]

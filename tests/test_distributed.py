@@ -178,3 +178,45 @@ def test_a_preparation_error_stops_every_rank_at_once(case, no_dropout_models, c
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2 and errors[0] == errors[1] and message in errors[0], err[-3000:]
     assert "exitcode  : 2" in err  # torchrun's summary of the ranks
+
+
+def test_a_block_count_that_does_not_divide_resumes_exactly_on_another_number_of_processes(no_dropout_models, corpus,
+                                                                                          tmp_path):
+    """17 blocks, global batch 8: each epoch is steps of 8, 8 and 1 examples, on any number of processes.
+
+    One process (batch 4 x 2 micro-batches) checkpoints at step 2; two (batch 2 x 2) resume there and
+    run the short step, where the second process has no example and runs an idle micro-batch.
+    """
+    model, one, two = no_dropout_models["mlm"], tmp_path / "one", tmp_path / "two"
+    extra = ["--max-train-samples", "17", "--save-every", "2"]
+    one_process("mlm", model, corpus, one, *extra)
+    finish(torchrun("--standalone", "--nproc_per_node", "2",
+                    script_args=[*args("mlm", model, corpus, two, 2), *extra,
+                                 "--resume-from", one / "checkpoints" / "step-2"]))
+    reference, resumed = scalars(one, "train/loss"), scalars(two, "train/loss")
+    assert [s for s, _ in reference] == list(range(1, 10))  # 3 epochs of 3 steps
+    assert [s for s, _ in resumed] == list(range(3, 10))
+    for (_, x), (_, y) in zip(reference[2:], resumed):
+        assert y == pytest.approx(x, rel=1e-5)
+    assert_same_weights(one, two, "mlm")
+    assert metrics(two)["train_tokens"] == metrics(one)["train_tokens"] == 3 * 17 * 16
+
+
+def test_line_by_line_token_counts_are_the_sum_over_processes(no_dropout_models, tmp_path):
+    # lines of many lengths: what each process trains on differs, so rank 0's count x 2 would be wrong
+    from transformers import AutoTokenizer
+
+    from lm.data import tokenize_lines
+    from lm.texts import hold_out
+
+    model = no_dropout_models["mlm"]
+    lines = [" ".join(["word"] * (1 + i % 9)) + "\n" for i in range(40)]
+    corpus = tmp_path / "lines.txt"
+    corpus.write_text("".join(lines))
+    train_lines, _ = hold_out(lines, 5.0)  # no --validation-file: the first 5% are held out
+    expected = sum(len(ids) for ids in tokenize_lines(train_lines, AutoTokenizer.from_pretrained(model), 16)[:16])
+    common = ["--line-by-line", "--epochs", "1"]
+    one_process("mlm", model, corpus, tmp_path / "one", *common)
+    finish(torchrun("--standalone", "--nproc_per_node", "2",
+                    script_args=[*args("mlm", model, corpus, tmp_path / "two", 2), *common]))
+    assert metrics(tmp_path / "two")["train_tokens"] == metrics(tmp_path / "one")["train_tokens"] == expected

@@ -25,10 +25,11 @@ from transformers import (AutoTokenizer, BertConfig, BertForMaskedLM, DataCollat
                           default_data_collator)
 
 from lm.config import Config  # noqa: E402
-from lm.data import IGNORE, EpochSampler, Examples, blocks_of, tokenize_lines  # noqa: E402
+from lm.data import IGNORE, Examples, StepSampler, blocks_of, tokenize_lines  # noqa: E402
 from lm.masking import MaskingCollator  # noqa: E402
-from lm import objectives  # noqa: E402
-from lm.objectives import TokenLoss, find  # noqa: E402
+from lm import losses  # noqa: E402
+from lm.losses import TokenLoss  # noqa: E402
+from lm.objectives import find  # noqa: E402
 from lm.texts import TextFile, python_docs_texts, split_lines  # noqa: E402
 from lm.token_cache import prepare  # noqa: E402
 from lm.evaluation import evaluate  # noqa: E402
@@ -153,7 +154,7 @@ def test_training_matches_trainer(task, tokenizer, text_files, tmp_path):
 
     examples = blocks(train_file, tokenizer, n_blocks)
     assert len(examples) == n_blocks
-    order = EpochSampler(n_blocks, SEED).order().tolist()  # our shuffle, replayed for Trainer's sequential sampler
+    order = StepSampler(n_blocks, SEED, BATCH).order().tolist()  # our shuffle, replayed for Trainer's sequential sampler
     if task == "mlm":  # a batch is masked exactly as its rows alone: the pre-masked items are our batches
         collate = make_collator(task, tokenizer, 0.15, SEED)
         batch = collate([examples[i] for i in order[:BATCH]])
@@ -298,7 +299,7 @@ def test_chunked_head_matches_full_head(bf16, tokenizer, text_files, monkeypatch
 
     In fp32 and under bf16 autocast (bf16 matmuls, fp32 log-sum-exp, as autocast's plain path).
     """
-    monkeypatch.setattr(objectives, "CHUNK_LOGITS", 7 * len(tokenizer))  # 7-row chunks: several per batch
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", 7 * len(tokenizer))  # 7-row chunks: several per batch
     examples = blocks(text_files[1], tokenizer, 4)
     batch = make_collator("clm", tokenizer, 0.15, SEED)([examples[i] for i in range(4)])
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"])

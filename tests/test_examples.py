@@ -13,7 +13,7 @@ from conftest import ENV, ROOT, WORDS, metrics, minilm_tokenizer, scalars, tiny_
 from lm.config import Config
 from lm.data import pad_batch
 from lm.masking import IGNORE
-from lm.objectives import causal_labels
+from lm.data import causal_labels
 
 
 def load(name: str):

@@ -1,5 +1,6 @@
 import json
 import time
+import types
 
 import pytest
 import torch
@@ -7,10 +8,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_model
 from lm.errors import UsageError
-from lm.hardware import (PEAK_CACHE, FlopCounts, autocast, choose_precision, flop_counts, measure_peak_flops, probe_key,
-                         resolve_device, resolve_peak_flops, step_flops)
-from lm.masking import IGNORE
-from lm.objectives import SPLIT_HEAD, TokenLoss, causal_labels
+from lm.data import IGNORE, causal_labels
+from lm.hardware import (PEAK_CACHE, FlopCounts, autocast, choose_precision, flop_counts, gpu_peak_flops,
+                         measure_peak_flops, native_bf16, probe_key, resolve_device, resolve_peak_flops, step_flops)
+from lm.losses import SPLIT_HEAD, TokenLoss
 
 
 @pytest.mark.parametrize("device, native, expected", [
@@ -19,6 +20,19 @@ from lm.objectives import SPLIT_HEAD, TokenLoss, causal_labels
 ])
 def test_auto_picks_bf16_only_where_the_hardware_has_it(device, native, expected):
     assert choose_precision("auto", device, native)[0] == expected
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_gives_a_gpu_bf16_only_from_ampere_on(capability, expected, monkeypatch):
+    # A V100 (7.0) or T4 (7.5) runs bf16 only emulated, which torch.cuda.is_bf16_supported() counts by default
+    props = types.SimpleNamespace(major=capability[0], minor=capability[1], name="a GPU")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True, raising=False)  # emulation
+    assert choose_precision("auto", "cuda", native_bf16(torch.device("cuda", 0)))[0] == expected
 
 
 def test_explicit_precision_is_kept_and_fp16_needs_cuda():
@@ -41,6 +55,22 @@ def test_auto_device_is_cpu_here_and_a_missing_device_is_an_error():
         assert resolve_device("auto").type in ("cpu", "mps")
         with pytest.raises(UsageError, match="no such device"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("name, precision, tflops", [
+    ("Tesla V100-SXM2-16GB", "fp32", 15.7),  # no TF32: plain fp32, not half the fp16 tensor-core rate
+    ("Tesla V100-SXM2-16GB", "fp16", 125), ("Tesla V100-PCIE-32GB", "fp32", 14),
+    ("Tesla V100-SXM2-16GB", "bf16", None),  # no bf16 units: measured
+    ("Tesla T4", "fp32", 8.1), ("Tesla T4", "fp16", 65), ("Tesla T4", "bf16", None),
+    ("NVIDIA L40", "bf16", 181), ("NVIDIA L4", "bf16", 121), ("NVIDIA L40S", "bf16", 362),  # L40 is not L4
+    ("NVIDIA A100-SXM4-80GB", "fp32", 156), ("NVIDIA A10", "bf16", 125), ("NVIDIA A10G", "bf16", None),
+    ("NVIDIA H100 80GB HBM3", "bf16", 989), ("NVIDIA H100 PCIe", "fp32", 378),
+    # fp32-accumulate rates (PyTorch's), as NVIDIA's Ada and Ampere whitepapers give them
+    ("NVIDIA GeForce RTX 4090", "bf16", 165), ("NVIDIA GeForce RTX 3090", "bf16", 71),
+    ("NVIDIA GeForce RTX 3090 Ti", "bf16", 80),
+])
+def test_the_gpu_table_gives_each_card_its_own_peak(name, precision, tflops):
+    assert gpu_peak_flops(name, precision) == (tflops * 1e12 if tflops else None)
 
 
 # ---------------------------------------------------------------- the measured peak

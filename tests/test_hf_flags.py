@@ -4,7 +4,7 @@ from lm.config import HF_ALIASES, HF_IGNORED, HF_REFUSED, Config, build_parser, 
 from lm.errors import UsageError
 
 # A value, not the default, for each field an alias sets; and the flags some of them need.
-VALUES = dict(model="some/model", dataset="wikitext", dataset_config="wikitext-2-raw-v1", train_file="t.txt",
+VALUES = dict(model="some/model", tokenizer="some/tokenizer", dataset="wikitext", dataset_config="wikitext-2-raw-v1", train_file="t.txt",
               validation_file="v.txt", validation_split_percentage="10", block_size="64", mlm_prob="0.2",
               max_train_samples="100", max_eval_samples="20", lr="3e-4", weight_decay="0.1",
               lr_scheduler="cosine", warmup_steps="7", grad_accum_steps="4", epochs="2", max_train_steps="50",
@@ -61,7 +61,7 @@ def test_unsupported_flags_name_what_to_use(hf, advice, value):
 
 
 def test_examples_of_advice():
-    for hf, words in [("config_name", "--model DIR"), ("tokenizer_name", "--model DIR"),
+    for hf, words in [("config_name", "--model DIR"), ("use_slow_tokenizer", "--tokenizer DIR"),
                       ("push_to_hub", "huggingface-cli upload"), ("report_to", "TensorBoard")]:
         with pytest.raises(UsageError, match=words):
             parse_args("mlm", [f"--{hf}"])

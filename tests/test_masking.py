@@ -2,7 +2,7 @@ import torch
 
 from lm.data import IGNORE
 from lm.masking import MaskingCollator, example_generator, mask_tokens
-from lm.objectives import causal_labels
+from lm.data import causal_labels
 
 
 def test_mask_tokens_never_picks_unmaskable_positions_and_labels_only_picked():

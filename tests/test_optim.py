@@ -1,9 +1,9 @@
 import pytest
 import torch
-from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+from transformers import get_scheduler
 
 from lm.optim import build_optimizer, lr_factor, parameter_groups
-from lm.config import Config
+from lm.config import SCHEDULES, Config
 
 
 def test_no_weight_decay_on_biases_and_norm_weights_and_fresh_params_get_their_lr():
@@ -17,16 +17,19 @@ def test_no_weight_decay_on_biases_and_norm_weights_and_fresh_params_get_their_l
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 6
 
 
-@pytest.mark.parametrize("kind, reference", [("linear", get_linear_schedule_with_warmup),
-                                             ("cosine", get_cosine_schedule_with_warmup)])
-def test_lr_factor_matches_the_transformers_schedules(kind, reference):
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = reference(optimizer, num_warmup_steps=5, num_training_steps=30)
-    for step in range(32):
-        assert lr_factor(step, 30, 5, kind) == pytest.approx(scheduler.get_last_lr()[0], abs=1e-12)
+@pytest.mark.parametrize("warmup", [0, 5])
+@pytest.mark.parametrize("kind", SCHEDULES)
+def test_every_schedule_is_transformers_schedule_of_that_name(kind, warmup):
+    lr = 3e-4  # polynomial decays to an absolute 1e-7, so its factor depends on the peak
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=30)
+    for step in range(33):
+        assert lr * lr_factor(step, 30, warmup, kind, lr) == pytest.approx(scheduler.get_last_lr()[0], rel=1e-12,
+                                                                        abs=1e-15), step
         optimizer.step()
         scheduler.step()
 
 
-def test_constant_schedule_after_warmup():
-    assert [lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [0.0, 0.5, 1.0, 1.0]
+def test_constant_has_no_warmup_and_constant_with_warmup_has():
+    assert [lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [1.0, 1.0, 1.0, 1.0]
+    assert [lr_factor(s, 10, 2, "constant_with_warmup") for s in (0, 1, 2, 9)] == [0.0, 0.5, 1.0, 1.0]

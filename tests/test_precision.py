@@ -67,7 +67,7 @@ def test_compile_leaves_the_fused_head_loss_out_of_its_graphs():
     # on CUDA: compiled CLM runs did not learn. It must run eagerly between the compiled graphs.
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lm.objectives import TokenLoss
+    from lm.losses import TokenLoss
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=32, n_embd=16, n_layer=1, n_head=2,

@@ -2,14 +2,13 @@
 
 import functools
 import math
-from collections import Counter
 
 import numpy as np
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lm.data import IGNORE, EpochSampler, group_into_blocks
+from lm.data import IGNORE, StepSampler, group_into_blocks
 from lm.masking import MaskingCollator, example_generator, mask_tokens
 from lm.texts import split_lines
 
@@ -118,45 +117,41 @@ def test_collator_masks_an_example_the_same_in_any_batch_and_never_special_or_pa
         assert torch.equal(expected[0], inputs) and torch.equal(expected[1], labels)
 
 
-@quick
-@given(n=st.integers(0, 200), world=st.integers(1, 8), seed=seeds, epoch=st.integers(0, 3))
-def test_sampler_ranks_cover_the_used_range_once_per_epoch(n, world, seed, epoch):
-    single = EpochSampler(n, seed)
-    single.set_epoch(epoch)
-    used = n - n % world
-    taken = []
-    for rank in range(world):
-        s = EpochSampler(n, seed, rank=rank, world=world)
-        s.set_epoch(epoch)
-        taken += list(s)
-        assert len(s) == used // world  # every rank runs as many batches
-    assert Counter(taken) == Counter(list(single)[:used])
-
-
-def global_batches(n, seed, epoch, world, batch_size, start=0):
-    """The union over ranks of each rank's batch i, as sets, for i = 0, 1, ..."""
-    shards = []
-    for rank in range(world):
-        s = EpochSampler(n, seed, rank=rank, world=world)
+def steps_of(n, seed, epoch, batch_size, world, accumulation, start=0):
+    """Each step's examples over all ranks (as a sorted list), and whether every rank runs rank 0's micro-batch count."""
+    samplers = [StepSampler(n, seed, batch_size, world, rank, accumulation) for rank in range(world)]
+    for s in samplers:
         s.set_epoch(epoch, start=start)
-        shards.append(list(s))
-    count = max(math.ceil(len(shard) / batch_size) for shard in shards)
-    return [set().union(*(shard[i * batch_size:(i + 1) * batch_size] for shard in shards)) for i in range(count)]
+    steps = []
+    for per_rank in zip(*(s.steps() for s in samplers)):
+        (rank0, most), others = per_rank[0], per_rank[1:]
+        assert len(rank0) == most and all(len(micro) <= most for micro, m in others if m == most)
+        assert all(m == most for _, m in others)
+        assert all(len(mb) <= batch_size for micro, _ in per_rank for mb in micro)
+        steps.append(sorted(i for micro, _ in per_rank for mb in micro for i in mb))
+    return steps
 
 
 @quick
-@given(world=st.integers(1, 6), resumed_world=st.integers(1, 6), per=st.integers(1, 3), blocks=st.integers(1, 12),
+@given(n=st.integers(1, 200), batch_size=st.integers(1, 5), world=st.integers(1, 6), accumulation=st.integers(1, 3),
+       seed=seeds, epoch=st.integers(0, 3))
+def test_an_epoch_is_its_order_cut_into_global_batches(n, batch_size, world, accumulation, seed, epoch):
+    order = StepSampler(n, seed, 1)
+    order.set_epoch(epoch)
+    order = order.order().tolist()
+    size = batch_size * world * accumulation
+    assert steps_of(n, seed, epoch, batch_size, world, accumulation) == [
+        sorted(order[k:k + size]) for k in range(0, n, size)]  # every example once; only the last step short
+
+
+@quick
+@given(world=st.integers(1, 6), resumed_world=st.integers(1, 6), per=st.integers(1, 3), n=st.integers(1, 100),
        seed=seeds, epoch=st.integers(0, 3), data=st.data())
-def test_sampler_resumes_mid_epoch_on_another_world_size_with_the_same_global_batches(
-        world, resumed_world, per, blocks, seed, epoch, data):
+def test_steps_are_the_same_on_another_number_of_processes_whatever_the_example_count(
+        world, resumed_world, per, n, seed, epoch, data):
     unit = math.lcm(world, resumed_world)
-    global_size = unit * per  # b * N == b' * M
-    n = unit * blocks  # divisible by both world sizes: neither drops a remainder
-    before = global_batches(n, seed, epoch, world, global_size // world)
+    size = unit * per  # the global batch: b * N == b' * M, here with accumulation 1 and then per
+    before = steps_of(n, seed, epoch, size // world, world, 1)
     done = data.draw(st.integers(0, len(before)))
-    after = global_batches(n, seed, epoch, resumed_world, global_size // resumed_world, start=done * global_size)
+    after = steps_of(n, seed, epoch, unit // resumed_world, resumed_world, per, start=done * size)
     assert after == before[done:]
-    single = EpochSampler(n, seed)
-    single.set_epoch(epoch)
-    order = list(single)
-    assert after == [set(order[k:k + global_size]) for k in range(done * global_size, n, global_size)]

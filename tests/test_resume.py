@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import shlex
 import signal
@@ -18,7 +17,7 @@ from conftest import ENV, ROOT, run_script
 from lm import checkpoint
 from lm.config import Config
 from lm.errors import UsageError
-from lm.objectives import TokenLoss
+from lm.losses import TokenLoss
 from lm.train import train
 
 STEPS = 12
@@ -149,24 +148,21 @@ def test_non_finite_loss_names_step_and_keeps_last_checkpoint(model_dirs, corpus
     assert checkpoint.load(out / "checkpoints" / "step-5").model
 
 
-def test_failed_checkpoint_write_keeps_previous_one(model_dirs, corpus, reference, tmp_path, monkeypatch):
+def test_failed_checkpoint_write_keeps_previous_one(model_dirs, corpus, reference, tmp_path):
     out = tmp_path / "run"
-    run = dict(settings(model_dirs["mlm"], corpus, out), save_every=5, save_total_limit=1)
-    real_save = torch.save
-
-    def disk_full_at_step_8(obj, f, *args, **kwargs):
-        if Path(f).parent.name.startswith(".step-8-") and Path(f).name == "optimizer.pt":  # model.pt written
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", disk_full_at_step_8)
-    with pytest.raises(UsageError, match=r"checkpoint step-8 failed: No space left on device; .*step-5 is intact"):
-        train(Config.for_task("mlm", **run))
-    monkeypatch.undo()
+    args = cli_args(model_dirs["mlm"], corpus, out, save_every=5, save_total_limit=1)
+    # after step 7 no file may grow past 1 MB: the step-8 checkpoint's model.pt (4 MB) fails as on a full disk
+    full = run_script("mlm", *args, env={**signalled_at(7), "LM_TEST_FILE_LIMIT": str(1 << 20)})
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "Traceback" not in full.stderr
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: writing checkpoint step-8 failed: File too large; the last complete checkpoint ")
+    assert last.endswith("step-5 is intact")
     # --save-total-limit 1 pruned step-4 once step-5 was complete, and nothing of step-8 is left
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-5"]
 
-    train(Config.for_task("mlm", **run, resume_from="latest"))
+    resumed = run_script("mlm", *args, "--resume-from", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_weights(out, reference("mlm"))
     assert [p.name for p in checkpoint.all_checkpoints(out)] == ["step-12"]
 
@@ -174,7 +170,7 @@ def test_failed_checkpoint_write_keeps_previous_one(model_dirs, corpus, referenc
 # A valid value other than the base's, for every option: a new option without one fails the walk below,
 # so whoever adds it decides how a resumed run treats it.
 OTHER_VALUE = dict(
-    task="mlm", model="other-model", dataset="wikitext", dataset_config="wikitext-2-raw-v1", train_file="other.txt",
+    task="mlm", model="other-model", tokenizer="other-tokenizer", dataset="wikitext", dataset_config="wikitext-2-raw-v1", train_file="other.txt",
     validation_file="other-valid.txt", text_column="body", validation_split_percentage=10.0, block_size=64,
     line_by_line=True, mlm_prob=0.2, max_train_samples=4, max_eval_samples=3, lr=5e-4, head_lr=1e-2,
     weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6, lr_scheduler="cosine", warmup_steps=2,
@@ -240,3 +236,32 @@ def test_resumed_run_applies_new_optimizer_settings_and_schedule(model_dirs, cor
     groups = checkpoint.load(out / "checkpoints" / "step-9").optimizer["param_groups"]
     assert {(g["weight_decay"], g["eps"], g["base_lr"]) for g in groups} == {(0.1, 1e-6, 5e-4), (0.0, 1e-6, 5e-4)}
 
+
+
+def test_the_printed_resume_command_continues_the_same_run_directory(model_dirs, corpus, reference, tmp_path):
+    # no --output-dir: the run goes to runs/<task>-<time>, and the resumed run must go on there
+    args = [a for a in cli_args(model_dirs["clm"], corpus, tmp_path / "unused") if "unused" not in a]
+    args.remove("--output-dir")
+    stopped = subprocess.run([sys.executable, str(ROOT / "train_clm.py"), *args], cwd=tmp_path, capture_output=True,
+                             text=True, env={**ENV, **signalled_at(3, "SIGTERM")})
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    python, *rest = shlex.split(stopped.stderr.split("resume with: ")[1].splitlines()[0])
+    resumed = subprocess.run([sys.executable, *rest], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs
+    assert_same_weights(runs[0], reference("clm"))
+    assert [s for s, _ in logged_losses(runs[0])] == list(range(1, STEPS + 1))
+
+
+def test_overwrite_output_dir_starts_tensorboard_and_checkpoints_afresh(model_dirs, corpus, tmp_path):
+    out = tmp_path / "run"
+    first = run_script("clm", *cli_args(model_dirs["clm"], corpus, out, max_train_steps=3, save_every=1))
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_script("clm", *cli_args(model_dirs["clm"], corpus, out, max_train_steps=2))
+    assert again.returncode == 2 and "holds another run (checkpoints, logs, metrics.json)" in again.stderr
+    over = run_script("clm", *cli_args(model_dirs["clm"], corpus, out, max_train_steps=2), "--overwrite-output-dir")
+    assert over.returncode == 0, over.stderr[-3000:]
+    assert [s for s, _ in logged_losses(out)] == [1, 2]
+    assert [s for s, _ in logged(out, "eval/loss")] == [0, 2]
+    assert checkpoint.all_checkpoints(out) == []

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 
 from conftest import metrics, run_script, scalars
 from lm.config import Config
-from lm.objectives import TokenLoss
+from lm.losses import TokenLoss
 from lm.texts import read_texts
 from lm.train import train
 
@@ -106,3 +106,17 @@ def test_python_api_takes_a_model_or_a_tokenizer_alone(tiny_gpt2, docs_corpus, t
     assert alone["perplexity_before"] == pytest.approx(also["perplexity_before"], rel=1e-6)
     with pytest.raises(UsageError, match=r"train\(model=...\) needs tokenizer=... as well"):
         train(Config.for_task("clm", output_dir=str(tmp_path / "x"), **common), model=model)
+
+
+def test_the_same_seed_trains_the_same_whether_the_peak_and_tokens_are_cached_or_not(tiny_bert, docs_corpus, tmp_path):
+    # The first run measures the MFU peak and tokenizes; the second finds both cached. Dropout (0.1 in
+    # the tiny BERT) and the masks must not notice: bitwise-equal weights.
+    from safetensors.torch import load_file
+
+    common = dict(model=tiny_bert, train_file=docs_corpus[0], validation_file=docs_corpus[1], block_size=32,
+                  max_train_steps=3, precision="fp32", cache_dir=str(tmp_path / "cache"), peak_flops="auto")
+    train(Config.for_task("mlm", output_dir=str(tmp_path / "first"), **common))
+    assert (tmp_path / "cache" / "peak-flops.json").exists()
+    train(Config.for_task("mlm", output_dir=str(tmp_path / "second"), **common))
+    first, second = (load_file(tmp_path / run / "model.safetensors") for run in ("first", "second"))
+    assert [name for name in first if not torch.equal(first[name], second[name])] == []
