@@ -170,7 +170,7 @@ def run_side(args) -> dict:
     cfg = Config.for_task(args.task, head_lr=None, batch_size=args.batch, block_size=args.block,
                           max_train_steps=total, max_train_samples=total * args.batch, max_eval_samples=1,
                           log_every=1, seed=SEED, device=args.device, precision=side_precision(args, args.side),
-                          model=args.model, compile=args.compile)
+                          model=args.model, compile=side_compile(args))
     path = args.model or str(model_dir(find_objective(args.task).embedded_model))
     with tempfile.TemporaryDirectory(prefix="vs-trainer-") as out:
         if args.side == "ours":
@@ -212,8 +212,13 @@ def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch) -> Non
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_eps,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.log_every, save_strategy="no", report_to="none", use_cpu=cfg.device == "cpu", disable_tqdm=True,
-        bf16=cfg.precision == "bf16", tf32=True if cfg.device == "cuda" else None, torch_compile=cfg.compile, train_sampling_strategy="sequential", dataloader_num_workers=0, seed=cfg.seed)
+        bf16=cfg.precision == "bf16", tf32=True if cfg.device == "cuda" else None, torch_compile=cfg.compile == "on", train_sampling_strategy="sequential", dataloader_num_workers=0, seed=cfg.seed)
     Trainer(model=model, args=args, train_dataset=items, data_collator=collator).train()
+
+
+def side_compile(args) -> str:
+    """--compile: both sides compiled; --defaults: ours decides (auto); else both eager."""
+    return "on" if args.compile else "auto" if args.defaults else "off"
 
 
 def side_precision(args, side: str) -> str:

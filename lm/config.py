@@ -88,7 +88,10 @@ class Config:
     fsdp: bool = option(False, "under torchrun: shard parameters, gradients and optimizer state (FSDP2)")
     ddp_timeout: int = option(
         1800, "under torchrun: seconds a process waits for the others (e.g. while rank 0 tokenizes) before failing")
-    compile: bool = option(False, "torch.compile the model (slow first steps; pays off on long GPU runs)")
+    compile: str = option(
+        "auto", "torch.compile the model: on, off, or auto: on when the first steps show it pays back within the run "
+        "(the step budget x the time it saves per step against the time it takes); --compile alone means on",
+        choices=("auto", "on", "off"), const="on")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
     peak_flops: Union[float, str] = option(
         "auto", "peak FLOP/s of one device, for MFU; auto: a table of known GPUs, else a ~1 s matmul probe at "
@@ -286,6 +289,8 @@ def build_parser(task) -> argparse.ArgumentParser:
             kwargs["metavar"] = f.name.split("_")[-1].upper()
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
+            if "const" in f.metadata:  # the flag alone means this value
+                kwargs.update(nargs="?", const=f.metadata["const"])
         parser.add_argument(f"--{flag(f.name)}", **kwargs)
         hidden = dict(kwargs, help=argparse.SUPPRESS, default=argparse.SUPPRESS)  # the default is set once, above
         if kind is bool:

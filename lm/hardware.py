@@ -56,17 +56,64 @@ def choose_precision(requested: str, device_type: str, bf16_native: bool) -> tup
     return "fp32", f"auto: no native bf16 on {device_type}"
 
 
-def check_compile(compile: bool, device: torch.device) -> None:
-    """--compile needs Inductor's backend for the device: CUDA, or a CPU with a C++ compiler."""
-    if not compile:
-        return
+def check_compile(requested: str, device: torch.device) -> str | None:
+    """Why torch.compile can't run here (Inductor needs CUDA, or a CPU with a C++ compiler), or None.
+
+    --compile on where it can't run is an error; auto there stays eager."""
+    why = None
     if device.type == "mps":
-        raise UsageError("--compile is not supported on Apple MPS here; drop --compile or use --device cpu")
-    if device.type == "cpu":
+        why = "--compile is not supported on Apple MPS here; drop --compile or use --device cpu"
+    elif device.type == "cpu":
         import shutil
 
         if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
-            raise UsageError("--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile")
+            why = "--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile"
+    if why and requested == "on":
+        raise UsageError(why)
+    return why
+
+
+# torch.compile (Inductor) of the model, as measured on the machines in README "Compiling": the share
+# of a training step's time it saves, by device type and precision. Absent: it was not measured to
+# save anything there, so --compile auto stays eager.
+COMPILE_GAIN = {("cpu", "bf16"): 0.2, ("cuda", "bf16"): 0.3, ("cuda", "fp16"): 0.3}
+# Seconds of compiling per transformer layer when nothing is cached yet, by device type: the estimate
+# until a run on this machine has measured it (cache_dir/compile.json, which then holds the cost with
+# Inductor's cache warm: it lives in cache_dir/inductor).
+COMPILE_SECONDS_PER_LAYER = {"cpu": 5.0, "cuda": 2.0}
+COMPILE_CACHE = "compile.json"
+COMPILE_AFTER = 3  # --compile auto decides after this many eager steps, from their time
+
+
+def compile_pays(device_type: str, precision: str, steps_left: int, step_seconds: float,
+                 compile_seconds: float) -> tuple[bool, str]:
+    """(compile now?, why): whether the time compiling saves over the steps left beats what compiling costs."""
+    gain = COMPILE_GAIN.get((device_type, precision))
+    if not gain:
+        return False, f"off: compiling was not measured to speed up {precision} steps on {device_type}"
+    saved = gain * step_seconds * steps_left
+    return saved > compile_seconds, (f"{'on' if saved > compile_seconds else 'off'}: ~{saved:.0f} s saved over "
+                                     f"{steps_left} steps against ~{compile_seconds:.0f} s of compiling")
+
+
+def compile_key(device: torch.device, precision: str, config, batch: int, block: int) -> str:
+    """What the cost of compiling a model depends on, readably."""
+    layers = getattr(config, "num_hidden_layers", "?")
+    return ", ".join([device_name(device), f"torch {torch.__version__}", precision, config.model_type,
+                      f"{layers} layers of {config.hidden_size}", f"{batch}x{block}"])
+
+
+def compile_seconds(cache_dir: Path | str | None, key: str, layers: int, device_type: str) -> float:
+    """Seconds compiling is expected to take: what this machine last measured, else the per-layer estimate."""
+    known = read_cache(Path(cache_dir) / COMPILE_CACHE if cache_dir is not None else None)
+    return known[key]["seconds"] if key in known else COMPILE_SECONDS_PER_LAYER.get(device_type, 5.0) * layers
+
+
+def record_compile_seconds(cache_dir: Path | str | None, key: str, seconds: float) -> None:
+    if cache_dir is not None:
+        path = Path(cache_dir) / COMPILE_CACHE
+        write_atomically(path, {**read_cache(path), key: {
+            "seconds": seconds, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}})
 
 
 def autocast(device: torch.device, precision: str):
@@ -119,8 +166,10 @@ def resolve_peak_flops(requested: float | str, device: torch.device, precision: 
     return table_peak_flops(device, precision) or measure_peak_flops(device, precision, shapes, cache_dir)
 
 
-# Seconds the probe spends timing, shared by its shapes; the warmup adds about a fifth.
+# Seconds the probe spends on each shape: a warmup, then trials of back-to-back matmuls, the best kept.
 PROBE_SECONDS = 1.0
+PROBE_WARMUP = 0.4  # share of PROBE_SECONDS: matrix units (AMX) and clocks start cold and settle under load
+PROBE_TRIALS = 6
 # Vocabulary columns in the probe's head matmul: a slice, as LinearCrossEntropy computes logits in chunks.
 PROBE_VOCAB = 4096
 PEAK_CACHE = "peak-flops.json"
@@ -140,18 +189,78 @@ def measure_peak_flops(device: torch.device, precision: str, shapes: tuple[tuple
 
     The probe runs in the calling process, so it uses the thread count training will use (part of the key).
     """
-    key = probe_key(device, precision, shapes)
-    path = Path(cache_dir) / PEAK_CACHE if cache_dir is not None else None
+    def probe():
+        flops = max(best_matmul_rate(device, DTYPES[precision], shape, PROBE_SECONDS) for shape in shapes)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the probe's buffers go back before training allocates
+        return {"flops": flops}
+
+    return measured(cache_dir, PEAK_CACHE, probe_key(device, precision, shapes), probe)["flops"]
+
+
+def measured(cache_dir: Path | str | None, filename: str, key: str, measure) -> dict:
+    """measure()'s dict, kept under `key` in cache_dir/filename and read from there next time (None: not kept)."""
+    path = Path(cache_dir) / filename if cache_dir is not None else None
     known = read_cache(path)
     if key in known:
-        return known[key]["flops"]
-    flops = max(best_matmul_rate(device, DTYPES[precision], shape, PROBE_SECONDS / len(shapes)) for shape in shapes)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the probe's buffers go back before training allocates
+        return known[key]
+    result = measure()
     if path is not None:  # read again: another process may have added its machine meanwhile
         write_atomically(path, {**read_cache(path), key: {
-            "flops": flops, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}})
-    return flops
+            **result, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}})
+    return result
+
+
+ATTENTION_CACHE = "attention.json"
+
+
+def choose_attention(device: torch.device, precision: str, config, batch: int, block: int,
+                     cache_dir: Path | str | None) -> tuple[str, str]:
+    """(attention implementation for transformers, why): "sdpa" or "eager" (matmuls and a softmax).
+
+    On a GPU, SDPA's fused kernels; on a CPU in fp32, SDPA too. On a CPU in bf16 neither wins
+    everywhere: SDPA's flash backward is several times slower in bf16 than in fp32, while plain
+    matmuls run at the bf16 rate. So one layer of this model is timed, forward and backward at the
+    run's shapes, with each, once per machine, and the faster kept (cached in cache_dir/attention.json).
+    """
+    if device.type != "cpu":
+        return "sdpa", "SDPA's fused kernels"
+    if precision == "fp32":  # the two take the same time within a few percent (measured), SDPA less memory
+        return "sdpa", "SDPA in fp32"
+    key = ", ".join([device_name(device), f"{torch.get_num_threads()} threads", f"torch {torch.__version__}",
+                     precision, config.model_type, f"{batch}x{block}", f"{config.hidden_size} wide"])
+    try:
+        times = measured(cache_dir, ATTENTION_CACHE, key, lambda: {
+            impl: layer_seconds(config, impl, batch, block, precision, device) for impl in ("sdpa", "eager")})
+    except Exception as e:  # a config this probe can't shrink to one layer: keep transformers' default
+        return "sdpa", f"default (one layer could not be timed: {type(e).__name__})"
+    best, other = sorted(("sdpa", "eager"), key=lambda impl: times[impl])
+    return best, f"{best} attention, {times[best] * 1e3:.0f} ms per layer against {times[other] * 1e3:.0f} ({other})"
+
+
+def layer_seconds(config, implementation: str, batch: int, block: int, precision: str, device: torch.device,
+                  repeats: int = 3) -> float:
+    """Best seconds of a forward and backward through a one-layer copy of `config`'s model body."""
+    import copy
+
+    import transformers
+
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    if isinstance(getattr(one, "layer_types", None), list):  # per-layer attention kinds (Qwen3, Gemma...)
+        one.layer_types = one.layer_types[:1]
+    with torch.random.fork_rng(devices=[]):  # random weights and dropout, none drawn from training's generators
+        torch.manual_seed(0)
+        body = transformers.AutoModel.from_config(one, attn_implementation=implementation).to(device).train()
+        states = torch.randn(batch, block, config.hidden_size, device=device)  # the layer alone, no embedding table
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first pays for set-up
+            started = time.perf_counter()
+            with autocast(device, precision):
+                out = body(inputs_embeds=states).last_hidden_state
+            out.float().square().mean().backward()
+            best = min(best, time.perf_counter() - started)
+    return best
 
 
 def probe_key(device: torch.device, precision: str, shapes: tuple[tuple[int, int, int], ...]) -> str:
@@ -178,12 +287,14 @@ def cpuinfo() -> list[str]:
 
 
 def best_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], seconds: float) -> float:
-    """Best FLOP/s of (m, k) activations times an (n, k) weight over `seconds` of repeats, after a warmup.
+    """Best FLOP/s of (m, k) activations times an (n, k) weight: warm up, then the best of PROBE_TRIALS trials.
 
-    The weight is laid out as nn.Linear keeps it: a CPU without bf16 emulates a bf16 matmul with
-    (k, n) weights several times slower still. The warmup doubles the rows from 16 up to m, and
-    stops where one call takes a tenth of `seconds`: emulated bf16 is ~10x slower than fp32 and
-    would take seconds per call at a large shape, where a few dozen rows already keep it busy.
+    A cold probe disagrees with itself: AMX units and GPU clocks start cold, and a busy CPU's clock
+    takes a moment to settle, so the first PROBE_WARMUP of `seconds` runs untimed, and each trial
+    times many calls back to back (short bursts catch transients). The best trial is kept: other
+    load only ever slows one down. The weight is laid out as nn.Linear keeps it. Before all that,
+    the rows double from 16 up to m until one call takes a hundredth of `seconds`: emulated bf16 (a
+    CPU without it) is ~10x slower than fp32 and would take seconds per call at a large shape.
     """
     m, k, n = shape
     g = torch.Generator(device).manual_seed(0)  # its own: the global generators belong to training
@@ -191,13 +302,12 @@ def best_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     weight = torch.randn(n, k, device=device, dtype=dtype, generator=g)
     rows = min(m, 16)
     timed_matmuls(x[:rows], weight, 1, device)  # the first call pays for library set-up
-    while (took := timed_matmuls(x[:rows], weight, 1, device)) < seconds / 10 and rows < m:
+    while (took := timed_matmuls(x[:rows], weight, 1, device)) < seconds / 100 and rows < m:
         rows = min(m, 2 * rows)
-    calls = max(1, int(seconds / 20 / took))  # a GPU's calls are microseconds: time many between two waits
-    best, start = 0.0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        best = max(best, 2 * rows * k * n * calls / timed_matmuls(x[:rows], weight, calls, device))
-    return best
+    trial = (1 - PROBE_WARMUP) * seconds / PROBE_TRIALS
+    calls = max(1, int(trial / took))
+    timed_matmuls(x[:rows], weight, max(1, int(PROBE_WARMUP * seconds / took)), device)
+    return max(2 * rows * k * n * calls / timed_matmuls(x[:rows], weight, calls, device) for _ in range(PROBE_TRIALS))
 
 
 def timed_matmuls(x: torch.Tensor, weight: torch.Tensor, calls: int, device: torch.device) -> float:

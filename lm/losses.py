@@ -3,6 +3,8 @@ vocabulary head run on those positions alone where the architecture allows it (`
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,17 +52,27 @@ class TokenLoss(nn.Module):
         super().__init__()
         self.model = model
         self.split = split_head(model)
+        self.workspace = Workspace()  # the fused head's scratch tensors, kept between steps
+        # > 0: a head that is not fused runs on a multiple of this many positions (the labelled ones,
+        # then unlabelled ones that add nothing), so that MLM's varying count of masked positions
+        # gives a compiled graph (and a CUDA graph) a few shapes, not one per batch
+        self.bucket = 0
 
     def forward(self, input_ids, attention_mask, labels):
         keep = labels != IGNORE  # (B, T)
-        if self.split is not None and chunkable(getattr(self.model, self.split[1])):
+        if self.split is None:
+            logits = self.labelled_logits(input_ids, attention_mask, keep)
+        else:
             hidden, head = self.hidden_states(input_ids, attention_mask), getattr(self.model, self.split[1])
-            dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
-                     else head.weight.dtype)
-            return fused_head_loss(hidden[keep], head.weight, head.bias, labels[keep], dtype)
+            if chunkable(head):
+                dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
+                         else head.weight.dtype)
+                return fused_head_loss(hidden[keep], head.weight, head.bias, labels[keep], dtype, self.workspace)
+            if self.bucket:
+                keep = pad_positions(keep, self.bucket)
+            logits = head(hidden[keep])
         # fp32 loss whatever the autocast dtype: log-softmax over ~50k logits loses digits in bf16
-        return F.cross_entropy(self.labelled_logits(input_ids, attention_mask, keep).float(), labels[keep],
-                               reduction="sum")
+        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
 
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         """(B, T, H) states the vocabulary head reads (split models only)."""
@@ -74,6 +86,21 @@ class TokenLoss(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
 
 
+POSITION_BUCKET = 64  # TokenLoss.bucket of a compiled run
+
+
+def pad_positions(keep: torch.Tensor, multiple: int) -> torch.Tensor:
+    """`keep` (B, T) with the first unselected positions added, so that it selects a multiple of `multiple`
+    positions (or all of them)."""
+    count = int(keep.sum())
+    target = min(keep.numel(), -(-count // multiple) * multiple)
+    if target == count:
+        return keep
+    flat = keep.flatten().clone()
+    flat[(~flat).nonzero()[:target - count, 0]] = True
+    return flat.view_as(keep)
+
+
 # Rows of logits per chunk: ~32 MB of fp32 logits at a time, whatever the vocabulary.
 CHUNK_LOGITS = 2 ** 23
 
@@ -83,14 +110,34 @@ def chunkable(head: nn.Module) -> bool:
     return isinstance(head, nn.Linear) and torch.is_grad_enabled() and head.weight.requires_grad
 
 
+class Workspace:
+    """Scratch tensors kept from one call to the next, by name, grown when too small.
+
+    The fused head's temporaries are large (a low-precision copy of the head, chunks of logits,
+    (N, V) gradients of the logits): allocated afresh at every step, a CPU pays for their pages
+    again each time (the allocator returns blocks this large to the system), ~20 ms per 100 MB,
+    which is more than the arithmetic on them. Only what lives within one call goes here.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != dtype or buffer.device != device:
+            buffer = self.buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buffer[:numel].view(shape)
+
+
 @torch.compiler.disable
-def fused_head_loss(hidden, weight, bias, labels, dtype) -> torch.Tensor:
+def fused_head_loss(hidden, weight, bias, labels, dtype, workspace: Workspace | None = None) -> torch.Tensor:
     """LinearCrossEntropy, kept out of torch.compile's graphs (a graph break around it).
 
     Traced by Dynamo, its gradients (computed in the forward pass) came out as zeros on CUDA:
     compiled CLM runs did not learn. Eagerly, between compiled graphs, it behaves as without --compile.
     """
-    return LinearCrossEntropy.apply(hidden, weight, bias, labels, dtype)
+    return LinearCrossEntropy.apply(hidden, weight, bias, labels, dtype, workspace or Workspace())
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -98,42 +145,54 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     The plain path keeps (N, V) fp32 logits, their log-softmax for backward, and two more (N, V)
     buffers in backward: ~800 MB for a 49k vocabulary at 8 x 128 tokens. Here only one chunk of
-    fp32 logits lives at a time; the gradients w.r.t. hidden states, weight and bias are finished in
-    the forward pass (softmax - one-hot is all the backward needs) and just scaled in backward.
-    Matmuls run in `dtype` (bf16 under autocast, as the plain path would), the log-sum-exp in fp32.
-    In bf16 the weight's gradient is one matmul over all rows of (softmax - one-hot), kept in bf16
-    (N x V x 2 bytes), instead of a bf16 product per chunk added into fp32.
+    fp32 logits lives at a time, and its softmax is computed in place; the gradients w.r.t. hidden
+    states, weight and bias are finished in the forward pass (softmax - one-hot is all the backward
+    needs) and just scaled in backward. Matmuls run in `dtype` (bf16 under autocast, as the plain
+    path would), the log-sum-exp in fp32. In fp32 the weight's gradient is summed chunk by chunk; in
+    bf16 it is one matmul over all rows of (softmax - one-hot), kept in bf16 (N x V x 2 bytes),
+    instead of a bf16 product per chunk added into fp32. Scratch tensors come from `workspace`.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, dtype):  # hidden (N, H), weight (V, H), labels (N,)
-        rows = max(1, CHUNK_LOGITS // weight.shape[0])
-        exact = dtype == weight.dtype  # fp32: accumulate the weight's gradient chunk by chunk, in place
-        with torch.autocast(hidden.device.type, enabled=False):
+    def forward(ctx, hidden, weight, bias, labels, dtype, workspace):  # hidden (N, H), weight (V, H), labels (N,)
+        n_rows, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
+        rows = max(1, min(n_rows, CHUNK_LOGITS // vocab))
+        low = dtype != weight.dtype  # bf16 matmuls, fp32 softmax
+        with torch.autocast(device.type, enabled=False):
             h_all = hidden.to(dtype)
-            w = weight.to(dtype)
+            w = workspace.get("weight", weight.shape, dtype, device).copy_(weight) if low else weight
             b = bias.to(dtype) if bias is not None else None
-            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            loss = torch.zeros((), dtype=torch.float32, device=device)
             grad_hidden = torch.empty_like(hidden)
-            grad_weight = torch.zeros_like(weight) if exact else None
+            grad_weight = None if low else torch.zeros_like(weight)
             grad_bias = torch.zeros_like(bias) if bias is not None else None
-            dlogits_all = None if exact else torch.empty(len(labels), weight.shape[0], dtype=dtype, device=hidden.device)
-            for start in range(0, h_all.shape[0], rows):
+            dlogits_all = workspace.get("dlogits", (n_rows, vocab), dtype, device) if low else None
+            for start in range(0, n_rows, rows):
                 h, y = h_all[start:start + rows], labels[start:start + rows]
-                logits = F.linear(h, w, b).float()  # (n, V)
-                lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
-                loss += (lse.squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)).sum()
-                dlogits = logits.sub_(lse).exp_()  # softmax, in place of the logits
-                dlogits[torch.arange(len(y), device=y.device), y] -= 1
+                n = len(y)
+                logits = workspace.get("logits", (rows, vocab), torch.float32, device)[:n]  # (n, V)
+                if low:
+                    product = workspace.get("product", (rows, vocab), dtype, device)[:n]
+                    logits.copy_(torch.addmm(b, h, w.T, out=product) if b is not None else torch.mm(h, w.T, out=product))
+                elif b is not None:
+                    torch.addmm(b, h, w.T, out=logits)
+                else:
+                    torch.mm(h, w.T, out=logits)
+                target = logits.gather(1, y[:, None])  # (n, 1)
+                top = logits.amax(1, keepdim=True)
+                total = logits.sub_(top).exp_().sum(1, keepdim=True)  # logits now exp(logits - top)
+                loss += (top + total.log() - target).sum()
+                dlogits = logits.div_(total)  # the softmax
+                dlogits[torch.arange(n, device=device), y] -= 1
                 if grad_bias is not None:
                     grad_bias += dlogits.sum(0)
-                if exact:
-                    grad_hidden[start:start + rows] = dlogits @ w
-                    grad_weight.addmm_(dlogits.T, h)
+                if low:
+                    dlogits = dlogits_all[start:start + n].copy_(dlogits)
+                    grad_hidden[start:start + n] = dlogits @ w
                 else:
-                    dlogits_all[start:start + rows] = dlogits
-                    grad_hidden[start:start + rows] = dlogits_all[start:start + rows] @ w
-            if not exact:
+                    torch.mm(dlogits, w, out=grad_hidden[start:start + n])
+                    grad_weight.addmm_(dlogits.T, h)
+            if low:
                 grad_weight = (dlogits_all.T @ h_all).to(weight.dtype)  # (V, H)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.spent = False
@@ -148,4 +207,4 @@ class LinearCrossEntropy(torch.autograd.Function):
                                "(its gradients were made in the forward and used up); run the forward again")
         ctx.spent = True
         grads = [g.mul_(grad_loss) if g is not None else None for g in ctx.saved_tensors]
-        return (*grads, None, None)
+        return (*grads, None, None, None)

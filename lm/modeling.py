@@ -113,10 +113,12 @@ def load_config(path: str, extra: dict):
     return AutoConfig.from_pretrained(path, **extra)
 
 
-def load_model(path: str, extra: dict, model_class: str) -> tuple[torch.nn.Module, frozenset[str]]:
+def load_model(path: str, extra: dict, model_class: str,
+               attention: str = "sdpa") -> tuple[torch.nn.Module, frozenset[str]]:
     """(fp32 model, names of parameters the checkpoint lacked and were freshly initialised).
 
-    `model_class` names the transformers Auto class, e.g. AutoModelForCausalLM."""
+    `model_class` names the transformers Auto class, e.g. AutoModelForCausalLM; `attention` its
+    attention implementation (lm.hardware.choose_attention)."""
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -124,7 +126,8 @@ def load_model(path: str, extra: dict, model_class: str) -> tuple[torch.nn.Modul
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # we report fresh parameters ourselves, in one line
     try:
-        model, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True, **extra)
+        model, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+                                           attn_implementation=attention, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = set(info.get("missing_keys", ()))

@@ -6,11 +6,14 @@ train() calls the stages in reading order. `Run` holds what setup builds once; `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import os
 import random
 import signal
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,11 +32,12 @@ from lm.config import Config, find_objective
 from lm.embedded import cache_root
 from lm.data import IGNORE, StepSampler
 from lm.errors import UsageError
-from lm.hardware import (FlopCounts, autocast, check_compile, choose_precision, configure, flop_counts, native_bf16,
-                         probe_shapes, resolve_device, resolve_peak_flops, step_flops)
+from lm.hardware import (COMPILE_AFTER, FlopCounts, autocast, check_compile, choose_attention, choose_precision,
+                         compile_key, compile_pays, compile_seconds, configure, flop_counts, native_bf16, probe_shapes,
+                         record_compile_seconds, resolve_device, resolve_peak_flops, step_flops)
 from lm.modeling import (check_model_class, load_config, load_model, load_tokenizer, max_positions, resolve_block_size,
                          resolve_model, resolve_tokenizer)
-from lm.losses import loss_and_logs
+from lm.losses import POSITION_BUCKET, loss_and_logs
 from lm.objectives import Objective
 from lm.evaluation import evaluate, perplexity
 from lm.optim import build_optimizer, lr_factor, parameter_groups, schedule, schedule_change, set_lr
@@ -72,6 +76,9 @@ class Run:
     warmup_steps: int = 0
     writer: object = None
     evaluated: dict = field(default_factory=dict)  # step -> eval loss
+    cannot_compile: str | None = None  # why torch.compile can't run here, if it can't
+    compiled_at: int | None = None  # the index in step_seconds of the first compiled step
+    step_seconds: list = field(default_factory=list)  # of this process's steps in this run
 
     def say(self, *args, **kwargs) -> None:
         """print on rank 0 only."""
@@ -115,7 +122,7 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
                          "that holds the model's tokenizer")
     device = resolve_device(cfg.device)
     precision, precision_why = choose_precision(cfg.precision, device.type, native_bf16(device))
-    check_compile(cfg.compile, device)
+    cannot_compile = check_compile(cfg.compile, device)
     world, device = distributed.init(device, cfg.ddp_timeout)
     if cfg.fsdp and not world.distributed:
         raise UsageError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N >= 2)")
@@ -125,7 +132,7 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     default_out = checkpoint.run_dir(cfg.resume_from) or f"runs/{objective.name}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(distributed.broadcast_from_main(world, cfg.output_dir or default_out))
     model_name = cfg.model or ("custom" if model is not None else objective.embedded_model)
-    run = Run(cfg, objective, world, device, precision, out, model_name)
+    run = Run(cfg, objective, world, device, precision, out, model_name, cannot_compile=cannot_compile)
     if cfg.lr_scheduler == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
         run.say("warning: --lr-scheduler constant has no warmup, as in transformers; "
                 "constant_with_warmup warms up", file=sys.stderr)
@@ -143,7 +150,8 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     else:
         run.model_config = model.config
     run.say(f"device {device}" + (f" x {world.size} processes" if world.distributed else "")
-            + f", precision {precision} ({precision_why})" + (", compiled" if cfg.compile else ""))
+            + f", precision {precision} ({precision_why}), compile {cfg.compile}"
+            + (f" (decided after {COMPILE_AFTER} steps)" if cfg.compile == "auto" else ""))
     return run, changes
 
 
@@ -164,16 +172,19 @@ def build_model(run: Run, model) -> None:
     cfg, device, world = run.cfg, run.device, run.world
     fresh = frozenset()
     if model is None:
+        attention, why = distributed.run_on_main(world, lambda: choose_attention(
+            device, run.precision, run.model_config, cfg.batch_size, run.block_size, cache_root(cfg.cache_dir)))
+        run.say(f"attention: {why}")
         seed_everything(cfg.seed)  # fresh parameters (e.g. a new head) from the seed, whatever ran before
-        model, fresh = load_model(*run.model_path, run.objective.model_class)
+        model, fresh = load_model(*run.model_path, run.objective.model_class, attention)
     if run.objective.adapt:
         run.objective.adapt(model, run.tokenizer)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.model = model.to(device)
     run.module = run.loss(model).to(device)
-    if cfg.compile:
-        run.module.compile()  # in place: the saved state dict keeps its plain names
+    if cfg.compile == "on":
+        compile_model(run)
     if cfg.fsdp:
         run.trained = distributed.shard(run.module, model)
     elif world.distributed:
@@ -272,6 +283,10 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
         while progress.step < run.total_steps:  # one epoch, or what is left of it, per pass
             for micro in epoch_batches(run, train_set, collate, sampler, progress.epoch, progress.examples_done):
                 loss_sum, tokens = train_step(run, progress, micro)
+                if cfg.compile == "auto" and len(run.step_seconds) == COMPILE_AFTER:
+                    decide_compile(run, progress)
+                if run.compiled_at is not None and len(run.step_seconds) == run.compiled_at + COMPILE_AFTER:
+                    record_compile_cost(run)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}")
                 if cfg.eval_every and progress.step % cfg.eval_every == 0:
@@ -332,11 +347,44 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-    progress.record(step_loss, int(n_tokens), int(n_inputs), int(examples), time.perf_counter() - started, flops,
+    run.step_seconds.append(time.perf_counter() - started)
+    progress.record(step_loss, int(n_tokens), int(n_inputs), int(examples), run.step_seconds[-1], flops,
                     dict(zip(logs, sums)))
     if progress.step % cfg.log_every == 0 or progress.step == run.total_steps:
         log_window(run, progress.step, lr, float(grad_norm), progress.take_window())
     return step_loss, n_tokens
+
+
+def compile_model(run: Run) -> None:
+    """torch.compile the loss module in place (saved state dicts keep plain names); Inductor caches in CACHE_DIR."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root(run.cfg.cache_dir) / "inductor"))
+    run.module.bucket = POSITION_BUCKET
+    # on CUDA the steps are replayed as CUDA graphs: at small batches a step is mostly kernel launches
+    run.module.compile(mode="reduce-overhead" if run.device.type == "cuda" else None)
+    run.compiled_at = len(run.step_seconds)
+
+
+def decide_compile(run: Run, progress: Progress) -> None:
+    """--compile auto after the first steps: compile from here on if the time it saves pays for it within the run."""
+    cfg, device = run.cfg, run.device
+    key = compile_key(device, run.precision, run.model.config, cfg.batch_size, run.block_size)
+    cost = compile_seconds(cache_root(cfg.cache_dir), key, run.model.config.num_hidden_layers, device.type)
+    if run.cannot_compile or cfg.fsdp:
+        on, why = False, "off: " + (run.cannot_compile or "not decided by auto under --fsdp (use --compile on)")
+    else:  # the first step pays for warm-ups; every rank decides alike on rank 0's timings
+        step = distributed.broadcast_from_main(run.world, statistics.median(run.step_seconds[1:]))
+        on, why = compile_pays(device.type, run.precision, run.total_steps - progress.step, step, cost)
+    run.say(f"compile {why}")
+    if on:
+        compile_model(run)
+
+
+def record_compile_cost(run: Run) -> None:
+    """What compiling took on this machine (the first compiled step over the ones after it), for the next auto."""
+    first, *after = run.step_seconds[run.compiled_at:]
+    if run.world.main:
+        key = compile_key(run.device, run.precision, run.model.config, run.cfg.batch_size, run.block_size)
+        record_compile_seconds(cache_root(run.cfg.cache_dir), key, max(0.0, first - statistics.median(after)))
 
 
 def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window) -> None:
@@ -355,7 +403,9 @@ def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window)
 def evaluate_at(run: Run, loader: DataLoader, step: int) -> float:
     """The validation loss at `step` (computed once per step), logged to TensorBoard."""
     if step not in run.evaluated:
-        loss = evaluate(run.module, loader, run.device, run.precision, run.eval_world)
+        # eagerly even when compiled: a graph for evaluation would cost a second compile
+        with torch.compiler.set_stance("force_eager") if run.compiled_at is not None else contextlib.nullcontext():
+            loss = evaluate(run.module, loader, run.device, run.precision, run.eval_world)
         run.writer.add_scalar("eval/loss", loss, step)
         run.writer.add_scalar("eval/perplexity", perplexity(loss), step)
         run.evaluated[step] = loss
@@ -384,6 +434,7 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict
     step = progress.step if progress else 0
     eval_loss = evaluate_at(run, eval_loader, step)
     metrics = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "precision": run.precision,
+               "compiled": run.compiled_at is not None,
                "model": run.model_name, "block_size": run.block_size, "world_size": run.world.size}
     if progress is None:  # --eval-only
         metrics["eval_tokens"] = eval_loader.dataset.num_tokens

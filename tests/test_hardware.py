@@ -9,8 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import tiny_model
 from lm.errors import UsageError
 from lm.data import IGNORE, causal_labels
-from lm.hardware import (PEAK_CACHE, FlopCounts, autocast, choose_precision, flop_counts, gpu_peak_flops,
-                         measure_peak_flops, native_bf16, probe_key, resolve_device, resolve_peak_flops, step_flops)
+from lm.hardware import (COMPILE_GAIN, COMPILE_SECONDS_PER_LAYER, PEAK_CACHE, FlopCounts, autocast, choose_precision,
+                         compile_key, compile_pays, compile_seconds, flop_counts, gpu_peak_flops, measure_peak_flops,
+                         native_bf16, probe_key, record_compile_seconds, resolve_device, resolve_peak_flops, step_flops)
 from lm.losses import SPLIT_HEAD, TokenLoss
 
 
@@ -92,6 +93,16 @@ def test_the_probe_measures_a_plausible_peak_quickly_and_caches_it_per_precision
     assert measure_peak_flops(cpu, "bf16", SMALL, tmp_path) > 1e6  # a separate entry, measured
     assert len(json.loads(cache.read_text())) == 2
     assert measure_peak_flops(cpu, "fp32", SMALL[:1], tmp_path) != 123.0  # other shapes: measured again
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not native_bf16(torch.device("cpu")), reason="this CPU emulates bf16: not a rate anyone trains at"))])
+def test_three_fresh_probes_agree_within_10_percent(precision):
+    # The MFU peak must hold still: a cold probe (AMX units, clocks) measured 905-2528 GFLOP/s in one hour
+    cpu = torch.device("cpu")
+    shapes = ((1024, 384, 1536), (1024, 384, 4096))  # MiniLM's at 8 x 128
+    rates = [measure_peak_flops(cpu, precision, shapes, None) for _ in range(3)]  # None: no cache, three probes
+    assert max(rates) / min(rates) < 1.10, [f"{r / 1e9:.1f} GFLOP/s" for r in rates]
 
 
 def test_the_probe_key_names_the_thread_count_training_will_use():
@@ -181,3 +192,20 @@ def test_step_flops_agree_with_the_matmuls_torch_counts_in_a_real_step(tokenizer
     # matmuls only. BERT's decoder bias (V of them) is the largest such term: 3% of this tiny model.
     assert ours == pytest.approx(counter.get_total_flops(), rel=0.04)
     assert ours >= counter.get_total_flops()
+
+
+# ---------------------------------------------------------------- --compile auto
+
+def test_compile_auto_compiles_when_the_time_saved_pays_for_compiling(tokenizer, tmp_path):
+    gain = COMPILE_GAIN[("cuda", "bf16")]
+    steps = round(20 / (gain * 0.05))  # 0.05 s steps: 20 s saved over the run
+    assert compile_pays("cuda", "bf16", steps, 0.05, 10.0) == (True, f"on: ~20 s saved over {steps} steps against "
+                                                                     "~10 s of compiling")
+    assert compile_pays("cuda", "bf16", steps // 4, 0.05, 10.0)[0] is False  # 5 s saved: not worth 10 s
+    assert compile_pays("cpu", "fp32", 10**6, 10.0, 1.0) == (
+        False, "off: compiling was not measured to speed up fp32 steps on cpu")
+    # the cost: an estimate per layer until this machine has measured it
+    key = compile_key(torch.device("cpu"), "bf16", tiny_model("clm", tokenizer).config, 8, 128)
+    assert compile_seconds(tmp_path, key, 30, "cpu") == 30 * COMPILE_SECONDS_PER_LAYER["cpu"]
+    record_compile_seconds(tmp_path, key, 12.5)
+    assert compile_seconds(tmp_path, key, 30, "cpu") == 12.5

@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_model
 from lm.data import IGNORE
-from lm.losses import LinearCrossEntropy
+from lm.losses import LinearCrossEntropy, Workspace
 
 
 def test_the_fused_head_refuses_a_second_backward_instead_of_scaling_twice():
@@ -14,7 +14,7 @@ def test_the_fused_head_refuses_a_second_backward_instead_of_scaling_twice():
     hidden = torch.randn(6, 8, requires_grad=True)
     weight = torch.randn(11, 8, requires_grad=True)
     labels = torch.randint(0, 11, (6,))
-    loss = LinearCrossEntropy.apply(hidden, weight, None, labels, torch.float32)
+    loss = LinearCrossEntropy.apply(hidden, weight, None, labels, torch.float32, Workspace())
     loss.backward(retain_graph=True)
     first = weight.grad.clone()
     with pytest.raises(RuntimeError, match="second backward"):
