@@ -47,10 +47,10 @@ import torch  # noqa: E402
 from lm.config import Config, find_objective  # noqa: E402
 from lm.data import blocks_of  # noqa: E402
 from lm.embedded import cache_root, model_dir  # noqa: E402
-from lm.hardware import (autocast, flop_counts, native_bf16, probe_shapes, resolve_device,  # noqa: E402
-                         resolve_peak_flops, step_flops, synchronize)
+from lm.hardware import (autocast, choose_attention, flop_counts, machine_summary, native_bf16,  # noqa: E402
+                         probe_shapes, resolve_device, resolve_peak_flops, step_flops, synchronize)
 from lm.data import IGNORE  # noqa: E402
-from lm.modeling import load_model, load_tokenizer  # noqa: E402
+from lm.modeling import load_config, load_model, load_tokenizer  # noqa: E402
 from lm.losses import TokenLoss  # noqa: E402
 from lm.texts import TextList, python_docs_texts  # noqa: E402
 from lm.token_cache import prepare  # noqa: E402
@@ -118,7 +118,8 @@ def profile(task: str, precision: str, args, device: torch.device) -> None:
     objective = find_objective(task)
     path = (str(model_dir(objective.embedded_model)), {})
     tokenizer = load_tokenizer(*path)
-    model, fresh = load_model(*path, objective.model_class)
+    attention, why = choose_attention(device, precision, load_config(*path), args.batch, args.block, cache_root())
+    model, fresh = load_model(*path, objective.model_class, attention)
     model.to(device).train()
     module = TokenLoss(model)
     cfg = Config.for_task(task)
@@ -129,7 +130,8 @@ def profile(task: str, precision: str, args, device: torch.device) -> None:
                        predicted_tokens=predicted)
     peak = resolve_peak_flops("auto", device, precision, probe_shapes(model.config, inputs), cache_root())
     print(f"\n== {task} {precision} on {device}: {find_objective(task).embedded_model}, batch {args.batch} x {args.block}, "
-          f"{predicted} labelled positions, {flops / 1e9:.1f} GFLOP per step; peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+          f"{predicted} labelled positions, {flops / 1e9:.1f} GFLOP per step; peak {peak / 1e9:.1f} GFLOP/s; "
+          f"attention: {why}", flush=True)
     if precision == "bf16" and not native_bf16(device) and flops / peak > args.max_emulated_seconds:
         print(f"skipped: emulated bf16, a step would take over {flops / peak:.0f} s even at that peak (x"
               f"{args.warmup + args.steps} steps); raise --max-emulated-seconds to run it anyway")
@@ -169,7 +171,7 @@ def main(argv=None) -> None:
     device = resolve_device(args.device)
     tasks = ("clm", "mlm") if args.task == "both" else (args.task,)
     precisions = ("fp32", "bf16") if args.precision == "both" else (args.precision,)
-    print(f"{device} ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}")
+    print(machine_summary(device))
     started = time.perf_counter()
     for task in tasks:
         for precision in precisions:

@@ -34,8 +34,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's lm, not an installed one
 
 SEED = 0
-DEFAULTS = {"mlm": dict(rounds=3, steps=6, warmup=1), "clm": dict(rounds=3, steps=4, warmup=1)}
+DEFAULTS = {"mlm": dict(rounds=3, steps=6, warmup=2), "clm": dict(rounds=3, steps=4, warmup=2)}
 CUDA_DEFAULTS = dict(rounds=3, steps=50, warmup=10)
+MAX_WARMUP = 40  # steps a side may take to settle before timing starts anyway
+SETTLED = 0.10  # settled: the last 3 steps each within 10% of their median
 
 
 def parse_args(argv=None):
@@ -43,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--task", choices=("clm", "mlm"), required=True)
     p.add_argument("--rounds", type=int, help="runs per side, alternating (default: 3)")
     p.add_argument("--steps", type=int, help="timed optimizer steps per run (default: mlm 6, clm 4)")
-    p.add_argument("--warmup", type=int, help="untimed optimizer steps first (default: 1)")
+    p.add_argument("--warmup", type=int, help="untimed optimizer steps first, at least (default: 2; then on until "
+                   "the step time settles, at most %d)" % MAX_WARMUP)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: our autocast against Trainer's bf16=True")
     p.add_argument("--defaults", action="store_true",
@@ -53,13 +56,18 @@ def parse_args(argv=None):
     p.add_argument("--model", help="a checkpoint directory of the task's kind (default: the embedded model)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
     p.add_argument("--block", type=int, default=128, help="tokens per sequence (default: 128)")
-    p.add_argument("--compile", action="store_true", help="both sides compiled: ours --compile, Trainer torch_compile=True")
+    p.add_argument("--compile", choices=("ours", "both"), help="ours: our --compile on against Trainer eager; "
+                   "both: Trainer's torch_compile=True too (default: both eager; with --defaults ours is auto)")
     p.add_argument("--side", choices=("ours", "trainer"), help=argparse.SUPPRESS)  # one run, in a child
     args = p.parse_args(argv)
     for name, value in (CUDA_DEFAULTS if args.device == "cuda" else DEFAULTS[args.task]).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
+
+
+class Timed(Exception):
+    """Raised at the end of the last timed step: the run has measured what it was run for."""
 
 
 class StepClock:
@@ -117,11 +125,19 @@ class StepClock:
         module.register_forward_hook(self._after)
         return module
 
+    def settled(self, at_least: int) -> bool:
+        """Whether, after `at_least` steps, the last 3 step times are each within SETTLED of their median."""
+        times = [b - a for a, b in zip(self.step_ends[-4:], self.step_ends[-3:])]
+        if len(self.step_ends) < max(at_least, 4):
+            return False
+        middle = statistics.median(times)
+        return all(abs(t - middle) <= SETTLED * middle for t in times)
+
     def window(self, warmup: int) -> dict:
         """Wall seconds, busy seconds and CPU seconds of the steps after the warmup ones."""
         start, end = self.step_ends[warmup - 1], self.step_ends[-1]
         busy = sum(b - a for a, b in self.busy if a >= start and b <= end)
-        return {"seconds": end - start, "busy": busy, "steps": len(self.step_ends) - warmup,
+        return {"seconds": end - start, "busy": busy, "steps": len(self.step_ends) - warmup, "warmup": warmup,
                 "cpu_seconds": self.cpu_ends[-1] - self.cpu_ends[warmup - 1], "load": os.getloadavg()[0]}
 
 
@@ -157,14 +173,16 @@ def run_side(args) -> dict:
     from lm.embedded import model_dir
 
     clock = StepClock(args.device)
-    total = args.warmup + args.steps
-    timed_peak = {}
+    total = MAX_WARMUP + args.steps  # the run is stopped once its steps are timed
+    timed = {}
 
     def on_step_end(n):  # peak of the timed steps: from the end of warmup (every buffer built) to the last
-        if n == args.warmup:
+        if "warmup" not in timed and (clock.settled(args.warmup) or n == MAX_WARMUP):
+            timed["warmup"] = n
             reset_peak_rss(args.device)
-        if n == total:
-            timed_peak["rss"] = current_peak_rss(args.device)
+        if "warmup" in timed and n == timed["warmup"] + args.steps:
+            timed["rss"] = current_peak_rss(args.device)
+            raise Timed
 
     clock.on_step_end = on_step_end
     cfg = Config.for_task(args.task, head_lr=None, batch_size=args.batch, block_size=args.block,
@@ -178,14 +196,20 @@ def run_side(args) -> dict:
             from lm.train import train
 
             cfg.output_dir = out
-            train(cfg, loss=lambda model: clock.watch(TokenLoss(model)))
+            try:
+                train(cfg, loss=lambda model: clock.watch(TokenLoss(model)))
+            except Timed:
+                pass
         else:
-            train_with_trainer(cfg, path, out, clock, torch)
-    return {**clock.window(args.warmup), "tokens_per_step": args.batch * args.block, "peak_rss": timed_peak["rss"],
+            try:
+                train_with_trainer(cfg, path, out, clock, torch, args.compile == "both")
+            except Timed:
+                pass
+    return {**clock.window(timed["warmup"]), "tokens_per_step": args.batch * args.block, "peak_rss": timed["rss"],
             "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch) -> None:
+def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch, trainer_compile: bool = False) -> None:
     """The usual Trainer setup on our blocks, fed in our order through a sequential sampler."""
     from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer,
                               DataCollatorForLanguageModeling, Trainer, TrainingArguments, default_data_collator)
@@ -212,12 +236,12 @@ def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch) -> Non
         adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_eps,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.log_every, save_strategy="no", report_to="none", use_cpu=cfg.device == "cpu", disable_tqdm=True,
-        bf16=cfg.precision == "bf16", tf32=True if cfg.device == "cuda" else None, torch_compile=cfg.compile == "on", train_sampling_strategy="sequential", dataloader_num_workers=0, seed=cfg.seed)
+        bf16=cfg.precision == "bf16", tf32=True if cfg.device == "cuda" else None, torch_compile=trainer_compile, train_sampling_strategy="sequential", dataloader_num_workers=0, seed=cfg.seed)
     Trainer(model=model, args=args, train_dataset=items, data_collator=collator).train()
 
 
 def side_compile(args) -> str:
-    """--compile: both sides compiled; --defaults: ours decides (auto); else both eager."""
+    """Our --compile: on with --compile ours or both; auto with --defaults; else off."""
     return "on" if args.compile else "auto" if args.defaults else "off"
 
 
@@ -234,18 +258,11 @@ def side_precision(args, side: str) -> str:
 
 
 def machine(device: str) -> str:
-    """The CPU's name, cores and the bf16 features that decide --precision auto (and the GPU's name)."""
-    from lm.hardware import device_name
-
-    if device == "cuda":
-        import torch
-
-        return f"{device_name(torch.device('cuda'))}, torch {torch.__version__}"
-    lines = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    flags = sorted({f for f in ("avx512_bf16", "amx_tile", "amx_bf16") if f in lines})
     import torch
 
-    return f"{device_name(torch.device('cpu'))}, flags: {' '.join(flags) or 'no native bf16 (AVX2 only)'}"
+    from lm.hardware import machine_summary
+
+    return machine_summary(torch.device(device))
 
 
 def utilization(args, results: dict[str, list[dict]]) -> None:
@@ -270,9 +287,12 @@ def utilization(args, results: dict[str, list[dict]]) -> None:
     flops = step_flops(*counts, args.block, tokens, predicted)
     shapes = probe_shapes(config, tokens)
     device = torch.device(args.device)
-    peak = {p: measure_peak_flops(device, p, shapes, None) for p in ("fp32", "bf16")}  # fresh, not cached
-    print(f"matmul peak at the model's shapes, measured now: fp32 {peak['fp32'] / 1e9:,.1f} GFLOP/s, "
-          f"bf16 {peak['bf16'] / 1e9:,.1f} GFLOP/s, bf16/fp32 {peak['bf16'] / peak['fp32']:.2f}x")
+    probes = {p: sorted(measure_peak_flops(device, p, shapes, None) for _ in range(3)) for p in ("fp32", "bf16")}
+    peak = {p: rates[-1] for p, rates in probes.items()}  # fresh, not cached: three probes each, the best kept
+    for p, rates in probes.items():
+        print(f"matmul peak {p} at the model's shapes, three probes now: "
+              f"{', '.join(f'{r / 1e9:,.1f}' for r in rates)} GFLOP/s (spread {rates[-1] / rates[0] - 1:.1%})")
+    print(f"bf16/fp32 matmul ratio {peak['bf16'] / peak['fp32']:.2f}x")
     if device.type == "cuda":  # MFU against the datasheet, as usual for GPUs (the shapes' rate is printed above)
         peak = {p: table_peak_flops(device, p) or peak[p] for p in peak}
     for side, runs in results.items():
@@ -287,7 +307,7 @@ def run_child(args, side: str) -> dict:
     cmd = [sys.executable, __file__, "--task", args.task, "--rounds", "1", "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--precision", args.precision, "--side", side, *["--defaults"] * args.defaults,
            "--device", args.device, "--batch", str(args.batch), "--block", str(args.block),
-           *["--compile"] * args.compile, *(["--model", args.model] if args.model else [])]
+           *(["--compile", args.compile] if args.compile else []), *(["--model", args.model] if args.model else [])]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"{side} run failed:\n{done.stderr[-3000:]}")
@@ -323,7 +343,9 @@ def main(argv=None) -> None:
         return
     precisions = {side: side_precision(args, side) for side in ("ours", "trainer")}
     print(f"{args.task}: batch {args.batch} x {args.block}, ours {precisions['ours']}, Trainer {precisions['trainer']}, "
-          f"{machine(args.device)}," + (" both compiled," if args.compile else "") + f" {args.rounds} rounds x {args.steps} timed steps (+{args.warmup} warmup) per side", flush=True)
+          f"{machine(args.device)}," + (f" compiled: {args.compile}," if args.compile else "")
+          + f" {args.rounds} rounds x {args.steps} timed steps per side, after at least {args.warmup} warmup steps and "
+          f"until the step time settles (at most {MAX_WARMUP})", flush=True)
     started = time.perf_counter()
     results = {"ours": [], "trainer": []}
     for r in range(args.rounds):
@@ -331,6 +353,7 @@ def main(argv=None) -> None:
             res = run_child(args, side)
             results[side].append(res)
             print(f"round {r + 1} {side:7}: {res['tokens_per_step'] * res['steps'] / res['seconds']:8.1f} tokens/s, "
+                  f"settled after {res['warmup']} steps, "
                   f"overhead {100 * (1 - res['busy'] / res['seconds']):.2f}%, "
                   f"peak RSS {res['max_rss'] / 2 ** 30:.2f} GiB, load average {res['load']:.1f}", flush=True)
     summarize(args.task, results, time.perf_counter() - started, args.device)

@@ -279,6 +279,16 @@ def device_name(device: torch.device) -> str:
     return f"{device.type} {cpu or platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
+def machine_summary(device: torch.device) -> str:
+    """The device's name, torch, and for a CPU the features that decide bf16: for benchmark headers."""
+    if device.type != "cpu":
+        return f"{device_name(device)}, torch {torch.__version__}"
+    words = " ".join(cpuinfo()).split()
+    flags = sorted({f for f in ("avx512_bf16", "amx_tile", "amx_bf16") if f in words})
+    return (f"{device_name(device)}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"flags: {' '.join(flags) or 'no native bf16 (AVX2 only)'}")
+
+
 def cpuinfo() -> list[str]:
     try:
         return Path("/proc/cpuinfo").read_text().splitlines()
@@ -293,7 +303,7 @@ def best_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     takes a moment to settle, so the first PROBE_WARMUP of `seconds` runs untimed, and each trial
     times many calls back to back (short bursts catch transients). The best trial is kept: other
     load only ever slows one down. The weight is laid out as nn.Linear keeps it. Before all that,
-    the rows double from 16 up to m until one call takes a hundredth of `seconds`: emulated bf16 (a
+    the rows double from 16 up to m until one call takes a twentieth of `seconds`: emulated bf16 (a
     CPU without it) is ~10x slower than fp32 and would take seconds per call at a large shape.
     """
     m, k, n = shape
@@ -302,7 +312,7 @@ def best_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     weight = torch.randn(n, k, device=device, dtype=dtype, generator=g)
     rows = min(m, 16)
     timed_matmuls(x[:rows], weight, 1, device)  # the first call pays for library set-up
-    while (took := timed_matmuls(x[:rows], weight, 1, device)) < seconds / 100 and rows < m:
+    while (took := min(timed_matmuls(x[:rows], weight, 1, device) for _ in range(2))) < seconds / 20 and rows < m:
         rows = min(m, 2 * rows)
     trial = (1 - PROBE_WARMUP) * seconds / PROBE_TRIALS
     calls = max(1, int(trial / took))
