@@ -61,7 +61,8 @@ class Config:
         "label crosses into the next text")
     mlm_prob: float = option(0.15, "mlm only: fraction of tokens masked in each batch")
     max_train_samples: Optional[int] = option(None, "use at most this many training blocks")
-    max_eval_samples: Optional[int] = option(None, "use at most this many validation blocks")
+    max_eval_samples: Optional[int] = option(
+        None, "use at most this many validation blocks (with --eval-stride: their tokens)")
 
     # --- optimisation ---
     lr: float = option(2e-5, "peak learning rate of AdamW")
@@ -81,7 +82,8 @@ class Config:
     epochs: float = option(1.0, "passes over the training blocks")
     max_train_steps: Optional[int] = option(None, "stop after this many optimizer steps (overrides --epochs)")
     batch_size: int = option(8, "training blocks per micro-batch")
-    eval_batch_size: Optional[int] = option(None, "blocks per evaluation batch; default: --batch-size")
+    eval_batch_size: Optional[int] = option(
+        None, "blocks (or --eval-stride windows) per evaluation batch; default: --batch-size")
     seed: int = option(42, "seed of the shuffling, the masks, dropout and fresh weights")
 
     # --- hardware ---

@@ -6,8 +6,9 @@ meta.json, written last. With `documents` (--document-boundaries) each text also
 tokenizer's end-of-text token where the tokenizer adds none itself, and starts.bin holds where each
 text starts in tokens.bin (int64 offsets), so that blocks can keep their texts apart. The key hashes
 all the ids depend on: the tokenizer, the data, the options that pick the texts and `documents`.
-The block size is not part of it, since blocks are a reshaped view of the same file. A preparation is written into a temporary sibling directory and renamed into place,
-so a run that dies halfway leaves nothing that looks finished.
+The block size is not part of it, since blocks are a reshaped view of the same file. A preparation
+is written into a temporary sibling directory and renamed into place, so a run that dies halfway
+leaves nothing that looks finished.
 """
 
 from __future__ import annotations
@@ -255,8 +256,8 @@ def _tokenize_in_worker(task):
     return _tokenize_task(task, _worker["encoder"], _worker["dtype"], _worker["separator"], _worker["documents"])
 
 
-def _tokenize_task(task, encoder, dtype, separator: int | None = None,
-                   documents: bool = False) -> tuple[np.ndarray, np.ndarray | None, bool]:
+def _tokenize_task(task, encoder, dtype, separator: int | None,
+                   documents: bool) -> tuple[np.ndarray, np.ndarray | None, bool]:
     """(ids of the task's texts, each text's length with `documents` else None, whether any text is more than
     white space). `separator` ends every text."""
     if isinstance(task, tuple):

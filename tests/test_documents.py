@@ -54,11 +54,13 @@ def tiny(kind: str, vocab: int, pad_id: int, attention: str):
 
 
 def packed_batch(tokenizer, tmp_path, masked: bool) -> dict:
-    """The first 4 blocks of the texts through the token cache (--document-boundaries) and the task's collator."""
+    """The first 4 blocks of the texts through the token cache (--document-boundaries) and the task's collator,
+    and a 5th cut short, so that its row ends in padding."""
     prepared = prepare(TextList(texts()), tokenizer, tmp_path, 1, documents=True, say=lambda *a, **k: None)
     blocks = Examples(blocks_of(prepared.tokens(), BLOCK, "test"), prepared.starts())
     collate = MaskingCollator(tokenizer, 0.3, seed=0, evaluation=True) if masked else CausalCollator(tokenizer)
-    batch = collate([blocks[i] for i in range(4)])
+    index, ids, numbers = blocks[4]
+    batch = collate([blocks[i] for i in range(4)] + [(index, ids[:BLOCK - 7], numbers[:BLOCK - 7])])
     assert batch["attention_mask"].max() > 3  # several texts per block: what is tested
     return batch
 
@@ -112,14 +114,12 @@ def test_a_packed_block_scores_each_text_as_if_it_were_alone(kind, attention, to
 def test_labels_never_cross_into_the_next_text(smollm2_tokenizer, tmp_path):
     batch = packed_batch(smollm2_tokenizer, tmp_path, masked=False)
     ids, texts, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    eos = smollm2_tokenizer.eos_token_id
-    last = torch.zeros_like(texts, dtype=torch.bool)
-    last[:, :-1] = texts[:, 1:] != texts[:, :-1]
-    assert last.any() and (labels[last] == IGNORE).all()  # a text's last token predicts nothing
-    assert (ids[last] == eos).all()  # ... and is the end-of-text token the cache added
-    inner = ~last
-    inner[:, -1] = False
-    assert torch.equal(labels[inner], ids[:, 1:][inner[:, :-1]])  # every other token predicts the next
+    same = (texts[:, 1:] == texts[:, :-1]) & (texts[:, 1:] > 0)  # t and t + 1 in one text
+    boundary = (texts[:, 1:] != texts[:, :-1]) & (texts[:, 1:] > 0)  # t ends a text, another starts at t + 1
+    assert boundary.any() and (labels[:, :-1][boundary] == IGNORE).all()  # a text's last token predicts nothing
+    assert (ids[:, :-1][boundary] == smollm2_tokenizer.eos_token_id).all()  # ... and is the eos the cache added
+    assert torch.equal(labels[:, :-1][same], ids[:, 1:][same])  # every other token predicts the next
+    assert (labels[:, :-1][~same] == IGNORE).all() and (labels[:, -1] == IGNORE).all()
 
 
 def test_positions_restart_at_each_text():
