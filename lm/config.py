@@ -162,7 +162,8 @@ class Config:
         need(self.eval_stride is None or self.block_size is None or self.eval_stride <= self.block_size,
              f"--eval-stride {self.eval_stride} is above --block-size {self.block_size}: a window would skip tokens")
         need(not (self.document_boundaries and self.line_by_line),
-             "--document-boundaries keeps the texts of a block apart; --line-by-line examples are one text each already")
+             "--document-boundaries keeps the texts of a block apart; --line-by-line examples are one text each "
+             "already")
         need(not (self.prepare_only and self.line_by_line),
              "--prepare-only caches concatenated blocks; --line-by-line examples are not cached")
         need(not (self.dataset and self.train_file), "give either --dataset or --train-file, not both")
