@@ -45,7 +45,11 @@ def rearrange(ids: torch.Tensor, sentinels: tuple[int, int, int], generator) -> 
 
 
 class FimCollator(CausalCollator):
-    """Rearranges blocks by (seed, epoch, example), then pads them and labels each position with the next token."""
+    """Rearranges blocks by (seed, epoch, example), then pads them and labels each position with the next token.
+
+    With --document-boundaries each text of a block is rearranged on its own: it keeps its length, so
+    the texts stay where the block's `texts` says they are.
+    """
 
     def __init__(self, tokenizer, cfg, evaluation: bool = False):
         super().__init__(tokenizer)
@@ -54,9 +58,12 @@ class FimCollator(CausalCollator):
         self.seed, self.stream = cfg.seed, 1 if evaluation else 0  # evaluation: the same blocks rearranged every time
 
     def __call__(self, items, epoch: int = 0) -> dict:
-        items = [(index, rearrange(ids, self.sentinels, example_generator(self.seed, self.stream, epoch, index)))
-                 for index, ids in items]
-        return super().__call__(items, epoch)
+        rearranged = []
+        for index, ids, *texts in items:  # (index, ids) or, with --document-boundaries, (index, ids, texts)
+            generator = example_generator(self.seed, self.stream, epoch, index)
+            pieces = ids.split(texts[0].unique_consecutive(return_counts=True)[1].tolist()) if texts else [ids]
+            rearranged.append((index, torch.cat([rearrange(p, self.sentinels, generator) for p in pieces]), *texts))
+        return super().__call__(rearranged, epoch)
 
 
 FIM = dataclasses.replace(CLM, name="fim", description="causal language model with fill-in-the-middle",

@@ -259,13 +259,14 @@ def read_state(path: Path) -> dict:
 
 
 # How each option may differ between a checkpoint and the run that resumes it:
-# - fixed: what decides the data, its order and the masks; a change is refused;
+# - fixed: what decides the data, its order and the masks, and how perplexity is measured (perplexity_before
+#   stays comparable); a change is refused;
 # - the global batch, --batch-size x processes x --grad-accum-steps, must stay; its factors may change;
 # - not compared: what this invocation does rather than how the run trains;
 # - every other option may change and applies from the resumed step on; `check_resumable` lists them.
 RESUME_FIXED = ("task", "model", "tokenizer", "dataset", "dataset_config", "train_file", "validation_file", "text_column",
-                "validation_split_percentage", "block_size", "line_by_line", "mlm_prob", "max_train_samples",
-                "seed", "fsdp")
+                "validation_split_percentage", "block_size", "line_by_line", "document_boundaries", "mlm_prob",
+                "max_train_samples", "eval_stride", "seed", "fsdp")
 RESUME_GLOBAL_BATCH = ("batch_size", "grad_accum_steps")
 RESUME_NOT_COMPARED = ("resume_from", "overwrite_output_dir", "prepare_only")
 

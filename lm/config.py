@@ -55,9 +55,14 @@ class Config:
     block_size: Optional[int] = option(
         None, "tokens per training block; default 128, lowered if the model has fewer positions")
     line_by_line: bool = option(False, "mlm only: each non-empty line is one example, padded per batch")
+    document_boundaries: bool = option(
+        False, "keep the texts packed into a block apart: each ends with the tokenizer's end-of-text token (where "
+        "the tokenizer adds none), attends only to itself, counts its positions from its own first token, and no "
+        "label crosses into the next text")
     mlm_prob: float = option(0.15, "mlm only: fraction of tokens masked in each batch")
     max_train_samples: Optional[int] = option(None, "use at most this many training blocks")
-    max_eval_samples: Optional[int] = option(None, "use at most this many validation blocks")
+    max_eval_samples: Optional[int] = option(
+        None, "use at most this many validation blocks (with --eval-stride: their tokens)")
 
     # --- optimisation ---
     lr: float = option(2e-5, "peak learning rate of AdamW")
@@ -77,7 +82,8 @@ class Config:
     epochs: float = option(1.0, "passes over the training blocks")
     max_train_steps: Optional[int] = option(None, "stop after this many optimizer steps (overrides --epochs)")
     batch_size: int = option(8, "training blocks per micro-batch")
-    eval_batch_size: Optional[int] = option(None, "blocks per evaluation batch; default: --batch-size")
+    eval_batch_size: Optional[int] = option(
+        None, "blocks (or --eval-stride windows) per evaluation batch; default: --batch-size")
     seed: int = option(42, "seed of the shuffling, the masks, dropout and fresh weights")
 
     # --- hardware ---
@@ -100,6 +106,10 @@ class Config:
     # --- evaluation, logging, output ---
     eval_every: Optional[int] = option(None, "also evaluate every N optimizer steps")
     eval_only: bool = option(False, "evaluate --model on the validation data, write metrics, exit")
+    eval_stride: Optional[int] = option(
+        None, "clm only: validation perplexity over windows of --block-size tokens starting every N tokens "
+        "(1 <= N <= block size), each token scored once with the context its window gives; default: disjoint "
+        "blocks")
     log_every: int = option(10, "log training loss every N optimizer steps")
     output_dir: Optional[str] = option(None, "where the run is written; default runs/<task>-<timestamp>")
     overwrite_output_dir: bool = option(False, "allow an --output-dir that holds another run's checkpoints")
@@ -132,7 +142,7 @@ class Config:
         need(0 < self.mlm_prob < 1, f"--mlm-prob must be between 0 and 1 (exclusive), got {self.mlm_prob}")
         for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "max_train_steps", "log_every", "ddp_timeout",
                      "eval_every", "save_total_limit", "max_train_samples", "max_eval_samples",
-                     "preprocessing_workers"):
+                     "preprocessing_workers", "eval_stride"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{flag(name)} must be a positive integer, got {value}")
         for name in ("lr", "head_lr", "epochs", "adam_eps"):
@@ -152,6 +162,11 @@ class Config:
              f"--lr-scheduler polynomial decays to 1e-07: --lr must be above that, got {self.lr}")
         need(0 < self.validation_split_percentage < 100,
              f"--validation-split-percentage must be in (0, 100), got {self.validation_split_percentage}")
+        need(self.eval_stride is None or self.block_size is None or self.eval_stride <= self.block_size,
+             f"--eval-stride {self.eval_stride} is above --block-size {self.block_size}: a window would skip tokens")
+        need(not (self.document_boundaries and self.line_by_line),
+             "--document-boundaries keeps the texts of a block apart; --line-by-line examples are one text each "
+             "already")
         need(not (self.prepare_only and self.line_by_line),
              "--prepare-only caches concatenated blocks; --line-by-line examples are not cached")
         need(not (self.dataset and self.train_file), "give either --dataset or --train-file, not both")

@@ -45,18 +45,32 @@ def tokenize_lines(texts: list[str], tokenizer, max_length: int, desc: str = "to
     return examples
 
 
-class Examples(Dataset):
-    """Token sequences (blocks of equal length, or lines of any length); an item is (index, ids)."""
+def texts_in(starts: np.ndarray, lo: int, length: int) -> torch.Tensor:
+    """(length,) int64: which text each token of the stream's [lo, lo + length) belongs to, numbered 1, 2, ...
+    from the first one there. `starts` holds where each text of the stream starts (increasing, from 0)."""
+    text = np.searchsorted(starts, np.arange(lo, lo + length), side="right")
+    return torch.from_numpy(text - text[0] + 1)
 
-    def __init__(self, sequences):
-        self.sequences = sequences
+
+class Examples(Dataset):
+    """Token sequences (blocks of equal length, or lines of any length); an item is (index, ids).
+
+    With `starts` (--document-boundaries: where each text starts in the stream the blocks were cut from)
+    an item is (index, ids, texts): texts (T,) numbers each token's text within the block from 1.
+    """
+
+    def __init__(self, sequences, starts: np.ndarray | None = None):
+        self.sequences, self.starts = sequences, starts
 
     def __len__(self):
         return len(self.sequences)
 
     def __getitem__(self, i):
         # int64 whatever the storage: blocks may be uint16 rows of a memory-mapped token file
-        return i, torch.from_numpy(np.asarray(self.sequences[i], dtype=np.int64))
+        ids = torch.from_numpy(np.asarray(self.sequences[i], dtype=np.int64))
+        if self.starts is None:
+            return i, ids
+        return i, ids, texts_in(self.starts, i * len(ids), len(ids))
 
     @property
     def num_tokens(self) -> int:
@@ -66,14 +80,18 @@ class Examples(Dataset):
 
 
 def pad_batch(items, pad_id: int) -> dict:
-    """Stack (index, ids) items, right-padding with pad_id: input_ids, attention_mask, index."""
-    index = torch.tensor([i for i, _ in items])
-    length = max(len(ids) for _, ids in items)
+    """Stack (index, ids) or (index, ids, texts) items, right-padding with pad_id: input_ids, attention_mask, index.
+
+    The attention mask is 0 on padding and 1 on tokens, or each token's text number (1, 2, ...) where
+    items carry texts: lm.losses.TokenLoss then keeps the texts of a row apart.
+    """
+    index = torch.tensor([item[0] for item in items])
+    length = max(len(item[1]) for item in items)
     input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-    for row, (_, ids) in enumerate(items):
+    for row, (_, ids, *texts) in enumerate(items):
         input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = 1
+        attention_mask[row, : len(ids)] = texts[0] if texts else 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "index": index}
 
 
@@ -90,10 +108,62 @@ class CausalCollator:
 
 
 def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) labels where position t predicts token t+1; IGNORE after the last token and on padding."""
+    """(B, T) labels where position t predicts token t+1 of the same text; IGNORE after a text's last token
+    (the block's last, or before another text under --document-boundaries) and on padding."""
     labels = torch.full_like(input_ids, IGNORE)
-    labels[:, :-1] = torch.where(attention_mask[:, 1:].bool(), input_ids[:, 1:], IGNORE)
+    same_text = (attention_mask[:, 1:] == attention_mask[:, :-1]) & attention_mask[:, 1:].bool()
+    labels[:, :-1] = torch.where(same_text, input_ids[:, 1:], IGNORE)
     return labels
+
+
+class Windows(Dataset):
+    """Sliding windows over a split's whole token stream, for strided evaluation (--eval-stride, causal LM).
+
+    Window k holds the tokens [k x stride, k x stride + block) of the stream (the last one reaches its end
+    and may be shorter) and labels only the tokens no earlier window scored: every token but the first
+    is scored once, from as much preceding context as its window gives. With stride = block these are
+    the blocks, each scoring all its tokens but its first. `starts` (--document-boundaries) keeps texts
+    apart: no label crosses from one text to the next. An item is (index, ids, labels, texts or None).
+    """
+
+    def __init__(self, ids: np.ndarray, block_size: int, stride: int, starts: np.ndarray | None = None):
+        self.ids, self.block, self.stride, self.starts = ids, block_size, stride, starts
+        self.count = 1 + math.ceil(max(len(ids) - block_size, 0) / stride)
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, k):
+        lo = k * self.stride
+        ids = torch.from_numpy(np.asarray(self.ids[lo:lo + self.block], dtype=np.int64))
+        # The first token this window scores: the stream's second, or the first the window before did not
+        # reach (it ended at lo - stride + block); position t predicts token t + 1.
+        first = 1 if k == 0 else max(1, self.block - self.stride)
+        labels = torch.full_like(ids, IGNORE)
+        labels[first - 1:-1] = ids[first:]
+        texts = None
+        if self.starts is not None:
+            texts = texts_in(self.starts, lo, len(ids))
+            labels[:-1][texts[1:] != texts[:-1]] = IGNORE
+        return k, ids, labels, texts
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.ids)
+
+
+class WindowCollator:
+    """Pads a batch of Windows items; their labels come with them (the objective's collator is not used)."""
+
+    def __init__(self, tokenizer):
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def __call__(self, items, epoch: int = 0) -> dict:
+        batch = pad_batch([(k, ids) if texts is None else (k, ids, texts) for k, ids, _, texts in items], self.pad_id)
+        batch["labels"] = torch.full_like(batch["input_ids"], IGNORE)
+        for row, (_, _, labels, _) in enumerate(items):
+            batch["labels"][row, :len(labels)] = labels
+        return batch
 
 
 class StepSampler(Sampler):
@@ -147,18 +217,22 @@ class StepSampler(Sampler):
 # ---------------------------------------------------------------- a run's data
 
 def prepare_data(cfg, tokenizer, block_size: int, world: distributed.World, say,
-                 sources=None) -> tuple[Examples, Examples]:
+                 sources=None) -> tuple[Examples, Examples | Windows]:
     """(train, validation) examples of a run: rank 0 tokenizes, the other ranks then read its result.
 
-    `say` reports progress and counts (the caller decides who prints); `sources` is what
-    texts.load_sources(cfg) returned, for a caller that checked the files already.
+    The validation examples are Windows with --eval-stride. `say` reports progress and counts (the
+    caller decides who prints); `sources` is what texts.load_sources(cfg) returned, for a caller that
+    checked the files already.
     """
+    if cfg.eval_stride and cfg.eval_stride > block_size:
+        raise UsageError(f"--eval-stride {cfg.eval_stride} is above the block size of {block_size}: "
+                         "a window would skip tokens; use a stride of at most the block size")
     sources = sources if sources is not None else load_sources(cfg)
 
     def examples(report):
-        limits = (cfg.max_train_samples, cfg.max_eval_samples)
-        return tuple(examples_of(cfg, source, split, limit, tokenizer, block_size, report)
-                     for source, limit, split in zip(sources, limits, ("train", "validation")))
+        limits, strides = (cfg.max_train_samples, cfg.max_eval_samples), (None, cfg.eval_stride)
+        return tuple(examples_of(cfg, source, split, limit, tokenizer, block_size, report, stride)
+                     for source, limit, split, stride in zip(sources, limits, ("train", "validation"), strides))
 
     # line by line: lists in memory, sent to the others; blocks: rank 0 fills the token cache, the
     # others then memory-map the same files. A user error on rank 0 stops every rank.
@@ -167,20 +241,34 @@ def prepare_data(cfg, tokenizer, block_size: int, world: distributed.World, say,
     if len(train_set) < world.size:
         raise UsageError(f"{len(train_set)} training blocks for {world.size} processes: each process needs at "
                          "least one; add text, lower --block-size or use fewer processes")
-    say(f"data: {len(train_set)} train / {len(eval_set)} validation examples of <= {block_size} tokens")
+    what = (f"{len(eval_set)} validation windows (stride {cfg.eval_stride})" if cfg.eval_stride
+            else f"{len(eval_set)} validation examples")
+    say(f"data: {len(train_set)} train / {what} of <= {block_size} tokens")
     return train_set, eval_set
 
 
-def examples_of(cfg, source, split: str, limit: int | None, tokenizer, block_size: int, say) -> Examples:
-    """One split's examples, at most `limit`: blocks memory-mapped from the token cache, or line-by-line lists."""
+def examples_of(cfg, source, split: str, limit: int | None, tokenizer, block_size: int, say,
+                stride: int | None = None) -> Examples | Windows:
+    """One split's examples, at most `limit` blocks: blocks memory-mapped from the token cache, line-by-line
+    lists, or with `stride` the windows over the first `limit` blocks' tokens."""
     if cfg.line_by_line:
         sequences = tokenize_lines(source.texts, tokenizer, block_size, desc=f"tokenizing {split}")
         if not sequences:
             raise UsageError(f"the {split} text has no non-empty line")
+        return Examples(sequences[:limit] if limit else sequences)
+    workers = cfg.preprocessing_workers or token_cache.default_workers()
+    prepared = token_cache.prepare(source, tokenizer, cache_root(cfg.cache_dir), workers, split, say,
+                                   documents=cfg.document_boundaries)
+    if stride:
+        ids = prepared.tokens()[:limit * block_size if limit else None]
+        if len(ids) < 2:
+            raise UsageError(f"the {split} text has {len(ids)} tokens: nothing to predict; add text")
+        examples = Windows(ids, block_size, stride, prepared.starts())
+        counts = f"{len(examples)} windows of {block_size}, stride {stride}"
     else:
-        workers = cfg.preprocessing_workers or token_cache.default_workers()
-        prepared = token_cache.prepare(source, tokenizer, cache_root(cfg.cache_dir), workers, split, say)
         sequences = blocks_of(prepared.tokens(), block_size, split)  # (n_blocks, block_size) view of the map
-        if cfg.prepare_only:
-            say(f"{split}: {prepared.path} {prepared.num_tokens} tokens {len(sequences)} blocks of {block_size}")
-    return Examples(sequences[:limit] if limit else sequences)
+        examples = Examples(sequences[:limit] if limit else sequences, prepared.starts())
+        counts = f"{len(sequences)} blocks of {block_size}"
+    if cfg.prepare_only:
+        say(f"{split}: {prepared.path} {prepared.num_tokens} tokens {counts}")
+    return examples

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.data import IGNORE
+from lm.documents import attention_inputs
 
 
 def loss_and_logs(output) -> tuple[torch.Tensor, dict]:
@@ -45,7 +46,9 @@ class TokenLoss(nn.Module):
     The sum (not the mean) lets the loop normalise by the tokens of a whole optimizer step. The
     vocabulary head runs only where labels != IGNORE: for MLM that is ~15% of the positions, the
     same loss for a fraction of the head's cost. DDP and torch.compile wrap this module, so the
-    split forward still goes through them.
+    split forward still goes through them. The attention mask (B, T) is 0 on padding and 1 on
+    tokens, or numbers the texts of a row (--document-boundaries): then hidden_states and
+    labelled_logits keep those texts apart (lm.documents), for subclasses too.
     """
 
     def __init__(self, model: nn.Module):
@@ -77,13 +80,13 @@ class TokenLoss(nn.Module):
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         """(B, T, H) states the vocabulary head reads (split models only)."""
         body = getattr(self.model, self.split[0])
-        return body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return body(input_ids=input_ids, **attention_inputs(self.model, input_ids, attention_mask)).last_hidden_state
 
     def labelled_logits(self, input_ids, attention_mask, keep) -> torch.Tensor:
         """(N, V) logits of the positions where `keep` (B, T) is set; the head runs on those alone if it can."""
         if self.split is not None:
             return getattr(self.model, self.split[1])(self.hidden_states(input_ids, attention_mask)[keep])
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+        return self.model(input_ids=input_ids, **attention_inputs(self.model, input_ids, attention_mask)).logits[keep]
 
 
 POSITION_BUCKET = 64  # TokenLoss.bucket of a compiled run

@@ -48,7 +48,7 @@ class MaskingCollator:
     def __call__(self, items, epoch: int = 0) -> dict:
         batch = pad_batch(items, self.pad_id)
         inputs, labels = batch["input_ids"].clone(), torch.full_like(batch["input_ids"], IGNORE)
-        for row, (index, ids) in enumerate(items):
+        for row, (index, ids, *_) in enumerate(items):  # (index, ids) or (index, ids, texts)
             # the real tokens only: the padding a batch adds must not shift the random numbers
             generator = example_generator(self.seed, self.stream, epoch, index)
             inputs[row, :len(ids)], labels[row, :len(ids)] = self.mask(ids, generator)

@@ -78,6 +78,11 @@ def _blocks_only(cfg) -> None:
         raise UsageError("--line-by-line is for masked LM only: causal LM trains on concatenated blocks")
 
 
+def _no_sliding_windows(cfg) -> None:
+    if cfg.eval_stride:
+        raise UsageError("--eval-stride is for causal LM only: a masked LM sees the whole block in both directions")
+
+
 def needs_mask_token(tokenizer) -> None:
     if tokenizer.mask_token_id is None:
         raise UsageError(f"the tokenizer {tokenizer.name_or_path} has no mask token, so it can't do masked LM; "
@@ -90,5 +95,6 @@ def needs_mask_token(tokenizer) -> None:
 CLM = Objective("clm", "causal language model", "AutoModelForCausalLM", embedded.SMOLLM2, causal_batches,
                 token_loss, defaults=dict(epochs=0.5), check=_blocks_only)
 MLM = Objective("mlm", "masked language model", "AutoModelForMaskedLM", embedded.MINILM, masked_batches,
-                token_loss, defaults=dict(lr=1e-4, head_lr=1e-3, epochs=3.0), check_tokenizer=needs_mask_token)
+                token_loss, defaults=dict(lr=1e-4, head_lr=1e-3, epochs=3.0), check=_no_sliding_windows,
+                check_tokenizer=needs_mask_token)
 _BUILT_IN.update((CLM.name, MLM.name))

@@ -2,15 +2,19 @@
 
 A prepared text is a directory <cache>/tokens/<key>/ holding tokens.bin (every text's ids, special
 tokens included, concatenated in order, stored as uint16 when the vocabulary fits, else uint32) and
-meta.json, written last. The key hashes all the ids depend on: the tokenizer, the data and the
-options that pick the texts. The block size is not part of it, since blocks are a reshaped view of
-the same file. A preparation is written into a temporary sibling directory and renamed into place,
-so a run that dies halfway leaves nothing that looks finished.
+meta.json, written last. With `documents` (--document-boundaries) each text also ends with the
+tokenizer's end-of-text token where the tokenizer adds none itself, and starts.bin holds where each
+text starts in tokens.bin (int64 offsets), so that blocks can keep their texts apart. The key hashes
+all the ids depend on: the tokenizer, the data, the options that pick the texts and `documents`.
+The block size is not part of it, since blocks are a reshaped view of the same file. A preparation
+is written into a temporary sibling directory and renamed into place, so a run that dies halfway
+leaves nothing that looks finished.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import itertools
 import json
@@ -39,18 +43,28 @@ ENCODE_BATCH = 1000
 
 @dataclass
 class Prepared:
-    """A finished token file: where, how many ids, their dtype, and whether this run reused it."""
+    """A finished token file: where, how many ids, their dtype, whether this run reused it, and how many
+    texts starts.bin locates (None: not kept)."""
 
     path: Path
     num_tokens: int
     dtype: str
     reused: bool
+    num_texts: int | None = None
 
     def tokens(self) -> np.ndarray:
         """The flat ids, memory-mapped: (num_tokens,) uint16 or uint32."""
-        if self.num_tokens == 0:  # np.memmap refuses an empty file
-            return np.empty(0, self.dtype)
-        return np.memmap(self.path / "tokens.bin", dtype=self.dtype, mode="r", shape=(self.num_tokens,))
+        return _memmap(self.path / "tokens.bin", self.dtype, self.num_tokens)
+
+    def starts(self) -> np.ndarray | None:
+        """Where each text starts in tokens(), memory-mapped: (num_texts,) int64, increasing; None if not kept."""
+        return None if self.num_texts is None else _memmap(self.path / "starts.bin", np.int64, self.num_texts)
+
+
+def _memmap(path: Path, dtype, n: int) -> np.ndarray:
+    if n == 0:  # np.memmap refuses an empty file
+        return np.empty(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -67,9 +81,11 @@ def tokenizer_identity(tokenizer) -> str:
     return hashlib.sha256((spec + json.dumps(extra)).encode()).hexdigest()
 
 
-def cache_key(source, tokenizer) -> str:
+def cache_key(source, tokenizer, documents: bool = False) -> str:
     what = {"format": FORMAT, "tokenizer": tokenizer_identity(tokenizer), "data": source.identity(),
             "special_tokens": True}
+    if documents:  # only then: the keys of caches written without it stay what they were
+        what["documents"] = True
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -77,21 +93,41 @@ def token_dtype(tokenizer) -> np.dtype:
     return np.dtype(np.uint16 if len(tokenizer) <= 1 << 16 else np.uint32)
 
 
+def text_separator(tokenizer) -> int | None:
+    """The id that ends each text under --document-boundaries: None where the tokenizer ends a text with a
+    special token itself (BERT's [SEP], RoBERTa's </s>), else its end-of-text token (GPT-2, SmolLM2)."""
+    ends = tokenizer("a", add_special_tokens=True)["input_ids"]
+    if ends and ends[-1] in set(tokenizer.all_special_ids):
+        return None
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"--document-boundaries ends each text with the tokenizer's end-of-text token, and the "
+                         f"tokenizer {tokenizer.name_or_path} has none; drop --document-boundaries or use a "
+                         "tokenizer with an eos token")
+    return tokenizer.eos_token_id
+
+
 def _finished(path: Path) -> Prepared | None:
     """The preparation at `path` if it is complete and consistent, else None."""
     try:
         meta = json.loads((path / "meta.json").read_text())
         size = (path / "tokens.bin").stat().st_size
+        starts = (path / "starts.bin").stat().st_size if meta.get("num_texts") else 0
     except (OSError, ValueError):
         return None
-    if meta.get("format") != FORMAT or size != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize:
+    if (meta.get("format") != FORMAT or size != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
+            or starts != (meta.get("num_texts") or 0) * 8):
         return None
-    return Prepared(path, meta["num_tokens"], meta["dtype"], reused=True)
+    return Prepared(path, meta["num_tokens"], meta["dtype"], reused=True, num_texts=meta.get("num_texts"))
 
 
-def prepare(source, tokenizer, root: Path, workers: int, split: str = "train", say=print) -> Prepared:
-    """The token file of `source` under root/tokens: reused when it exists, else written now; `say` reports it."""
-    key = cache_key(source, tokenizer)
+def prepare(source, tokenizer, root: Path, workers: int, split: str = "train", say=print,
+            documents: bool = False) -> Prepared:
+    """The token file of `source` under root/tokens: reused when it exists, else written now; `say` reports it.
+
+    `documents` (--document-boundaries): end every text with an end-of-text token (text_separator) and keep
+    where each text starts (Prepared.starts).
+    """
+    key = cache_key(source, tokenizer, documents)
     target = Path(root) / "tokens" / key
     found = _finished(target)
     if found is not None:
@@ -104,9 +140,12 @@ def prepare(source, tokenizer, root: Path, workers: int, split: str = "train", s
         dtype = token_dtype(tokenizer)
         tasks = _tasks(source)
         workers = max(1, min(workers, len(tasks)))
-        n, bare = _write_tokens(source, tasks, tokenizer, dtype, tmp / "tokens.bin", workers)
+        separator = text_separator(tokenizer) if documents else None
+        n, texts, bare = _write_tokens(source, tasks, tokenizer, dtype, tmp, workers, separator, documents)
         meta = {"format": FORMAT, "num_tokens": n, "dtype": dtype.name, "source": source.identity()
                 if isinstance(source, TextFile) else {"texts": len(source.texts)}}
+        if documents:
+            meta.update(num_texts=texts, separator=separator)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
         if target.exists() and _finished(target) is None:
             shutil.rmtree(target)  # a damaged copy, e.g. edited by hand
@@ -121,7 +160,7 @@ def prepare(source, tokenizer, root: Path, workers: int, split: str = "train", s
               f"{'' if bare else ', slow tokenizer'})", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Prepared(target, n, dtype.name, reused=False)
+    return Prepared(target, n, dtype.name, reused=False, num_texts=texts if documents else None)
 
 
 # ---------------------------------------------------------------- tokenizing in parallel
@@ -142,18 +181,24 @@ def _tasks(source) -> list:
     return [texts[i:i + CHUNK_TEXTS] for i in range(0, len(texts), CHUNK_TEXTS)]
 
 
-def _write_tokens(source, tasks, tokenizer, dtype: np.dtype, out: Path, workers: int) -> tuple[int, bool]:
-    """Append the ids of every task, in order, to `out`: (how many, whether the bare backend made them)."""
+def _write_tokens(source, tasks, tokenizer, dtype: np.dtype, out: Path, workers: int, separator: int | None,
+                  documents: bool) -> tuple[int, int, bool]:
+    """Write the ids of every task, in order, to out/tokens.bin, and with `documents` where each text starts
+    to out/starts.bin: (ids, texts, whether the bare backend made them)."""
     encoder = _worker_encoder(tokenizer, tasks)
-    n, any_text = 0, False
-    with open(out, "wb") as f:
-        for ids, has_text in _in_order(tasks, encoder, dtype, workers):
+    n, texts, any_text = 0, 0, False
+    with open(out / "tokens.bin", "wb") as f, (open(out / "starts.bin", "wb") if documents
+                                                else contextlib.nullcontext()) as starts:
+        for ids, lengths, has_text in _in_order(tasks, encoder, dtype, workers, separator, documents):
             ids.tofile(f)
+            if documents:
+                (n + np.cumsum(lengths) - lengths).astype(np.int64).tofile(starts)
+                texts += len(lengths)
             n += len(ids)
             any_text |= has_text
     if isinstance(source, TextFile) and not any_text:
         raise UsageError(f"{source.path}: the file is empty")
-    return n, encoder is not tokenizer
+    return n, texts, encoder is not tokenizer
 
 
 def _worker_encoder(tokenizer, tasks):
@@ -180,15 +225,15 @@ def _encode_ids(encoder, texts: list[str]) -> list[list[int]]:
     return encoder(texts, add_special_tokens=True, return_attention_mask=False, verbose=False)["input_ids"]
 
 
-def _in_order(tasks, encoder, dtype, workers: int):
+def _in_order(tasks, encoder, dtype, workers: int, separator: int | None, documents: bool):
     """Results of _tokenize_task in task order, with at most 2 per worker in flight (bounded memory)."""
     if workers <= 1:
         for task in tasks:
-            yield _tokenize_task(task, encoder, dtype)
+            yield _tokenize_task(task, encoder, dtype, separator, documents)
         return
     # spawn: forking a process that holds torch and tokenizers threads can deadlock
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(encoder, dtype)) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(encoder, dtype, separator, documents)) as pool:
         pending = collections.deque()
         for task in tasks:
             pending.append(pool.apply_async(_tokenize_in_worker, (task,)))
@@ -201,29 +246,35 @@ def _in_order(tasks, encoder, dtype, workers: int):
 _worker = {}
 
 
-def _init_worker(encoder, dtype):
+def _init_worker(encoder, dtype, separator, documents):
     # The processes are the parallelism; a thread pool in each would only fight over the cores.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(encoder=encoder, dtype=dtype)
+    _worker.update(encoder=encoder, dtype=dtype, separator=separator, documents=documents)
 
 
 def _tokenize_in_worker(task):
-    return _tokenize_task(task, _worker["encoder"], _worker["dtype"])
+    return _tokenize_task(task, _worker["encoder"], _worker["dtype"], _worker["separator"], _worker["documents"])
 
 
-def _tokenize_task(task, encoder, dtype) -> tuple[np.ndarray, bool]:
-    """(ids of the task's texts, whether any text is more than white space)."""
+def _tokenize_task(task, encoder, dtype, separator: int | None,
+                   documents: bool) -> tuple[np.ndarray, np.ndarray | None, bool]:
+    """(ids of the task's texts, each text's length with `documents` else None, whether any text is more than
+    white space). `separator` ends every text."""
     if isinstance(task, tuple):
         raw = _read_range(*task)
         texts, has_text = split_lines(raw), not raw.isspace()
     else:
         texts, has_text = task, True
-    pieces = []
+    pieces, lengths = [], []
     for start in range(0, len(texts), ENCODE_BATCH):
         ids = _encode_ids(encoder, texts[start:start + ENCODE_BATCH])
+        if separator is not None:
+            ids = [text + [separator] for text in ids]
+        lengths.extend(map(len, ids))
         # fromiter into the file's dtype: raises instead of wrapping if an id does not fit
         pieces.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=sum(map(len, ids))))
-    return (np.concatenate(pieces) if pieces else np.empty(0, dtype)), has_text
+    ids = np.concatenate(pieces) if pieces else np.empty(0, dtype)
+    return ids, (np.array(lengths, dtype=np.int64) if documents else None), has_text
 
 
 def _read_range(path: str, lo: int, hi: int) -> str:

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lm import checkpoint, data, distributed
+from lm import checkpoint, data, distributed, documents
 from lm.checkpoint import Progress, Window
 from lm.config import Config, find_objective
 from lm.embedded import cache_root
@@ -149,6 +149,8 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
         check_model_class(run.model_config, objective.model_class, model_name, objective.embedded_model)
     else:
         run.model_config = model.config
+    if cfg.document_boundaries:
+        documents.check_architecture(run.model_config)
     run.say(f"device {device}" + (f" x {world.size} processes" if world.distributed else "")
             + f", precision {precision} ({precision_why}), compile {cfg.compile}"
             + (f" (decided after {COMPILE_AFTER} steps)" if cfg.compile == "auto" else ""))
@@ -179,6 +181,8 @@ def build_model(run: Run, model) -> None:
         model, fresh = load_model(*run.model_path, run.objective.model_class, attention)
     if run.objective.adapt:
         run.objective.adapt(model, run.tokenizer)
+    if cfg.document_boundaries:
+        documents.prepare_model(model, device, run.precision)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.model = model.to(device)
@@ -206,14 +210,18 @@ def build_model(run: Run, model) -> None:
 
 
 def evaluation_batches(run: Run, eval_set) -> DataLoader:
-    """Evaluation batches in file order, with the objective's fixed evaluation labels (e.g. masks)."""
+    """Evaluation batches in file order, with the objective's fixed evaluation labels (e.g. masks), or the
+    labels that come with --eval-stride's windows."""
     cfg = run.cfg
     # Sharded too, except under FSDP, whose forwards are collectives that every rank must run
     # equally often: there each rank evaluates the whole split.
     run.eval_world = distributed.World() if cfg.fsdp else run.world
     sampler = StepSampler(len(eval_set), cfg.seed, cfg.eval_batch_size or cfg.batch_size, run.eval_world.size,
                           run.eval_world.rank, shuffle=False)
-    collate = run.objective.collator(run.tokenizer, cfg, True)
+    if cfg.eval_stride:
+        collate = data.WindowCollator(run.tokenizer)
+    else:
+        collate = run.objective.collator(run.tokenizer, cfg, True)
     return DataLoader(eval_set, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator())
 
 
@@ -315,7 +323,7 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     # (DDP averages gradients: hence * world.size).
     real = [mb for mb in micro if not mb.get("idle")]
     labelled = [int((mb["labels"] != IGNORE).sum()) for mb in real]
-    inputs = [int(mb["attention_mask"].sum()) for mb in real]
+    inputs = [int(mb["attention_mask"].count_nonzero()) for mb in real]  # it may number texts: 1, 2, ...
     flops = sum(step_flops(*run.flop_counts, mb["input_ids"].shape[1], i, n) for mb, i, n in zip(real, inputs, labelled))
     n_tokens, n_inputs, examples, flops = distributed.all_sum(
         world, sum(labelled), sum(inputs), sum(len(mb["input_ids"]) for mb in real), flops, device=device)
@@ -408,6 +416,8 @@ def evaluate_at(run: Run, loader: DataLoader, step: int) -> float:
             loss = evaluate(run.module, loader, run.device, run.precision, run.eval_world)
         run.writer.add_scalar("eval/loss", loss, step)
         run.writer.add_scalar("eval/perplexity", perplexity(loss), step)
+        if run.cfg.eval_stride:  # which windows produced the number
+            run.writer.add_scalar("eval/stride", run.cfg.eval_stride, step)
         run.evaluated[step] = loss
     return run.evaluated[step]
 
@@ -433,9 +443,9 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict
     """The final evaluation, metrics.json and, after training, the model and tokenizer."""
     step = progress.step if progress else 0
     eval_loss = evaluate_at(run, eval_loader, step)
-    metrics = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "precision": run.precision,
-               "compiled": run.compiled_at is not None,
-               "model": run.model_name, "block_size": run.block_size, "world_size": run.world.size}
+    metrics = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "eval_stride": run.cfg.eval_stride,
+               "precision": run.precision, "compiled": run.compiled_at is not None, "model": run.model_name,
+               "block_size": run.block_size, "world_size": run.world.size}
     if progress is None:  # --eval-only
         metrics["eval_tokens"] = eval_loader.dataset.num_tokens
     else:

@@ -103,6 +103,15 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's byte-level BPE tokenizer, which adds no special tokens (as GPT-2's), from the embedded model."""
+    from lm import embedded
+    from lm.modeling import load_tokenizer
+
+    return load_tokenizer(str(embedded.model_dir(embedded.SMOLLM2)), {})
+
+
+@pytest.fixture(scope="session")
 def tiny_gpt2(model_dirs) -> str:
     return str(model_dirs["clm"])
 

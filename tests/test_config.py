@@ -36,6 +36,8 @@ def test_parse_args_types_and_task_defaults():
     (["--dataset", "x", "--train-file", "y.txt"], "either --dataset or --train-file"),
     (["--seed", "-1"], r"--seed must be in \[0, 2\*\*32 - 1\], got -1$"),
     (["--seed", str(2**32)], r"--seed must be in \[0, 2\*\*32 - 1\], got 4294967296$"),
+    (["--document-boundaries", "--line-by-line"], "--line-by-line examples are one text each already"),
+    (["--eval-stride", "-1"], "--eval-stride must be a positive integer"),
 ])
 def test_bad_settings_raise_usage_errors(argv, message):
     with pytest.raises(UsageError, match=message):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lm.config import Config
-from lm.data import StepSampler, group_into_blocks, pad_batch, prepare_data
+from lm.data import (IGNORE, CausalCollator, Examples, StepSampler, WindowCollator, Windows, causal_labels,
+                     group_into_blocks, pad_batch, prepare_data, texts_in)
 from lm.distributed import World
 from lm.errors import UsageError
 from lm.texts import hold_out, read_texts, split_lines
@@ -120,3 +121,65 @@ def test_a_short_last_step_tells_each_rank_how_many_micro_batches_rank_0_runs():
     steps = [list(StepSampler(9, seed=0, batch_size=2, world=2, rank=r, accumulation=2).steps()) for r in (0, 1)]
     assert [(len(micro), most) for micro, most in steps[0]] == [(2, 2), (1, 1)]
     assert [(len(micro), most) for micro, most in steps[1]] == [(2, 2), (0, 1)]
+
+
+def test_blocks_number_the_texts_they_hold_from_the_stream_starts():
+    starts = np.array([0, 3, 4, 9, 13])  # texts [0, 3), [3, 4), [4, 9), [9, 13), [13, ...)
+    assert texts_in(starts, 0, 5).tolist() == [1, 1, 1, 2, 3]
+    assert texts_in(starts, 5, 5).tolist() == [1, 1, 1, 1, 2]  # a block starting mid-text: its tail is text 1
+    blocks = Examples(group_into_blocks(np.arange(15), 5), starts)
+    index, ids, texts = blocks[2]
+    assert index == 2 and ids.tolist() == [10, 11, 12, 13, 14] and texts.tolist() == [1, 1, 1, 2, 2]
+    batch = CausalCollator(type("Tokenizer", (), {"pad_token_id": 0})())([blocks[0], blocks[2]])
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 2, 3], [1, 1, 1, 2, 2]]
+    assert batch["labels"].tolist() == [[1, 2, IGNORE, IGNORE, IGNORE], [11, 12, IGNORE, 14, IGNORE]]
+
+
+def test_causal_labels_of_one_text_per_row_are_unchanged():
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    assert causal_labels(ids, torch.tensor([[1, 1, 1], [1, 1, 0]])).tolist() == [[6, 7, IGNORE], [9, IGNORE, IGNORE]]
+
+
+def window_labels(windows) -> list[tuple[list[int], list[int]]]:
+    return [(ids.tolist(), labels.tolist()) for _, ids, labels, _ in (windows[k] for k in range(len(windows)))]
+
+
+def test_strided_windows_score_every_token_but_the_first_once():
+    # tokens 0..9 (ids equal to positions), windows of 4 every 2: by hand
+    _ = IGNORE
+    assert window_labels(Windows(np.arange(10), 4, 2)) == [
+        ([0, 1, 2, 3], [1, 2, 3, _]),  # the first window scores all it can: tokens 1, 2, 3
+        ([2, 3, 4, 5], [_, 4, 5, _]),  # then 4 and 5, each with 2 or 3 tokens of context
+        ([4, 5, 6, 7], [_, 6, 7, _]),
+        ([6, 7, 8, 9], [_, 8, 9, _]),  # reaches the end: the last window
+    ]
+    # 11 tokens: one more window, shorter, for the last token; stride 3 leaves 1 token of overlap
+    assert window_labels(Windows(np.arange(11), 4, 2))[-1] == ([8, 9, 10], [_, 10, _])
+    assert window_labels(Windows(np.arange(9), 4, 3)) == [
+        ([0, 1, 2, 3], [1, 2, 3, _]), ([3, 4, 5, 6], [4, 5, 6, _]), ([6, 7, 8], [7, 8, _])]
+    assert window_labels(Windows(np.arange(3), 4, 1)) == [([0, 1, 2], [1, 2, _])]  # shorter than a block
+    for n, block, stride in [(50, 8, 3), (64, 16, 16), (37, 5, 1), (20, 20, 7)]:  # each token once, whatever the sizes
+        scored = sorted(label for _, labels in window_labels(Windows(np.arange(n), block, stride))
+                        for label in labels if label != IGNORE)
+        assert scored == (list(range(1, n)) if stride < block else [t for t in range(1, n) if t % block])
+
+
+def test_a_stride_of_the_block_size_gives_the_blocks_and_their_labels():
+    ids = np.arange(100, 164)
+    windows, blocks = Windows(ids, 16, 16), Examples(group_into_blocks(ids, 16))
+    collate = CausalCollator(type("Tokenizer", (), {"pad_token_id": 0})())
+    by_window = WindowCollator(type("Tokenizer", (), {"pad_token_id": 0})())([windows[k] for k in range(4)])
+    by_block = collate([blocks[k] for k in range(4)])
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(by_window[key], by_block[key]), key
+
+
+def test_windows_keep_texts_apart_and_pad_the_last_one():
+    starts = np.array([0, 5, 7])  # texts [0, 5), [5, 7), [7, 11)
+    windows = Windows(np.arange(11), 6, 3, starts)
+    _, ids, labels, texts = windows[1]  # tokens 3..8
+    assert texts.tolist() == [1, 1, 2, 2, 3, 3]
+    assert labels.tolist() == [IGNORE, IGNORE, 6, IGNORE, 8, IGNORE]  # 4 -> 5 would cross into the next text
+    batch = WindowCollator(type("Tokenizer", (), {"pad_token_id": 0})())([windows[1], windows[2]])
+    assert batch["attention_mask"].tolist() == [[1, 1, 2, 2, 3, 3], [1, 2, 2, 2, 2, 0]]
+    assert batch["labels"][1].tolist() == [IGNORE, IGNORE, 9, 10, IGNORE, IGNORE] and batch["input_ids"][1, -1] == 0

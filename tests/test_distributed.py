@@ -86,6 +86,18 @@ def test_two_processes_equal_one_with_the_same_global_batch(task, no_dropout_mod
     assert metrics(tmp_path / "two")["world_size"] == 2
 
 
+@pytest.mark.parametrize("task, options", [("clm", ["--document-boundaries", "--eval-stride", "6"]),
+                                           ("mlm", ["--document-boundaries", "--fsdp"])])
+def test_document_boundaries_and_strided_evaluation_on_two_processes_equal_one(task, options, no_dropout_models,
+                                                                              corpus, tmp_path):
+    model, one, two = no_dropout_models[task], tmp_path / "one", tmp_path / "two"
+    one_process(task, model, corpus, one, *[o for o in options if o != "--fsdp"])
+    finish(torchrun("--standalone", "--nproc_per_node", "2", script_args=[*args(task, model, corpus, two, 2), *options]))
+    assert_same_training(one, two, task)  # eval_loss too: the strided windows shared out, their sums all-reduced
+    assert metrics(two)["perplexity_before"] == pytest.approx(metrics(one)["perplexity_before"], rel=1e-5)
+    assert metrics(two)["eval_stride"] == metrics(one)["eval_stride"] == (6 if task == "clm" else None)
+
+
 def test_two_nodes_by_rendezvous_equal_one_process(no_dropout_models, corpus, single, tmp_path):
     port = free_port()
     nodes = [torchrun("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d",

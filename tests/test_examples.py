@@ -32,12 +32,13 @@ def run_example(name: str, *args) -> subprocess.CompletedProcess:
                           env=ENV, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parametrize("extra", [[], ["--document-boundaries"]])
 @pytest.mark.parametrize("name, task", [("whole_word_masking", "mlm"), ("fill_in_the_middle", "clm"),
                                         ("z_loss", "clm")])
-def test_example_trains(name, task, model_dirs, corpus, tmp_path):
+def test_example_trains(name, task, extra, model_dirs, corpus, tmp_path):
     out = tmp_path / "out"
     r = run_example(name, "--model", model_dirs[task], "--train-file", corpus, "--max-train-steps", 3,
-                    "--block-size", 32, "--precision", "fp32", "--output-dir", out)
+                    "--block-size", 32, "--precision", "fp32", "--output-dir", out, *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     m = metrics(out)
     assert m["train_steps"] == 3 and math.isfinite(m["eval_loss"])
@@ -177,3 +178,26 @@ def test_fim_rearranges_blocks_prefix_suffix_middle():
     assert len(cuts) > 100  # cut points vary from block to block
     again = collate(list(reversed(items[:7])), epoch=0)["input_ids"]  # reproducible in any batching
     assert torch.equal(again.flip(0), batch["input_ids"][:7])
+
+
+def test_fim_rearranges_each_text_of_a_block_on_its_own():
+    # --document-boundaries: items carry which text each token belongs to, and FIM keeps every text in its place
+    tokenizer = minilm_tokenizer()
+    fim.add_fim_tokens(tiny_model("clm", tokenizer), tokenizer)
+    collate = fim.FimCollator(tokenizer, Config.for_task("fim", seed=5))
+    sentinels = torch.tensor([tokenizer.get_vocab()[t] for t in fim.FIM_TOKENS])
+    texts = torch.tensor([1] * 9 + [2] * 3 + [3] * 20)  # a tail, a text too short to rearrange, a long one
+    items = [(i, 1000 + torch.randperm(5000, generator=torch.Generator().manual_seed(i))[:32], texts)
+             for i in range(200)]
+    batch = collate(items, epoch=0)
+    assert (batch["attention_mask"] == texts).all()
+    rearranged = 0
+    for (_, ids, _), out in zip(items, batch["input_ids"]):
+        assert torch.equal(out[9:12], ids[9:12])
+        for text in (1, 3):
+            piece, original = out[texts == text], ids[texts == text]
+            if not torch.equal(piece, original):  # sentinels inside the text, and its tokens but its last 3
+                rearranged += 1
+                assert piece[0] == sentinels[0] and torch.isin(sentinels, piece).all()
+                assert sorted(piece[~torch.isin(piece, sentinels)].tolist()) == sorted(original[:-3].tolist())
+    assert 100 < rearranged < 300  # about half of the 400 texts long enough

@@ -96,6 +96,23 @@ def test_sigkilled_run_resumes_exactly(task, model_dirs, corpus, reference, tmp_
     assert losses == logged_losses(reference(task))  # steps 6-12 recomputed identically
 
 
+@pytest.mark.parametrize("task", ["clm", "mlm"])
+def test_a_run_with_document_boundaries_resumes_exactly(task, model_dirs, corpus, tmp_path):
+    # texts kept apart come from the token cache, not the checkpoint: the resumed steps see the same blocks
+    args = cli_args(model_dirs[task], corpus, tmp_path / "run", save_every=5) + ["--document-boundaries"]
+    reference = run_script(task, *cli_args(model_dirs[task], corpus, tmp_path / "reference"), "--document-boundaries")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    killed = run_script(task, *args, env=signalled_at(7, "SIGKILL"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_script(task, *args, "--resume-from", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step-5 at step 5" in resumed.stdout and "reusing tokenized data" in resumed.stdout
+    assert_same_weights(tmp_path / "run", tmp_path / "reference")
+    assert logged_losses(tmp_path / "run") == logged_losses(tmp_path / "reference")
+    different = run_script(task, *cli_args(model_dirs[task], corpus, tmp_path / "run"), "--resume-from", "latest")
+    assert different.returncode == 2 and "document_boundaries=True (now False)" in different.stderr
+
+
 @pytest.mark.parametrize("task, name", [("clm", "SIGINT"), ("mlm", "SIGTERM")])
 def test_signal_finishes_step_saves_and_prints_resume_command(task, name, model_dirs, corpus, reference, tmp_path):
     out = tmp_path / "run"
@@ -172,7 +189,8 @@ def test_failed_checkpoint_write_keeps_previous_one(model_dirs, corpus, referenc
 OTHER_VALUE = dict(
     task="mlm", model="other-model", tokenizer="other-tokenizer", dataset="wikitext", dataset_config="wikitext-2-raw-v1", train_file="other.txt",
     validation_file="other-valid.txt", text_column="body", validation_split_percentage=10.0, block_size=64,
-    line_by_line=True, mlm_prob=0.2, max_train_samples=4, max_eval_samples=3, lr=5e-4, head_lr=1e-2,
+    line_by_line=True, document_boundaries=True, mlm_prob=0.2, eval_stride=8, max_train_samples=4,
+    max_eval_samples=3, lr=5e-4, head_lr=1e-2,
     weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6, lr_scheduler="cosine", warmup_steps=2,
     warmup_ratio=0.1, grad_accum_steps=2, max_grad_norm=0.5, epochs=2.0, max_train_steps=20, batch_size=4,
     eval_batch_size=3, seed=2, device="cuda", precision="bf16", fsdp=True, ddp_timeout=60, compile="on",

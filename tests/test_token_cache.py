@@ -155,3 +155,49 @@ def test_prepare_only_prints_path_and_counts(tmp_path):
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0 and second.stdout.count("reusing tokenized data") == 2, second.stdout
     assert "train: tokenized" not in second.stdout
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_document_boundaries_keep_where_each_text_starts(tmp_path, tokenizer, smollm2_tokenizer, small_chunks, workers,
+                                                         capsys):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    texts = read_texts(str(corpus))
+    # MiniLM ends every text with [SEP] itself; SmolLM2 adds nothing, so the cache ends each with its eos
+    for tok, separator in ((tokenizer, []), (smollm2_tokenizer, [smollm2_tokenizer.eos_token_id])):
+        per_text = [ids + separator for ids in tok(texts, verbose=False)["input_ids"]]
+        lengths = np.array([len(ids) for ids in per_text])
+        for source in (TextFile(str(corpus)), TextList(texts)):
+            prepared = prepare(source, tok, tmp_path / "cache", workers, documents=True)
+            assert not prepared.reused and prepared.num_texts == len(texts)
+            assert prepared.tokens().tolist() == [i for ids in per_text for i in ids]
+            starts = prepared.starts()
+            assert isinstance(starts, np.memmap) and starts.dtype == np.int64
+            np.testing.assert_array_equal(starts, np.cumsum(lengths) - lengths)
+            again = prepare(source, tok, tmp_path / "cache", workers, documents=True)
+            assert again.reused and again.path == prepared.path
+            np.testing.assert_array_equal(again.starts(), starts)
+            assert "reusing tokenized data" in capsys.readouterr().out
+            # the option makes another cache entry: the plain one has no separators and no starts
+            plain = prepare(source, tok, tmp_path / "cache", workers)
+            assert plain.path != prepared.path and plain.starts() is None
+            assert plain.num_tokens == prepared.num_tokens - len(separator) * len(texts)
+
+
+def test_damaged_text_starts_are_rebuilt(tmp_path, smollm2_tokenizer, capsys):
+    source = TextFile(str(write_corpus(tmp_path / "corpus.txt", lines=400)))
+    prepared = prepare(source, smollm2_tokenizer, tmp_path / "cache", 1, documents=True)
+    with open(prepared.path / "starts.bin", "r+b") as f:
+        f.truncate(80)
+    rebuilt = prepare(source, smollm2_tokenizer, tmp_path / "cache", 1, documents=True)
+    assert not rebuilt.reused and rebuilt.num_texts == prepared.num_texts == 401
+    (prepared.path / "starts.bin").unlink()
+    assert not prepare(source, smollm2_tokenizer, tmp_path / "cache", 1, documents=True).reused
+
+
+def test_document_boundaries_need_an_end_of_text_token(tmp_path, smollm2_tokenizer):
+    from transformers import AutoTokenizer
+
+    no_eos = AutoTokenizer.from_pretrained(smollm2_tokenizer.name_or_path)
+    no_eos.eos_token = None
+    with pytest.raises(UsageError, match="has none; drop --document-boundaries"):
+        prepare(TextList(["a text\n"]), no_eos, tmp_path, 1, documents=True)
