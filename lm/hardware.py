@@ -74,46 +74,52 @@ def check_compile(requested: str, device: torch.device) -> str | None:
 
 
 # torch.compile (Inductor) of the model, as measured on the machines in README "Compiling": the share
-# of a training step's time it saves, by device type and precision. Absent: it was not measured to
-# save anything there, so --compile auto stays eager.
-COMPILE_GAIN = {("cpu", "bf16"): 0.2, ("cuda", "bf16"): 0.3, ("cuda", "fp16"): 0.3}
-# Seconds of compiling per transformer layer when nothing is cached yet, by device type: the estimate
-# until a run on this machine has measured it (cache_dir/compile.json, which then holds the cost with
-# Inductor's cache warm: it lives in cache_dir/inductor).
-COMPILE_SECONDS_PER_LAYER = {"cpu": 5.0, "cuda": 2.0}
+# of a training step's time it saves, by device type and precision, for the causal default (SmolLM2,
+# 8 x 128). Absent: not measured to save anything, so --compile auto stays eager. A run that compiles
+# measures the gain for its own model and keeps it in cache_dir/compile.json; that wins over this
+# table next time (MiniLM's MLM step, e.g., measured slower compiled on both the CPU and the H100).
+COMPILE_GAIN = {("cpu", "bf16"): 0.15, ("cuda", "bf16"): 0.8}
+# Seconds of compiling per transformer layer with nothing cached yet, by device type: the estimate until
+# a run on this machine has measured it (with Inductor's cache, in cache_dir/inductor, warm after that).
+COMPILE_SECONDS_PER_LAYER = {"cpu": 3.0, "cuda": 2.0}
 COMPILE_CACHE = "compile.json"
 COMPILE_AFTER = 3  # --compile auto decides after this many eager steps, from their time
 
 
-def compile_pays(device_type: str, precision: str, steps_left: int, step_seconds: float,
-                 compile_seconds: float) -> tuple[bool, str]:
+def compile_pays(steps_left: int, step_seconds: float, compile_seconds: float,
+                 gain: float | None) -> tuple[bool, str]:
     """(compile now?, why): whether the time compiling saves over the steps left beats what compiling costs."""
-    gain = COMPILE_GAIN.get((device_type, precision))
-    if not gain:
-        return False, f"off: compiling was not measured to speed up {precision} steps on {device_type}"
+    if not gain or gain <= 0:
+        return False, "off: compiling was not measured to make these steps faster here"
     saved = gain * step_seconds * steps_left
     return saved > compile_seconds, (f"{'on' if saved > compile_seconds else 'off'}: ~{saved:.0f} s saved over "
-                                     f"{steps_left} steps against ~{compile_seconds:.0f} s of compiling")
+                                     f"{steps_left} steps ({gain:.0%} of each) against ~{compile_seconds:.0f} s "
+                                     "of compiling")
 
 
 def compile_key(device: torch.device, precision: str, config, batch: int, block: int) -> str:
-    """What the cost of compiling a model depends on, readably."""
+    """What the cost and gain of compiling a model depend on, readably."""
     layers = getattr(config, "num_hidden_layers", "?")
     return ", ".join([device_name(device), f"torch {torch.__version__}", precision, config.model_type,
                       f"{layers} layers of {config.hidden_size}", f"{batch}x{block}"])
 
 
-def compile_seconds(cache_dir: Path | str | None, key: str, layers: int, device_type: str) -> float:
-    """Seconds compiling is expected to take: what this machine last measured, else the per-layer estimate."""
-    known = read_cache(Path(cache_dir) / COMPILE_CACHE if cache_dir is not None else None)
-    return known[key]["seconds"] if key in known else COMPILE_SECONDS_PER_LAYER.get(device_type, 5.0) * layers
+def compile_estimate(cache_dir: Path | str | None, key: str, layers: int, device_type: str,
+                     precision: str) -> tuple[float, float | None]:
+    """(seconds compiling takes, share of a step it saves): what this machine measured for `key`, else the
+    per-layer estimate and the COMPILE_GAIN table."""
+    known = read_cache(Path(cache_dir) / COMPILE_CACHE if cache_dir is not None else None).get(key, {})
+    seconds = known.get("seconds", COMPILE_SECONDS_PER_LAYER.get(device_type, 3.0) * layers)
+    return seconds, known.get("gain", COMPILE_GAIN.get((device_type, precision)))
 
 
-def record_compile_seconds(cache_dir: Path | str | None, key: str, seconds: float) -> None:
+def record_compile(cache_dir: Path | str | None, key: str, seconds: float, gain: float | None) -> None:
+    """Keep what a compiled run measured: the compile's seconds and, when eager steps came first, the gain."""
     if cache_dir is not None:
         path = Path(cache_dir) / COMPILE_CACHE
-        write_atomically(path, {**read_cache(path), key: {
-            "seconds": seconds, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}})
+        entry = {"seconds": seconds, **({"gain": gain} if gain is not None else {}),
+                 "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_atomically(path, {**read_cache(path), key: entry})
 
 
 def autocast(device: torch.device, precision: str):

@@ -33,8 +33,8 @@ from lm.embedded import cache_root
 from lm.data import IGNORE, StepSampler
 from lm.errors import UsageError
 from lm.hardware import (COMPILE_AFTER, FlopCounts, autocast, check_compile, choose_attention, choose_precision,
-                         compile_key, compile_pays, compile_seconds, configure, flop_counts, native_bf16, probe_shapes,
-                         record_compile_seconds, resolve_device, resolve_peak_flops, step_flops)
+                         compile_estimate, compile_key, compile_pays, configure, flop_counts, native_bf16,
+                         probe_shapes, record_compile, resolve_device, resolve_peak_flops, step_flops)
 from lm.modeling import (check_model_class, load_config, load_model, load_tokenizer, max_positions, resolve_block_size,
                          resolve_model, resolve_tokenizer)
 from lm.losses import POSITION_BUCKET, loss_and_logs
@@ -78,7 +78,14 @@ class Run:
     evaluated: dict = field(default_factory=dict)  # step -> eval loss
     cannot_compile: str | None = None  # why torch.compile can't run here, if it can't
     compiled_at: int | None = None  # the index in step_seconds of the first compiled step
+    compiled_slower: bool = False  # --compile auto measured the compiled steps slower: eager again
     step_seconds: list = field(default_factory=list)  # of this process's steps in this run
+
+    def stance(self, training: bool):
+        """How a forward runs: compiled for training steps, unless auto found that slower; evaluation eagerly
+        (a graph for it would cost a second compile)."""
+        eager = self.compiled_at is not None and (self.compiled_slower or not training)
+        return torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
 
     def say(self, *args, **kwargs) -> None:
         """print on rank 0 only."""
@@ -332,7 +339,8 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     for i, mb in enumerate(micro):
         input_ids, attention_mask, labels = (mb[k].to(device, non_blocking=True)
                                              for k in ("input_ids", "attention_mask", "labels"))
-        with distributed.no_sync(run.trained, world, cfg.fsdp, sync=i == len(micro) - 1), autocast(device, run.precision):
+        with (distributed.no_sync(run.trained, world, cfg.fsdp, sync=i == len(micro) - 1), run.stance(training=True),
+              autocast(device, run.precision)):
             loss_sum, extra = loss_and_logs(run.trained(input_ids, attention_mask, labels))
         (run.scaler.scale(loss_sum * scale) if run.scaler else loss_sum * scale).backward()
         step_loss += loss_sum.detach()
@@ -376,23 +384,31 @@ def decide_compile(run: Run, progress: Progress) -> None:
     """--compile auto after the first steps: compile from here on if the time it saves pays for it within the run."""
     cfg, device = run.cfg, run.device
     key = compile_key(device, run.precision, run.model.config, cfg.batch_size, run.block_size)
-    cost = compile_seconds(cache_root(cfg.cache_dir), key, run.model.config.num_hidden_layers, device.type)
+    cost, gain = compile_estimate(cache_root(cfg.cache_dir), key, run.model.config.num_hidden_layers, device.type,
+                                  run.precision)
     if run.cannot_compile or cfg.fsdp:
         on, why = False, "off: " + (run.cannot_compile or "not decided by auto under --fsdp (use --compile on)")
     else:  # the first step pays for warm-ups; every rank decides alike on rank 0's timings
         step = distributed.broadcast_from_main(run.world, statistics.median(run.step_seconds[1:]))
-        on, why = compile_pays(device.type, run.precision, run.total_steps - progress.step, step, cost)
+        on, why = compile_pays(run.total_steps - progress.step, step, cost, gain)
     run.say(f"compile {why}")
     if on:
         compile_model(run)
 
 
 def record_compile_cost(run: Run) -> None:
-    """What compiling took on this machine (the first compiled step over the ones after it), for the next auto."""
-    first, *after = run.step_seconds[run.compiled_at:]
+    """What compiling cost and saved on this machine (the first compiled step, the ones after it against the
+    eager ones before), kept for the next --compile auto. Under auto, a compiled step slower than the
+    eager ones sends the rest of the run back to eager."""
+    eager, (first, *compiled) = run.step_seconds[1:run.compiled_at], run.step_seconds[run.compiled_at:]
+    gain = 1 - statistics.median(compiled) / statistics.median(eager) if eager else None
     if run.world.main:
         key = compile_key(run.device, run.precision, run.model.config, run.cfg.batch_size, run.block_size)
-        record_compile_seconds(cache_root(run.cfg.cache_dir), key, max(0.0, first - statistics.median(after)))
+        record_compile(cache_root(run.cfg.cache_dir), key, max(0.0, first - statistics.median(compiled)), gain)
+    if run.cfg.compile == "auto" and gain is not None:
+        gain = distributed.broadcast_from_main(run.world, gain)
+        run.say(f"compile: steps {gain:.0%} faster compiled" + ("" if gain > 0 else "; eager again from here"))
+        run.compiled_slower = gain <= 0
 
 
 def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window) -> None:
@@ -411,8 +427,7 @@ def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window)
 def evaluate_at(run: Run, loader: DataLoader, step: int) -> float:
     """The validation loss at `step` (computed once per step), logged to TensorBoard."""
     if step not in run.evaluated:
-        # eagerly even when compiled: a graph for evaluation would cost a second compile
-        with torch.compiler.set_stance("force_eager") if run.compiled_at is not None else contextlib.nullcontext():
+        with run.stance(training=False):
             loss = evaluate(run.module, loader, run.device, run.precision, run.eval_world)
         run.writer.add_scalar("eval/loss", loss, step)
         run.writer.add_scalar("eval/perplexity", perplexity(loss), step)

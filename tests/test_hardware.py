@@ -10,8 +10,8 @@ from conftest import tiny_model
 from lm.errors import UsageError
 from lm.data import IGNORE, causal_labels
 from lm.hardware import (COMPILE_GAIN, COMPILE_SECONDS_PER_LAYER, PEAK_CACHE, FlopCounts, autocast, choose_precision,
-                         compile_key, compile_pays, compile_seconds, flop_counts, gpu_peak_flops, measure_peak_flops,
-                         native_bf16, probe_key, record_compile_seconds, resolve_device, resolve_peak_flops, step_flops)
+                         compile_estimate, compile_key, compile_pays, flop_counts, gpu_peak_flops, measure_peak_flops,
+                         native_bf16, probe_key, record_compile, resolve_device, resolve_peak_flops, step_flops)
 from lm.losses import SPLIT_HEAD, TokenLoss
 
 
@@ -197,15 +197,21 @@ def test_step_flops_agree_with_the_matmuls_torch_counts_in_a_real_step(tokenizer
 # ---------------------------------------------------------------- --compile auto
 
 def test_compile_auto_compiles_when_the_time_saved_pays_for_compiling(tokenizer, tmp_path):
-    gain = COMPILE_GAIN[("cuda", "bf16")]
-    steps = round(20 / (gain * 0.05))  # 0.05 s steps: 20 s saved over the run
-    assert compile_pays("cuda", "bf16", steps, 0.05, 10.0) == (True, f"on: ~20 s saved over {steps} steps against "
-                                                                     "~10 s of compiling")
-    assert compile_pays("cuda", "bf16", steps // 4, 0.05, 10.0)[0] is False  # 5 s saved: not worth 10 s
-    assert compile_pays("cpu", "fp32", 10**6, 10.0, 1.0) == (
-        False, "off: compiling was not measured to speed up fp32 steps on cpu")
-    # the cost: an estimate per layer until this machine has measured it
+    # 0.05 s steps, 80% of each saved: 20 s over 500 steps against 10 s of compiling
+    assert compile_pays(500, 0.05, 10.0, 0.8) == (True, "on: ~20 s saved over 500 steps (80% of each) against ~10 s "
+                                                        "of compiling")
+    assert compile_pays(100, 0.05, 10.0, 0.8)[0] is False  # 4 s saved: not worth 10 s
+    assert compile_pays(10**6, 10.0, 1.0, None) == (False, "off: compiling was not measured to make these steps "
+                                                           "faster here")
+    assert compile_pays(10**6, 10.0, 1.0, -0.3)[0] is False  # measured slower
+
+
+def test_what_a_compiled_run_measured_wins_over_the_table(tokenizer, tmp_path):
     key = compile_key(torch.device("cpu"), "bf16", tiny_model("clm", tokenizer).config, 8, 128)
-    assert compile_seconds(tmp_path, key, 30, "cpu") == 30 * COMPILE_SECONDS_PER_LAYER["cpu"]
-    record_compile_seconds(tmp_path, key, 12.5)
-    assert compile_seconds(tmp_path, key, 30, "cpu") == 12.5
+    assert compile_estimate(tmp_path, key, 30, "cpu", "bf16") == (30 * COMPILE_SECONDS_PER_LAYER["cpu"],
+                                                                  COMPILE_GAIN[("cpu", "bf16")])
+    assert compile_estimate(tmp_path, key, 30, "cpu", "fp32")[1] is None  # fp32 on a CPU: not measured to gain
+    record_compile(tmp_path, key, 12.5, -0.25)
+    assert compile_estimate(tmp_path, key, 30, "cpu", "bf16") == (12.5, -0.25)
+    record_compile(tmp_path, key, 11.0, None)  # --compile on: no eager steps to compare with
+    assert compile_estimate(tmp_path, key, 30, "cpu", "bf16") == (11.0, COMPILE_GAIN[("cpu", "bf16")])

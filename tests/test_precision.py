@@ -91,3 +91,27 @@ def test_compile_leaves_the_fused_head_loss_out_of_its_graphs():
     assert not any("logsumexp" in g for g in graphs)
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None for g in grads) and sum(float(g.norm()) for g in grads) > 0
+
+
+def test_compile_auto_compiles_when_it_pays_then_measures_what_it_gained(no_dropout_models, corpus, tmp_path):
+    # A cache that says compiling this model costs nothing and saves half of each step: auto compiles
+    # after 3 eager steps, then measures both for the next run (and goes back to eager if slower).
+    import json
+
+    from transformers import AutoConfig
+
+    from lm.hardware import COMPILE_CACHE, compile_key
+
+    model, cache = no_dropout_models["clm"], tmp_path / "cache"
+    key = compile_key(torch.device("cpu"), "fp32", AutoConfig.from_pretrained(model), 8, 16)
+    cache.mkdir()
+    (cache / COMPILE_CACHE).write_text(json.dumps({key: {"seconds": 0.0, "gain": 0.5}}))
+    extra = ["--precision", "fp32", "--max-train-steps", "8", "--cache-dir", cache]
+    assert run_script("clm", *common(model, corpus, tmp_path / "eager", *extra, "--compile", "off")).returncode == 0
+    r = run_script("clm", *common(model, corpus, tmp_path / "auto", *extra))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "compile on: ~" in r.stdout and "(50% of each) against ~0 s of compiling" in r.stdout
+    assert "compile: steps " in r.stdout and metrics(tmp_path / "auto")["compiled"]
+    measured = json.loads((cache / COMPILE_CACHE).read_text())[key]
+    assert measured["gain"] != 0.5 and measured["seconds"] > 0  # this machine's numbers now
+    assert losses(tmp_path / "auto") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
