@@ -274,7 +274,9 @@ RESUME_NOT_COMPARED = ("resume_from", "overwrite_output_dir", "prepare_only")
 def check_resumable(path: Path, cfg, model_name: str, world_size: int) -> list[str]:
     """Refuse a checkpoint that this run can't continue exactly; else one line per option that changed."""
     state = read_state(path)
-    saved = {**state["config"], "model": state["model"]}
+    # an option newer than the checkpoint had its default there
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    saved = {**defaults, **state["config"], "model": state["model"]}
     ours = {**cfg.to_dict(), "model": model_name}
     differ = [k for k in RESUME_FIXED if saved.get(k) != ours.get(k)]
     if differ:

@@ -96,11 +96,12 @@ class Config:
         1800, "under torchrun: seconds a process waits for the others (e.g. while rank 0 tokenizes) before failing")
     compile: str = option(
         "auto", "torch.compile the model: on, off, or auto: on when the first steps show it pays back within the run "
-        "(the step budget x the time it saves per step against the time it takes); --compile alone means on",
+        "(the step budget x the time it saves per step against the time it takes; never under --fsdp or without a "
+        "C++ compiler on a CPU); --compile alone means on",
         choices=("auto", "on", "off"), const="on")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
     peak_flops: Union[float, str] = option(
-        "auto", "peak FLOP/s of one device, for MFU; auto: a table of known GPUs, else a ~1 s matmul probe at "
+        "auto", "peak FLOP/s of one device, for MFU; auto: a table of known GPUs, else a ~2-3 s matmul probe at "
         "the run's precision, cached in CACHE_DIR/peak-flops.json", type=_number_or_text)
 
     # --- evaluation, logging, output ---
@@ -112,7 +113,8 @@ class Config:
         "blocks")
     log_every: int = option(10, "log training loss every N optimizer steps")
     output_dir: Optional[str] = option(None, "where the run is written; default runs/<task>-<timestamp>")
-    overwrite_output_dir: bool = option(False, "allow an --output-dir that holds another run's checkpoints")
+    overwrite_output_dir: bool = option(
+        False, "replace the run an --output-dir holds: delete its checkpoints, TensorBoard logs and metrics")
     save_every: Union[int, str, None] = option(
         None, "write a resumable checkpoint every N optimizer steps and at each epoch's end; "
         "'epoch': at each epoch's end only",
@@ -137,6 +139,10 @@ class Config:
             if not ok:
                 raise UsageError(message)
 
+        for f in dataclasses.fields(self):  # the CLI checks these too; a Config built in Python is checked here
+            choices = f.metadata.get("choices")
+            need(choices is None or getattr(self, f.name) in choices,
+                 f"--{flag(f.name)} must be one of {', '.join(choices or ())}, got {getattr(self, f.name)!r}")
         need(self.block_size is None or self.block_size > 0,
              f"--block-size must be positive, got {self.block_size}")
         need(0 < self.mlm_prob < 1, f"--mlm-prob must be between 0 and 1 (exclusive), got {self.mlm_prob}")

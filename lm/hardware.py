@@ -84,6 +84,8 @@ COMPILE_GAIN = {("cpu", "bf16"): 0.15, ("cuda", "bf16"): 0.8}
 COMPILE_SECONDS_PER_LAYER = {"cpu": 3.0, "cuda": 2.0}
 COMPILE_CACHE = "compile.json"
 COMPILE_AFTER = 3  # --compile auto decides after this many eager steps, from their time
+COMPILE_SETTLE = 3  # compiled steps that compile, record CUDA graphs and warm up, counted as the compile's cost
+COMPILE_TIMED = 3  # compiled steps after those, timed against the eager ones
 
 
 def compile_pays(steps_left: int, step_seconds: float, compile_seconds: float,
@@ -114,12 +116,9 @@ def compile_estimate(cache_dir: Path | str | None, key: str, layers: int, device
 
 
 def record_compile(cache_dir: Path | str | None, key: str, seconds: float, gain: float | None) -> None:
-    """Keep what a compiled run measured: the compile's seconds and, when eager steps came first, the gain."""
-    if cache_dir is not None:
-        path = Path(cache_dir) / COMPILE_CACHE
-        entry = {"seconds": seconds, **({"gain": gain} if gain is not None else {}),
-                 "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        write_atomically(path, {**read_cache(path), key: entry})
+    """Keep what a compiled run measured: the compile's seconds and, when eager steps came first, the gain
+    (a run compiled from its first step leaves the gain measured before as it was)."""
+    remember(cache_dir, COMPILE_CACHE, key, {"seconds": seconds, **({"gain": gain} if gain is not None else {})})
 
 
 def autocast(device: torch.device, precision: str):
@@ -211,18 +210,27 @@ def measured(cache_dir: Path | str | None, filename: str, key: str, measure) -> 
     if key in known:
         return known[key]
     result = measure()
-    if path is not None:  # read again: another process may have added its machine meanwhile
-        write_atomically(path, {**read_cache(path), key: {
-            **result, "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}})
+    remember(cache_dir, filename, key, result)
     return result
+
+
+def remember(cache_dir: Path | str | None, filename: str, key: str, entry: dict) -> None:
+    """Add `entry`, and when it was measured, to what cache_dir/filename keeps under `key` (None: keep nothing)."""
+    if cache_dir is None:
+        return
+    path = Path(cache_dir) / filename
+    known = read_cache(path)  # read now: another process may have added its machine meanwhile
+    write_atomically(path, {**known, key: {**known.get(key, {}), **entry,
+                                           "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}})
 
 
 ATTENTION_CACHE = "attention.json"
 
 
 def choose_attention(device: torch.device, precision: str, config, batch: int, block: int,
-                     cache_dir: Path | str | None) -> tuple[str, str]:
-    """(attention implementation for transformers, why): "sdpa" or "eager" (matmuls and a softmax).
+                     cache_dir: Path | str | None) -> tuple[str | None, str]:
+    """(attention implementation for transformers, why): "sdpa", "eager" (matmuls and a softmax), or None
+    for transformers' own choice (SDPA where the model has it).
 
     On a GPU, SDPA's fused kernels; on a CPU in fp32, SDPA too. On a CPU in bf16 neither wins
     everywhere: SDPA's flash backward is several times slower in bf16 than in fp32, while plain
@@ -230,16 +238,18 @@ def choose_attention(device: torch.device, precision: str, config, batch: int, b
     run's shapes, with each, once per machine, and the faster kept (cached in cache_dir/attention.json).
     """
     if device.type != "cpu":
-        return "sdpa", "SDPA's fused kernels"
+        return None, "transformers' default (SDPA's fused kernels where the model has them)"
     if precision == "fp32":  # the two take the same time within a few percent (measured), SDPA less memory
-        return "sdpa", "SDPA in fp32"
+        return None, "transformers' default (SDPA where the model has it) in fp32"
+    heads = getattr(config, "num_attention_heads", "?")
     key = ", ".join([device_name(device), f"{torch.get_num_threads()} threads", f"torch {torch.__version__}",
-                     precision, config.model_type, f"{batch}x{block}", f"{config.hidden_size} wide"])
+                     precision, config.model_type, f"{batch}x{block}",
+                     f"{config.hidden_size} wide, {heads} heads, {getattr(config, 'intermediate_size', '?')} inner"])
     try:
         times = measured(cache_dir, ATTENTION_CACHE, key, lambda: {
             impl: layer_seconds(config, impl, batch, block, precision, device) for impl in ("sdpa", "eager")})
-    except Exception as e:  # a config this probe can't shrink to one layer: keep transformers' default
-        return "sdpa", f"default (one layer could not be timed: {type(e).__name__})"
+    except Exception as e:  # a config this probe can't shrink to one layer, a model without SDPA: their default
+        return None, f"transformers' default (one layer could not be timed: {type(e).__name__})"
     best, other = sorted(("sdpa", "eager"), key=lambda impl: times[impl])
     return best, f"{best} attention, {times[best] * 1e3:.0f} ms per layer against {times[other] * 1e3:.0f} ({other})"
 

@@ -70,7 +70,9 @@ class TokenLoss(nn.Module):
             if chunkable(head):
                 dtype = (torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type)
                          else head.weight.dtype)
-                return fused_head_loss(hidden[keep], head.weight, head.bias, labels[keep], dtype, self.workspace)
+                # scratch tensors kept only on a CPU: a GPU's caching allocator reuses its memory anyway
+                workspace = self.workspace if hidden.device.type == "cpu" else None
+                return fused_head_loss(hidden[keep], head.weight, head.bias, labels[keep], dtype, workspace)
             if self.bucket:
                 keep = pad_positions(keep, self.bucket)
             logits = head(hidden[keep])

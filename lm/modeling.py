@@ -45,14 +45,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
                    "spiece.model", "sentencepiece.bpe.model")
 
 
-def resolve_tokenizer(requested: str | None, model_path: tuple[str, dict], model_name: str) -> tuple[str, dict]:
+def resolve_tokenizer(requested: str | None, model_path: tuple[str, dict], model_name: str,
+                      cache_dir: str | None = None, say=print) -> tuple[str, dict]:
     """(path or Hub name, from_pretrained kwargs) of the tokenizer: --tokenizer, else the model's own.
 
     A directory must hold tokenizer files: without them transformers builds an empty tokenizer for
     some models (every text becomes 0 tokens) and fails with an unrelated message for others.
     """
     if requested is not None:
-        path, extra = resolve_model(requested, requested, what="--tokenizer")
+        path, extra = resolve_model(requested, requested, cache_dir, say, what="--tokenizer")
         flag = f"--tokenizer {requested}"
     else:
         (path, extra), flag = model_path, f"--model {model_name}"
@@ -114,11 +115,11 @@ def load_config(path: str, extra: dict):
 
 
 def load_model(path: str, extra: dict, model_class: str,
-               attention: str = "sdpa") -> tuple[torch.nn.Module, frozenset[str]]:
+               attention: str | None = None) -> tuple[torch.nn.Module, frozenset[str]]:
     """(fp32 model, names of parameters the checkpoint lacked and were freshly initialised).
 
     `model_class` names the transformers Auto class, e.g. AutoModelForCausalLM; `attention` its
-    attention implementation (lm.hardware.choose_attention)."""
+    attention implementation (lm.hardware.choose_attention; None: transformers' choice)."""
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -127,7 +128,7 @@ def load_model(path: str, extra: dict, model_class: str,
     hf_logging.set_verbosity_error()  # we report fresh parameters ourselves, in one line
     try:
         model, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
-                                           attn_implementation=attention, **extra)
+                                           **({"attn_implementation": attention} if attention else {}), **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = set(info.get("missing_keys", ()))

@@ -32,9 +32,10 @@ from lm.config import Config, find_objective
 from lm.embedded import cache_root
 from lm.data import IGNORE, StepSampler
 from lm.errors import UsageError
-from lm.hardware import (COMPILE_AFTER, FlopCounts, autocast, check_compile, choose_attention, choose_precision,
-                         compile_estimate, compile_key, compile_pays, configure, flop_counts, native_bf16,
-                         probe_shapes, record_compile, resolve_device, resolve_peak_flops, step_flops)
+from lm.hardware import (COMPILE_AFTER, COMPILE_SETTLE, COMPILE_TIMED, FlopCounts, autocast, check_compile,
+                         choose_attention, choose_precision, compile_estimate, compile_key, compile_pays, configure,
+                         flop_counts, native_bf16, probe_shapes, record_compile, resolve_device, resolve_peak_flops,
+                         step_flops)
 from lm.modeling import (check_model_class, load_config, load_model, load_tokenizer, max_positions, resolve_block_size,
                          resolve_model, resolve_tokenizer)
 from lm.losses import POSITION_BUCKET, loss_and_logs
@@ -150,7 +151,7 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     if model is None or tokenizer is None:
         run.model_path = resolve_model(cfg.model, objective.embedded_model, cfg.cache_dir, run.say)
     if tokenizer is None:
-        run.tokenizer_path = resolve_tokenizer(cfg.tokenizer, run.model_path, model_name)
+        run.tokenizer_path = resolve_tokenizer(cfg.tokenizer, run.model_path, model_name, cfg.cache_dir, run.say)
     if model is None:
         run.model_config = load_config(*run.model_path)
         check_model_class(run.model_config, objective.model_class, model_name, objective.embedded_model)
@@ -246,8 +247,8 @@ def epoch_batches(run: Run, train_set, collate, sampler: StepSampler, epoch: int
                               generator=torch.Generator()))
     idle = None
     for micro, most in sampler.steps():
-        if len(micro) < most and idle is None:
-            idle = collate([train_set[0]], epoch=epoch)
+        if len(micro) < most and idle is None:  # as many rows as the others': compiled graphs keep their shapes
+            idle = collate([train_set[i % len(train_set)] for i in range(sampler.batch_size)], epoch=epoch)
             idle.update(labels=torch.full_like(idle["labels"], IGNORE), idle=True)
         yield [next(batches) for _ in micro] + [idle] * (most - len(micro))
 
@@ -300,7 +301,8 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
                 loss_sum, tokens = train_step(run, progress, micro)
                 if cfg.compile == "auto" and len(run.step_seconds) == COMPILE_AFTER:
                     decide_compile(run, progress)
-                if run.compiled_at is not None and len(run.step_seconds) == run.compiled_at + COMPILE_AFTER:
+                if run.compiled_at is not None and len(run.step_seconds) == (run.compiled_at + COMPILE_SETTLE
+                                                                             + COMPILE_TIMED):
                     record_compile_cost(run)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}")
@@ -381,34 +383,42 @@ def compile_model(run: Run) -> None:
 
 
 def decide_compile(run: Run, progress: Progress) -> None:
-    """--compile auto after the first steps: compile from here on if the time it saves pays for it within the run."""
+    """--compile auto after the first steps: compile from here on if the time it saves pays for it within the run.
+
+    Rank 0 decides, on its timings and its cache, for every rank: all must compile or none."""
     cfg, device = run.cfg, run.device
-    key = compile_key(device, run.precision, run.model.config, cfg.batch_size, run.block_size)
-    cost, gain = compile_estimate(cache_root(cfg.cache_dir), key, run.model.config.num_hidden_layers, device.type,
-                                  run.precision)
-    if run.cannot_compile or cfg.fsdp:
-        on, why = False, "off: " + (run.cannot_compile or "not decided by auto under --fsdp (use --compile on)")
-    else:  # the first step pays for warm-ups; every rank decides alike on rank 0's timings
-        step = distributed.broadcast_from_main(run.world, statistics.median(run.step_seconds[1:]))
-        on, why = compile_pays(run.total_steps - progress.step, step, cost, gain)
+
+    def decide() -> tuple[bool, str]:
+        if run.cannot_compile or cfg.fsdp:
+            return False, "off: " + (run.cannot_compile or "not decided by auto under --fsdp (use --compile on)")
+        key = compile_key(device, run.precision, run.model.config, cfg.batch_size, run.block_size)
+        cost, gain = compile_estimate(cache_root(cfg.cache_dir), key, run.model.config.num_hidden_layers,
+                                      device.type, run.precision)
+        step = statistics.median(run.step_seconds[1:])  # the first step pays for warm-ups
+        return compile_pays(run.total_steps - progress.step, step, cost, gain)
+
+    on, why = distributed.run_on_main(run.world, decide)
     run.say(f"compile {why}")
     if on:
         compile_model(run)
 
 
 def record_compile_cost(run: Run) -> None:
-    """What compiling cost and saved on this machine (the first compiled step, the ones after it against the
-    eager ones before), kept for the next --compile auto. Under auto, a compiled step slower than the
-    eager ones sends the rest of the run back to eager."""
-    eager, (first, *compiled) = run.step_seconds[1:run.compiled_at], run.step_seconds[run.compiled_at:]
-    gain = 1 - statistics.median(compiled) / statistics.median(eager) if eager else None
+    """What compiling cost and saved on this machine, kept for the next --compile auto: the first compiled
+    steps (compiling, recording CUDA graphs, warming up) over the timed ones after them, and those against
+    the eager steps before. Under auto, compiled steps slower than the eager ones send the run back to eager."""
+    settling = run.step_seconds[run.compiled_at:run.compiled_at + COMPILE_SETTLE]
+    step = statistics.median(run.step_seconds[run.compiled_at + COMPILE_SETTLE:])
+    eager = run.step_seconds[1:run.compiled_at]
+    gain = distributed.broadcast_from_main(run.world, 1 - step / statistics.median(eager) if eager else None)
     if run.world.main:
         key = compile_key(run.device, run.precision, run.model.config, run.cfg.batch_size, run.block_size)
-        record_compile(cache_root(run.cfg.cache_dir), key, max(0.0, first - statistics.median(compiled)), gain)
+        record_compile(cache_root(run.cfg.cache_dir), key, max(0.0, sum(settling) - len(settling) * step), gain)
     if run.cfg.compile == "auto" and gain is not None:
-        gain = distributed.broadcast_from_main(run.world, gain)
         run.say(f"compile: steps {gain:.0%} faster compiled" + ("" if gain > 0 else "; eager again from here"))
         run.compiled_slower = gain <= 0
+        if run.compiled_slower:
+            run.module.bucket = 0  # no shapes to keep few
 
 
 def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window) -> None:
@@ -477,6 +487,8 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict
         run.out.mkdir(parents=True, exist_ok=True)
         write_json(run.out / "metrics.json", metrics)
     run.writer.close()
+    if run.compiled_at is not None:  # the compiled code holds this run's model: another run in this process recompiles
+        torch._dynamo.reset()
     distributed.barrier(run.world)  # nobody leaves before the model is saved
     if progress is None:
         run.say(f"perplexity: {metrics['perplexity']:.4f}")
