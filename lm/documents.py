@@ -47,10 +47,12 @@ def prepare_model(model, device: torch.device, precision: str) -> None:
                          f"{model.config._attn_implementation}; load the model with attn_implementation='sdpa'")
 
 
-def attention_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+def attention_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     texts: bool = True) -> dict:
     """Keyword arguments of `model` (or its body) for a batch: the mask as it is where no row holds two
-    texts, else per-text attention and position ids."""
-    if attention_mask is None or not bool(attention_mask.max() > 1):
+    texts, else per-text attention and position ids. `texts` False: the mask is known to hold only 0
+    and 1 (no --document-boundaries), and is passed on without a look at its values."""
+    if not texts or not numbers_texts(attention_mask):
         return {"attention_mask": attention_mask}
     config, texts = model.config, attention_mask  # (B, T): 0 padding, 1, 2, ... the texts of a row
     inputs = {"position_ids": positions(config, input_ids, texts)}
@@ -74,6 +76,12 @@ def attention_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     else:  # Mistral: a window on every layer when it has one
         inputs["attention_mask"] = make(window)
     return inputs
+
+
+@torch.compiler.disable  # a look at the data: a compiled graph ends here, without Dynamo's warning
+def numbers_texts(attention_mask: torch.Tensor | None) -> bool:
+    """Whether some row of the mask holds two texts or more."""
+    return attention_mask is not None and bool(attention_mask.max() > 1)
 
 
 def text_starts(texts: torch.Tensor) -> torch.Tensor:

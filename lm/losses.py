@@ -60,6 +60,9 @@ class TokenLoss(nn.Module):
         # then unlabelled ones that add nothing), so that MLM's varying count of masked positions
         # gives a compiled graph (and a CUDA graph) a few shapes, not one per batch
         self.bucket = 0
+        # whether attention masks may number texts (--document-boundaries): the loop sets it, so that
+        # without the option no step looks at the mask's values (a sync, and a break in compiled graphs)
+        self.texts = True
 
     def forward(self, input_ids, attention_mask, labels):
         keep = labels != IGNORE  # (B, T)
@@ -82,18 +85,19 @@ class TokenLoss(nn.Module):
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         """(B, T, H) states the vocabulary head reads (split models only)."""
         body = getattr(self.model, self.split[0])
-        return body(input_ids=input_ids, **attention_inputs(self.model, input_ids, attention_mask)).last_hidden_state
+        return body(input_ids=input_ids, **attention_inputs(self.model, input_ids, attention_mask, self.texts)).last_hidden_state
 
     def labelled_logits(self, input_ids, attention_mask, keep) -> torch.Tensor:
         """(N, V) logits of the positions where `keep` (B, T) is set; the head runs on those alone if it can."""
         if self.split is not None:
             return getattr(self.model, self.split[1])(self.hidden_states(input_ids, attention_mask)[keep])
-        return self.model(input_ids=input_ids, **attention_inputs(self.model, input_ids, attention_mask)).logits[keep]
+        return self.model(input_ids=input_ids, **attention_inputs(self.model, input_ids, attention_mask, self.texts)).logits[keep]
 
 
 POSITION_BUCKET = 64  # TokenLoss.bucket of a compiled run
 
 
+@torch.compiler.disable  # counts the positions: a compiled graph ends here, without Dynamo's warning
 def pad_positions(keep: torch.Tensor, multiple: int) -> torch.Tensor:
     """`keep` (B, T) with the first unselected positions added, so that it selects a multiple of `multiple`
     positions (or all of them)."""

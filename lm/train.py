@@ -195,6 +195,7 @@ def build_model(run: Run, model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     run.model = model.to(device)
     run.module = run.loss(model).to(device)
+    run.module.texts = cfg.document_boundaries  # masks number texts only with the option (TokenLoss)
     if cfg.compile == "on":
         compile_model(run)
     if cfg.fsdp:

@@ -52,6 +52,7 @@ def test_compile_matches_eager_and_saves_plain_names(task, precision, rel, no_dr
                                  "--save-every", "4"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "compile on" in r.stdout and metrics(tmp_path / "compiled")["compiled"]
+    assert "Graph break" not in r.stderr  # no Dynamo warnings for a user to puzzle over
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=rel)
     saved = torch.load(tmp_path / "compiled" / "checkpoints" / "step-4" / "model.pt", weights_only=True)
     assert not any("_orig_mod" in k for k in saved)
