@@ -9,9 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import tiny_model
 from lm.errors import UsageError
 from lm.data import IGNORE, causal_labels
-from lm.hardware import (COMPILE_GAIN, COMPILE_SECONDS_PER_LAYER, PEAK_CACHE, FlopCounts, autocast, choose_precision,
-                         compile_estimate, compile_key, compile_pays, flop_counts, gpu_peak_flops, measure_peak_flops,
-                         native_bf16, probe_key, record_compile, resolve_device, resolve_peak_flops, step_flops)
+from lm.hardware import (COMPILE_GAIN, COMPILE_SECONDS_PER_LAYER, COMPILE_WARM_SHARE, PEAK_CACHE, FlopCounts, autocast,
+                         choose_precision, compile_estimate, compile_key, compile_pays, flop_counts, gpu_peak_flops,
+                         measure_peak_flops, native_bf16, probe_key, record_compile, resolve_device, resolve_peak_flops,
+                         step_flops)
 from lm.losses import SPLIT_HEAD, TokenLoss
 
 
@@ -211,7 +212,9 @@ def test_what_a_compiled_run_measured_wins_over_the_table(tokenizer, tmp_path):
     assert compile_estimate(tmp_path, key, 30, "cpu", "bf16") == (30 * COMPILE_SECONDS_PER_LAYER["cpu"],
                                                                   COMPILE_GAIN[("cpu", "bf16")])
     assert compile_estimate(tmp_path, key, 30, "cpu", "fp32")[1] is None  # fp32 on a CPU: not measured to gain
-    record_compile(tmp_path, key, 12.5, -0.25)
-    assert compile_estimate(tmp_path, key, 30, "cpu", "bf16") == (12.5, -0.25)
+    record_compile(tmp_path, key, 80.0, -0.25)  # the first compile: Inductor's cache was cold, it is warm now
+    assert compile_estimate(tmp_path, key, 30, "cpu", "bf16") == (80.0 * COMPILE_WARM_SHARE, -0.25)
     record_compile(tmp_path, key, 11.0, None)  # --compile on: no eager steps to compare with, the gain stays
     assert compile_estimate(tmp_path, key, 30, "cpu", "bf16") == (11.0, -0.25)
+    record_compile(tmp_path, key, 70.0, 0.3)  # cold again after a change of code: the cache is warm after it
+    assert compile_estimate(tmp_path, key, 30, "cpu", "bf16") == (11.0, 0.3)
