@@ -85,13 +85,15 @@ class TokenLoss(nn.Module):
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         """(B, T, H) states the vocabulary head reads (split models only)."""
         body = getattr(self.model, self.split[0])
-        return body(input_ids=input_ids, **attention_inputs(self.model, input_ids, attention_mask, self.texts)).last_hidden_state
+        inputs = attention_inputs(self.model, input_ids, attention_mask, self.texts)
+        return body(input_ids=input_ids, **inputs).last_hidden_state
 
     def labelled_logits(self, input_ids, attention_mask, keep) -> torch.Tensor:
         """(N, V) logits of the positions where `keep` (B, T) is set; the head runs on those alone if it can."""
         if self.split is not None:
             return getattr(self.model, self.split[1])(self.hidden_states(input_ids, attention_mask)[keep])
-        return self.model(input_ids=input_ids, **attention_inputs(self.model, input_ids, attention_mask, self.texts)).logits[keep]
+        inputs = attention_inputs(self.model, input_ids, attention_mask, self.texts)
+        return self.model(input_ids=input_ids, **inputs).logits[keep]
 
 
 POSITION_BUCKET = 64  # TokenLoss.bucket of a compiled run
