@@ -1,5 +1,6 @@
 """Which device and which numerics a run uses, decided by pure functions the tests can call; and MFU's
-two halves: what the device can compute (a GPU table or a measured peak) and what a step computes."""
+two halves: what the device can compute (a GPU table or a measured peak) and what a step computes.
+What is measured per machine (the peak, the faster attention) is kept in CACHE_DIR, read back by key."""
 
 from __future__ import annotations
 
@@ -54,81 +55,6 @@ def choose_precision(requested: str, device_type: str, bf16_native: bool) -> tup
         why = "GPU supports bf16" if device_type == "cuda" else "CPU has AMX/AVX512-BF16"
         return "bf16", f"auto: {why}"
     return "fp32", f"auto: no native bf16 on {device_type}"
-
-
-def check_compile(requested: str, device: torch.device) -> str | None:
-    """Why torch.compile can't run here (Inductor needs CUDA, or a CPU with a C++ compiler), or None.
-
-    --compile on where it can't run is an error; auto there stays eager."""
-    why = None
-    if device.type == "mps":
-        why = "--compile is not supported on Apple MPS here; drop --compile or use --device cpu"
-    elif device.type == "cpu":
-        import shutil
-
-        if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
-            why = "--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile"
-    if why and requested == "on":
-        raise UsageError(why)
-    return why
-
-
-# torch.compile (Inductor) of the model, as measured on the machines in README "Compiling": the share
-# of a training step's time it saves, by device type and precision, for the causal default (SmolLM2,
-# 8 x 128). Absent: not measured to save anything, so --compile auto stays eager. A run that compiles
-# measures the gain for its own model and keeps it in cache_dir/compile.json; that wins over this
-# table next time (MiniLM's MLM step, e.g., measured slower compiled on both the CPU and the H100).
-COMPILE_GAIN = {("cpu", "bf16"): 0.15, ("cuda", "bf16"): 0.8}
-# Seconds of compiling per transformer layer with nothing cached yet, by device type: the estimate until
-# a run on this machine has measured it (with Inductor's cache, in cache_dir/inductor, warm after that).
-COMPILE_SECONDS_PER_LAYER = {"cpu": 3.0, "cuda": 2.0}
-# A compile that finds Inductor's kernels cached takes this share of the first, cold one (SmolLM2 in bf16 on
-# 2 CPU cores: 6-12 s against 68-85 s): the estimate after one compile, until a second has measured it.
-COMPILE_WARM_SHARE = 0.15
-COMPILE_CACHE = "compile.json"
-COMPILE_AFTER = 3  # --compile auto decides after this many eager steps, from their time
-COMPILE_SETTLE = 3  # compiled steps that compile, record CUDA graphs and warm up, counted as the compile's cost
-COMPILE_TIMED = 3  # compiled steps after those, timed against the eager ones
-
-
-def compile_pays(steps_left: int, step_seconds: float, compile_seconds: float,
-                 gain: float | None) -> tuple[bool, str]:
-    """(compile now?, why): whether the time compiling saves over the steps left beats what compiling costs."""
-    if not gain or gain <= 0:
-        return False, "off: compiling was not measured to make these steps faster here"
-    saved = gain * step_seconds * steps_left
-    return saved > compile_seconds, (f"{'on' if saved > compile_seconds else 'off'}: ~{saved:.0f} s saved over "
-                                     f"{steps_left} steps ({gain:.0%} of each) against ~{compile_seconds:.0f} s "
-                                     "of compiling")
-
-
-def compile_key(device: torch.device, precision: str, config, batch: int, block: int) -> str:
-    """What the cost and gain of compiling a model depend on, readably."""
-    layers = getattr(config, "num_hidden_layers", "?")
-    return ", ".join([device_name(device), f"torch {torch.__version__}", precision, config.model_type,
-                      f"{layers} layers of {config.hidden_size}", f"{batch}x{block}"])
-
-
-def compile_estimate(cache_dir: Path | str | None, key: str, layers: int, device_type: str,
-                     precision: str) -> tuple[float, float | None]:
-    """(seconds compiling takes, share of a step it saves): what this machine measured for `key`, else the
-    per-layer estimate and the COMPILE_GAIN table. After a single compile, which was cold, Inductor's
-    cache holds the model's kernels: the next compile is estimated at COMPILE_WARM_SHARE of it."""
-    known = read_cache(Path(cache_dir) / COMPILE_CACHE if cache_dir is not None else None).get(key, {})
-    seconds = known.get("seconds", COMPILE_SECONDS_PER_LAYER.get(device_type, 3.0) * layers)
-    if known.get("compiles") == 1:
-        seconds *= COMPILE_WARM_SHARE
-    return seconds, known.get("gain", COMPILE_GAIN.get((device_type, precision)))
-
-
-def record_compile(cache_dir: Path | str | None, key: str, seconds: float, gain: float | None) -> None:
-    """Keep what a compiled run measured: the least a compile has taken (with Inductor's cache warm: a cold
-    compile after a change of code is paid once) and, when eager steps came first, the gain (a run compiled
-    from its first step leaves the gain measured before as it was)."""
-    known = read_cache(Path(cache_dir) / COMPILE_CACHE if cache_dir is not None else None).get(key, {})
-    remember(cache_dir, COMPILE_CACHE, key, {"seconds": min(seconds, known.get("seconds", seconds)),
-                                             "compiles": known.get("compiles", 0) + 1,
-                                             **({"gain": gain} if gain is not None else {})})
 
 
 def autocast(device: torch.device, precision: str):
@@ -215,13 +141,17 @@ def measure_peak_flops(device: torch.device, precision: str, shapes: tuple[tuple
 
 def measured(cache_dir: Path | str | None, filename: str, key: str, measure) -> dict:
     """measure()'s dict, kept under `key` in cache_dir/filename and read from there next time (None: not kept)."""
-    path = Path(cache_dir) / filename if cache_dir is not None else None
-    known = read_cache(path)
-    if key in known:
-        return known[key]
+    known = recalled(cache_dir, filename, key)
+    if known:
+        return known
     result = measure()
     remember(cache_dir, filename, key, result)
     return result
+
+
+def recalled(cache_dir: Path | str | None, filename: str, key: str) -> dict:
+    """What cache_dir/filename keeps under `key`, or {}."""
+    return read_cache(Path(cache_dir) / filename if cache_dir is not None else None).get(key, {})
 
 
 def remember(cache_dir: Path | str | None, filename: str, key: str, entry: dict) -> None:
@@ -364,7 +294,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def read_cache(path: Path | None) -> dict:
-    """The cached peaks, or {} when there are none (or the file is unreadable: they are measured again)."""
+    """A cache file's entries, or {} when there are none (or the file is unreadable: they are measured again)."""
     try:
         return json.loads(path.read_text()) if path is not None else {}
     except (OSError, ValueError):

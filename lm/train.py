@@ -32,10 +32,10 @@ from lm.config import Config, find_objective
 from lm.embedded import cache_root
 from lm.data import IGNORE, StepSampler
 from lm.errors import UsageError
-from lm.hardware import (COMPILE_AFTER, COMPILE_SETTLE, COMPILE_TIMED, FlopCounts, autocast, check_compile,
-                         choose_attention, choose_precision, compile_estimate, compile_key, compile_pays, configure,
-                         flop_counts, native_bf16, probe_shapes, record_compile, resolve_device, resolve_peak_flops,
-                         step_flops)
+from lm.compiling import (COMPILE_AFTER, COMPILE_SETTLE, COMPILE_TIMED, check_compile, compile_estimate, compile_key,
+                          compile_pays, record_compile)
+from lm.hardware import (FlopCounts, autocast, choose_attention, choose_precision, configure, flop_counts, native_bf16,
+                         probe_shapes, resolve_device, resolve_peak_flops, step_flops)
 from lm.modeling import (check_model_class, load_config, load_model, load_tokenizer, max_positions, resolve_block_size,
                          resolve_model, resolve_tokenizer)
 from lm.losses import POSITION_BUCKET, loss_and_logs

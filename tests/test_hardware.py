@@ -9,10 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import tiny_model
 from lm.errors import UsageError
 from lm.data import IGNORE, causal_labels
-from lm.hardware import (COMPILE_GAIN, COMPILE_SECONDS_PER_LAYER, COMPILE_WARM_SHARE, PEAK_CACHE, FlopCounts, autocast,
-                         choose_precision, compile_estimate, compile_key, compile_pays, flop_counts, gpu_peak_flops,
-                         measure_peak_flops, native_bf16, probe_key, record_compile, resolve_device, resolve_peak_flops,
-                         step_flops)
+from lm.compiling import (COMPILE_GAIN, COMPILE_SECONDS_PER_LAYER, COMPILE_WARM_SHARE, compile_estimate, compile_key,
+                          compile_pays, record_compile)
+from lm.hardware import (PEAK_CACHE, FlopCounts, autocast, choose_precision, flop_counts, gpu_peak_flops,
+                         measure_peak_flops, native_bf16, probe_key, resolve_device, resolve_peak_flops, step_flops)
 from lm.losses import SPLIT_HEAD, TokenLoss
 
 

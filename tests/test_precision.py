@@ -101,7 +101,7 @@ def test_compile_auto_compiles_when_it_pays_then_measures_what_it_gained(no_drop
 
     from transformers import AutoConfig
 
-    from lm.hardware import COMPILE_CACHE, compile_key
+    from lm.compiling import COMPILE_CACHE, compile_key
 
     model, cache = no_dropout_models["clm"], tmp_path / "cache"
     key = compile_key(torch.device("cpu"), "fp32", AutoConfig.from_pretrained(model), 8, 16)
