@@ -295,6 +295,23 @@ def check_resumable(path: Path, cfg, model_name: str, world_size: int) -> list[s
     return [f"resume: {change} from step {state['step']}" for change in changes]
 
 
+def check_same_data(path: Path, state: dict, train_data: dict) -> None:
+    """Refuse a checkpoint whose training examples differ from this run's (a file changed under the same name):
+    its place in the epoch would point elsewhere, or past the end."""
+    saved, n = state.get("train_data"), train_data["examples"]
+    if saved is None:  # written before checkpoints kept a digest: the count of examples trained must still fit
+        same = state["examples_done"] <= n
+    else:
+        same = saved == train_data
+    if not same:
+        then = (f"{saved['examples']} training examples then, {n} now" if saved and saved["examples"] != n
+                else f"{n} training examples, other tokens" if saved
+                else f"{state['examples_done']} examples of its epoch trained, {n} in the data now")
+        raise UsageError(f"--resume-from {path}: the training data is not the checkpoint's ({then}; did the "
+                         "file change?); resume with the data the run started with, or start afresh in another "
+                         "--output-dir")
+
+
 def global_batch(batch_size: int, processes: int, accumulation: int) -> tuple[int, str]:
     """(examples per optimizer step, how they come about) for messages."""
     return (batch_size * processes * accumulation,
@@ -313,6 +330,10 @@ def resume_command(launcher: list[str], argv: list[str], path: Path) -> str:
         if not skip:
             args.append(arg)
     return shlex.join([*launcher, argv[0], *args, "--resume-from", str(path)])
+
+
+class Stopped(Exception):
+    """A signal asked the run to stop: the loop writes a checkpoint and exits (raised where it was noticed)."""
 
 
 class StopOnSignal:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from lm.errors import UsageError
@@ -30,5 +31,9 @@ def main(task, argv=None) -> int:
 
 
 def fail(error: UsageError) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # torchrun stops the other ranks with SIGTERM once one exits; this one is on its way out with the
+        # error's own exit code, which the signal would replace
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print(f"error: {error}", file=sys.stderr)
     return 2

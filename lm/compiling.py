@@ -4,29 +4,102 @@ The loop (lm.train) times the steps and compiles; this module decides from the n
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
+import torch._dynamo
+import torch._inductor.exc
 
 from lm.errors import UsageError
-from lm.hardware import device_name, recalled, remember
+from lm.cache import recalled, remember
+from lm.hardware import device_name
 
 
-def check_compile(requested: str, device: torch.device) -> str | None:
-    """Why torch.compile can't run here (Inductor needs CUDA, or a CPU with a C++ compiler), or None.
-
-    --compile on where it can't run is an error; auto there stays eager."""
+def check_compile(requested: str, device: torch.device, cache_dir: Path | str | None) -> str | None:
+    """Why torch.compile can't run here, or None: the device has no Inductor backend, or building a tiny
+    kernel failed (compile_probe). Under --compile on that is an error before training; auto stays eager,
+    and probes only when it is about to compile (an eager run never pays for the probe)."""
     why = None
     if device.type == "mps":
         why = "--compile is not supported on Apple MPS here; drop --compile or use --device cpu"
-    elif device.type == "cpu":
-        import shutil
-
-        if not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
-            why = "--compile on CPU needs a C++ compiler (g++ or clang++) on PATH; install one or drop --compile"
+    elif requested == "on":
+        why = compile_probe(device, cache_dir)
+        why = why and f"{why}; or drop --compile"
     if why and requested == "on":
         raise UsageError(why)
     return why
+
+
+PROBE_CACHE = "compile-probe.json"
+# Compiles a function forward and backward on DEVICE, with Inductor's and Triton's caches empty so that
+# a kernel is really built, and prints why not in one line if it fails.
+PROBE_SCRIPT = """
+import sys, torch
+try:
+    x = torch.randn(8, 8, device=sys.argv[1], requires_grad=True)
+    torch.compile(lambda t: (t.sin() * 2).sum())(x).backward()
+except Exception as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    said = [l for l in lines if "error" in l.lower() and l != lines[0]][:1]
+    print(" / ".join([f"{type(e).__name__}: {lines[0] if lines else ''}"] + said)[:300], file=sys.stderr)
+    sys.exit(1)
+"""
+PROBE_TIMEOUT = 600  # seconds: a cold Inductor start on a slow machine takes tens of them
+
+
+def compile_probe(device: torch.device, cache_dir: Path | str | None) -> str | None:
+    """Why Inductor can't build a kernel on this device, or None once it has: a tiny compile, forward and
+    backward, in a child process (a failure there can't leave this one half set up). A success is kept in
+    cache_dir/compile-probe.json under the machine, torch and the compilers found; a failure is not kept,
+    so installing what was missing is seen by the next run."""
+    key = compile_probe_key(device)
+    if recalled(cache_dir, PROBE_CACHE, key).get("ok"):
+        return None
+    with tempfile.TemporaryDirectory(prefix="lm-compile-probe-") as tmp:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(tmp, "inductor"),
+               "TRITON_CACHE_DIR": os.path.join(tmp, "triton")}
+        try:
+            done = subprocess.run([sys.executable, "-c", PROBE_SCRIPT, str(device)], env=env, capture_output=True,
+                                  text=True, timeout=PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return f"torch.compile could not build a test kernel within {PROBE_TIMEOUT} s here"
+    if done.returncode != 0:
+        said = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+        needs = ("a working C++ compiler (g++, or $CXX) and the Python headers (python3-dev)" if device.type == "cpu"
+                 else "a working C compiler (gcc, or $CC) for Triton")
+        return f"torch.compile could not build a test kernel here ({said}); it needs {needs}"
+    remember(cache_dir, PROBE_CACHE, key, {"ok": 1})
+    return None
+
+
+def compile_probe_key(device: torch.device) -> str:
+    """What the probe's answer depends on: the machine, torch, this Python and the compilers found."""
+    return ", ".join([device_name(device), f"torch {torch.__version__}", sys.executable, *compilers()])
+
+
+def compilers() -> list[str]:
+    """The compilers Inductor (C++: $CXX, else g++) and Triton (C: $CC, else gcc or cc) would run, each with
+    its file's size and time: a new or replaced compiler is probed afresh."""
+    found = []
+    for name in (os.environ.get("CXX") or "g++", os.environ.get("CC") or "gcc", "cc"):
+        path = shutil.which(name)
+        if path:
+            st = os.stat(path)
+            found.append(f"{name}={os.path.realpath(path)} ({st.st_size} bytes, {st.st_mtime_ns})")
+        else:
+            found.append(f"{name}=none")
+    return found
+
+
+# What a failed compile raises: Dynamo's errors (Inductor's InductorError among them, with a compiler's
+# error inside) and Inductor's compile errors raised outside Dynamo (a backward compiled lazily).
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError,
+                  torch._inductor.exc.CppCompileError)
 
 
 # torch.compile (Inductor) of the model, as measured on the machines in README "Compiling": the share

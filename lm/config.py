@@ -96,12 +96,12 @@ class Config:
         1800, "under torchrun: seconds a process waits for the others (e.g. while rank 0 tokenizes) before failing")
     compile: str = option(
         "auto", "torch.compile the model: on, off, or auto: on when the first steps show it pays back within the run "
-        "(the step budget x the time it saves per step against the time it takes; never under --fsdp or without a "
-        "C++ compiler on a CPU); --compile alone means on",
+        "(the step budget x the time it saves per step against the time it takes; never under --fsdp, nor where a "
+        "tiny test kernel fails to build, e.g. without a C++ compiler on a CPU); --compile alone means on",
         choices=("auto", "on", "off"), const="on")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
     peak_flops: Union[float, str] = option(
-        "auto", "peak FLOP/s of one device, for MFU; auto: a table of known GPUs, else a ~2-3 s matmul probe at "
+        "auto", "peak FLOP/s of one device, for MFU; auto: a table of known GPUs, else a ~2 s matmul probe at "
         "the run's precision, cached in CACHE_DIR/peak-flops.json", type=_number_or_text)
 
     # --- evaluation, logging, output ---
@@ -109,8 +109,8 @@ class Config:
     eval_only: bool = option(False, "evaluate --model on the validation data, write metrics, exit")
     eval_stride: Optional[int] = option(
         None, "clm only: validation perplexity over windows of --block-size tokens starting every N tokens "
-        "(1 <= N <= block size), each token scored once with the context its window gives; default: disjoint "
-        "blocks")
+        "(1 <= N <= block size), each token scored once with the context its window gives (N = block size: the "
+        "blocks); default: disjoint blocks")
     log_every: int = option(10, "log training loss every N optimizer steps")
     output_dir: Optional[str] = option(None, "where the run is written; default runs/<task>-<timestamp>")
     overwrite_output_dir: bool = option(
@@ -323,6 +323,24 @@ def build_parser(task) -> argparse.ArgumentParser:
     for hf in HF_REFUSED:  # with or without a value, so the message names the flag, not a stray argument
         parser.add_argument(f"--{hf}", action=_Refused, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def options_table() -> str:
+    """The README's table of options, made from the Config fields: flag, default (and the tasks' own), help."""
+    from lm import objectives
+
+    def shown(value):
+        return "—" if value is None else "off" if value is False else str(value)
+
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Config):
+        if not f.metadata.get("cli", True):
+            continue
+        own = [f"{o.name}: {shown(o.defaults[f.name])}" for o in (objectives.CLM, objectives.MLM)
+               if f.name in o.defaults and o.defaults[f.name] != f.default]
+        default = shown(f.default) + (f" ({', '.join(own)})" if own else "")
+        rows.append(f"| `--{flag(f.name)}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
 
 
 def parse_args(task, argv=None) -> Config:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -164,6 +165,25 @@ class WindowCollator:
         for row, (_, _, labels, _) in enumerate(items):
             batch["labels"][row, :len(labels)] = labels
         return batch
+
+
+def fingerprint(sequences) -> str:
+    """A digest of every token id of `sequences` (an (n, T) array of blocks, or a list of 1-D arrays), in order:
+    whether a resumed run trains on the data its checkpoint did."""
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(sequences, np.ndarray):
+        h.update(repr((sequences.shape, sequences.dtype.str)).encode())
+        flat = sequences.reshape(-1)  # a view of the memory-mapped token file, read a slice at a time
+        for lo in range(0, len(flat), FINGERPRINT_SLICE):
+            h.update(np.ascontiguousarray(flat[lo:lo + FINGERPRINT_SLICE]).data)
+    else:
+        for ids in sequences:
+            h.update(len(ids).to_bytes(8, "little"))
+            h.update(np.ascontiguousarray(ids, dtype=np.int64).data)
+    return h.hexdigest()
+
+
+FINGERPRINT_SLICE = 1 << 24  # token ids hashed per read
 
 
 class StepSampler(Sampler):

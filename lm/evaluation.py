@@ -8,19 +8,26 @@ import torch
 from tqdm.auto import tqdm
 
 from lm import distributed
+from lm.checkpoint import Stopped
 from lm.data import IGNORE
 from lm.hardware import autocast
 from lm.losses import loss_and_logs
 
 
 @torch.no_grad()
-def evaluate(module, loader, device, precision: str, world=distributed.World()) -> float:
-    """Mean loss per labelled token over the whole split, on all ranks (token-weighted, not a mean of means)."""
+def evaluate(module, loader, device, precision: str, world=distributed.World(), stop=None) -> float:
+    """Mean loss per labelled token over the whole split, on all ranks (token-weighted, not a mean of means).
+
+    `stop`, if given, is asked before each batch (by every rank alike): when it answers yes, the evaluation
+    ends with checkpoint.Stopped."""
     was_training = module.training
     module.eval()
     loss_sum, tokens = 0.0, 0
     with tqdm(loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True, disable=not world.main) as bar:
         for batch in bar:
+            if stop is not None and stop():
+                module.train(was_training)
+                raise Stopped
             labels = batch["labels"].to(device)
             with autocast(device, precision):
                 output = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)

@@ -5,13 +5,10 @@ What is measured per machine (the peak, the faster attention) is kept in CACHE_D
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import re
-import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
 
@@ -19,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm.cache import measured
 from lm.errors import UsageError
 from lm.losses import split_head
 
@@ -136,35 +134,11 @@ def measure_peak_flops(device: torch.device, precision: str, shapes: tuple[tuple
             torch.cuda.empty_cache()  # the probe's buffers go back before training allocates
         return {"flops": flops}
 
-    return measured(cache_dir, PEAK_CACHE, probe_key(device, precision, shapes), probe)["flops"]
-
-
-def measured(cache_dir: Path | str | None, filename: str, key: str, measure) -> dict:
-    """measure()'s dict, kept under `key` in cache_dir/filename and read from there next time (None: not kept)."""
-    known = recalled(cache_dir, filename, key)
-    if known:
-        return known
-    result = measure()
-    remember(cache_dir, filename, key, result)
-    return result
-
-
-def recalled(cache_dir: Path | str | None, filename: str, key: str) -> dict:
-    """What cache_dir/filename keeps under `key`, or {}."""
-    return read_cache(Path(cache_dir) / filename if cache_dir is not None else None).get(key, {})
-
-
-def remember(cache_dir: Path | str | None, filename: str, key: str, entry: dict) -> None:
-    """Add `entry`, and when it was measured, to what cache_dir/filename keeps under `key` (None: keep nothing)."""
-    if cache_dir is None:
-        return
-    path = Path(cache_dir) / filename
-    known = read_cache(path)  # read now: another process may have added its machine meanwhile
-    write_atomically(path, {**known, key: {**known.get(key, {}), **entry,
-                                           "measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}})
+    return measured(cache_dir, PEAK_CACHE, probe_key(device, precision, shapes), probe, needs=("flops",))["flops"]
 
 
 ATTENTION_CACHE = "attention.json"
+IMPLEMENTATIONS = ("sdpa", "eager")  # the attention paths a CPU in bf16 chooses between
 
 
 def choose_attention(device: torch.device, precision: str, config, batch: int, block: int,
@@ -187,10 +161,11 @@ def choose_attention(device: torch.device, precision: str, config, batch: int, b
                      f"{config.hidden_size} wide, {heads} heads, {getattr(config, 'intermediate_size', '?')} inner"])
     try:
         times = measured(cache_dir, ATTENTION_CACHE, key, lambda: {
-            impl: layer_seconds(config, impl, batch, block, precision, device) for impl in ("sdpa", "eager")})
+            impl: layer_seconds(config, impl, batch, block, precision, device) for impl in IMPLEMENTATIONS},
+            needs=IMPLEMENTATIONS)
     except Exception as e:  # a config this probe can't shrink to one layer, a model without SDPA: their default
         return None, f"transformers' default (one layer could not be timed: {type(e).__name__})"
-    best, other = sorted(("sdpa", "eager"), key=lambda impl: times[impl])
+    best, other = sorted(IMPLEMENTATIONS, key=lambda impl: times[impl])
     return best, f"{best} attention, {times[best] * 1e3:.0f} ms per layer against {times[other] * 1e3:.0f} ({other})"
 
 
@@ -291,23 +266,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def read_cache(path: Path | None) -> dict:
-    """A cache file's entries, or {} when there are none (or the file is unreadable: they are measured again)."""
-    try:
-        return json.loads(path.read_text()) if path is not None else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def write_atomically(path: Path, data: dict) -> None:
-    """Write JSON through a uniquely named temporary file: several processes may probe at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 class FlopCounts(NamedTuple):

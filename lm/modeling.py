@@ -70,9 +70,8 @@ def load_tokenizer(path: str, extra: dict):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-    except (OSError, ValueError, ImportError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"the tokenizer in {path} could not be loaded ({reason}); "
+    except Exception as e:  # a damaged file fails in many ways (KeyError, TypeError, a tokenizers error...)
+        raise UsageError(f"the tokenizer in {path} could not be loaded ({short_message(e)}); "
                          "name a working one with --tokenizer DIR") from None
     if not tokenizer("The quick brown fox.", add_special_tokens=False)["input_ids"]:
         raise UsageError(f"the tokenizer in {path} turns text into no tokens (its vocabulary is empty); "
@@ -109,9 +108,32 @@ def resolve_block_size(requested: int | None, limit: int | None) -> tuple[int, s
 
 
 def load_config(path: str, extra: dict):
+    """The model's configuration; one that can't be read or is inconsistent is a UsageError naming the file."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path, **extra)
+    try:
+        return AutoConfig.from_pretrained(path, **extra)
+    except Exception as e:  # invalid JSON, an unknown model type, values its own checks refuse
+        where = Path(path) / "config.json" if Path(path).is_dir() else path
+        raise UsageError(f"the model configuration {where} could not be loaded ({short_message(e)}); "
+                         "fix it or name another model with --model") from None
+
+
+def check_vocabulary(tokenizer, config, tokenizer_name: str, model_name: str) -> None:
+    """Refuse a tokenizer whose ids reach past the model's embedding table (they would index out of range)."""
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise UsageError(f"the tokenizer {tokenizer_name} has {len(tokenizer):,} tokens, the model {model_name} "
+                         f"embeds {vocab:,}: they don't belong together; use the model's own tokenizer "
+                         "(drop --tokenizer) or one of at most its vocabulary")
+
+
+def short_message(error: Exception) -> str:
+    """An exception's type and message on one line: its first line, and its last where they differ (a
+    validation error names the validator first and the reason last)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = " ".join(dict.fromkeys([lines[0], lines[-1]])) if lines else ""
+    return f"{type(error).__name__}: {said}"[:400] if said else type(error).__name__
 
 
 def load_model(path: str, extra: dict, model_class: str,

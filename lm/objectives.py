@@ -73,9 +73,11 @@ def token_loss(model):
     return TokenLoss(model)
 
 
-def _blocks_only(cfg) -> None:
+def _causal_blocks(cfg) -> None:
     if cfg.line_by_line:
         raise UsageError("--line-by-line is for masked LM only: causal LM trains on concatenated blocks")
+    if cfg.block_size == 1:  # its one token has no next token in the block: no loss, a NaN perplexity
+        raise UsageError("--block-size 1 leaves a causal LM nothing to predict; use 2 or more")
 
 
 def _no_sliding_windows(cfg) -> None:
@@ -93,7 +95,7 @@ def needs_mask_token(tokenizer) -> None:
 # (SmolLM2-135M: ~11 s per fp32 step of 8 x 128 tokens). The MLM head of the embedded MiniLM is absent
 # from its checkpoint, so it starts random and needs a far larger step size than the pretrained body.
 CLM = Objective("clm", "causal language model", "AutoModelForCausalLM", embedded.SMOLLM2, causal_batches,
-                token_loss, defaults=dict(epochs=0.5), check=_blocks_only)
+                token_loss, defaults=dict(epochs=0.5), check=_causal_blocks)
 MLM = Objective("mlm", "masked language model", "AutoModelForMaskedLM", embedded.MINILM, masked_batches,
                 token_loss, defaults=dict(lr=1e-4, head_lr=1e-3, epochs=3.0), check=_no_sliding_windows,
                 check_tokenizer=needs_mask_token)

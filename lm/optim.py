@@ -83,13 +83,25 @@ SCHEDULE_OPTIONS = ("lr", "lr_scheduler", "warmup_steps", "warmup_ratio", "epoch
 
 
 def schedule_change(saved_config: dict, saved_processes: int, cfg, processes: int, n_train: int,
-                    step: int) -> str | None:
-    """How the learning rate goes on from `step` when a resumed run changed its schedule; None if it didn't."""
+                    step: int, last_group: dict | None = None) -> str | None:
+    """How the learning rate goes on from `step` when a resumed run changed its schedule; None if it didn't.
+
+    `last_group` (the checkpoint's first optimizer group: the lr of its last step and its peak) also catches a
+    schedule whose meaning changed under the same settings: `constant` warmed up before constant_with_warmup
+    existed."""
     saved = dataclasses.replace(cfg, **{k: saved_config[k] for k in SCHEDULE_OPTIONS})
     before, now = schedule(saved, n_train, saved_processes), schedule(cfg, n_train, processes)
-    if (*before, saved.lr_scheduler, saved.lr) == (*now, cfg.lr_scheduler, cfg.lr):
-        return None
     old = saved.lr * lr_factor(step, *before, saved.lr_scheduler, saved.lr)
     new = cfg.lr * lr_factor(step, *now, cfg.lr_scheduler, cfg.lr)
+    last = last_group or {}
+    if step > 0 and last.get("base_lr"):
+        ran, gives = last["lr"] / last["base_lr"], lr_factor(step - 1, *before, saved.lr_scheduler, saved.lr)
+        if not math.isclose(ran, gives, rel_tol=1e-6, abs_tol=1e-12):
+            hint = (": its 'constant' schedule warmed up, as constant_with_warmup does now; pass --lr-scheduler "
+                    "constant_with_warmup to keep that" if saved.lr_scheduler == "constant" and before[1] else "")
+            return (f"resume: the checkpoint's step {step} ran at lr {ran * last['base_lr']:.3g}, where its settings "
+                    f"now give {gives * last['base_lr']:.3g}{hint}; lr at step {step} {new:.3g}")
+    if (*before, saved.lr_scheduler, saved.lr) == (*now, cfg.lr_scheduler, cfg.lr):
+        return None
     return (f"resume: {cfg.lr_scheduler} schedule over {now[0]} steps ({now[1]} warmup), was {saved.lr_scheduler} "
             f"over {before[0]} ({before[1]}): lr at step {step} {old:.3g} -> {new:.3g}")

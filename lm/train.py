@@ -32,12 +32,12 @@ from lm.config import Config, find_objective
 from lm.embedded import cache_root
 from lm.data import IGNORE, StepSampler
 from lm.errors import UsageError
-from lm.compiling import (COMPILE_AFTER, COMPILE_SETTLE, COMPILE_TIMED, check_compile, compile_estimate, compile_key,
-                          compile_pays, record_compile)
+from lm.compiling import (COMPILE_AFTER, COMPILE_ERRORS, COMPILE_SETTLE, COMPILE_TIMED, check_compile, compile_estimate,
+                          compile_key, compile_pays, compile_probe, record_compile)
 from lm.hardware import (FlopCounts, autocast, choose_attention, choose_precision, configure, flop_counts, native_bf16,
                          probe_shapes, resolve_device, resolve_peak_flops, step_flops)
-from lm.modeling import (check_model_class, load_config, load_model, load_tokenizer, max_positions, resolve_block_size,
-                         resolve_model, resolve_tokenizer)
+from lm.modeling import (check_model_class, check_vocabulary, load_config, load_model, load_tokenizer, max_positions,
+                         resolve_block_size, resolve_model, resolve_tokenizer)
 from lm.losses import POSITION_BUCKET, loss_and_logs
 from lm.objectives import Objective
 from lm.evaluation import evaluate, perplexity
@@ -73,6 +73,7 @@ class Run:
     flop_counts: FlopCounts | None = None  # what a step's FLOPs depend on, for MFU
     peak_flops: float = 0.0  # FLOP/s of one device at this precision: the GPU table, measured, or --peak-flops
     eval_world: distributed.World = distributed.World()  # who shares the evaluation
+    train_data: dict = field(default_factory=dict)  # how many training examples, and a digest of their tokens
     total_steps: int = 0
     warmup_steps: int = 0
     writer: object = None
@@ -113,7 +114,7 @@ def train(cfg: Config, *, objective: Objective | None = None, model=None, tokeni
         return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
     build_model(run, model)
     eval_loader = evaluation_batches(run, eval_set)
-    progress = start(run, changes, len(train_set))
+    progress = start(run, changes, train_set)
     if cfg.eval_only:
         return finish(run, None, eval_loader)
     fit(run, progress, train_set, eval_loader)
@@ -130,7 +131,8 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
                          "that holds the model's tokenizer")
     device = resolve_device(cfg.device)
     precision, precision_why = choose_precision(cfg.precision, device.type, native_bf16(device))
-    cannot_compile = check_compile(cfg.compile, device)
+    # --eval-only evaluates eagerly (Run.stance): nothing would be compiled
+    cannot_compile = check_compile("off" if cfg.eval_only else cfg.compile, device, cache_root(cfg.cache_dir))
     world, device = distributed.init(device, cfg.ddp_timeout)
     if cfg.fsdp and not world.distributed:
         raise UsageError("--fsdp shards the model over processes: launch with torchrun --nproc_per_node N (N >= 2)")
@@ -160,8 +162,8 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     if cfg.document_boundaries:
         documents.check_architecture(run.model_config)
     run.say(f"device {device}" + (f" x {world.size} processes" if world.distributed else "")
-            + f", precision {precision} ({precision_why}), compile {cfg.compile}"
-            + (f" (decided after {COMPILE_AFTER} steps)" if cfg.compile == "auto" else ""))
+            + f", precision {precision} ({precision_why}), compile {'off' if cfg.eval_only else cfg.compile}"
+            + (f" (decided after {COMPILE_AFTER} steps)" if cfg.compile == "auto" and not cfg.eval_only else ""))
     return run, changes
 
 
@@ -171,6 +173,8 @@ def prepare_data(run: Run, tokenizer) -> tuple:
     run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.tokenizer_path)
     if run.objective.check_tokenizer:
         run.objective.check_tokenizer(run.tokenizer)
+    check_vocabulary(run.tokenizer, run.model_config, run.tokenizer_path[0] if run.tokenizer_path else "given",
+                     run.model_name)
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
     if note:
         run.say(f"warning: {note}", file=sys.stderr)
@@ -196,7 +200,7 @@ def build_model(run: Run, model) -> None:
     run.model = model.to(device)
     run.module = run.loss(model).to(device)
     run.module.texts = cfg.document_boundaries  # masks number texts only with the option (TokenLoss)
-    if cfg.compile == "on":
+    if cfg.compile == "on" and not cfg.eval_only:
         compile_model(run)
     if cfg.fsdp:
         run.trained = distributed.shard(run.module, model)
@@ -254,22 +258,26 @@ def epoch_batches(run: Run, train_set, collate, sampler: StepSampler, epoch: int
         yield [next(batches) for _ in micro] + [idle] * (most - len(micro))
 
 
-def start(run: Run, changes: list[str], n_train: int) -> Progress:
+def start(run: Run, changes: list[str], train_set) -> Progress:
     """Where the run starts: afresh, or exactly where a checkpoint left it, with the changed options announced."""
     cfg, world = run.cfg, run.world
+    n_train = len(train_set)
     run.total_steps, run.warmup_steps = schedule(cfg, n_train, world.size)
+    run.train_data = {"examples": n_train, "digest": data.fingerprint(train_set.sequences)}
     # Dropout draws from the global generators, seeded here: after loading, converting, tokenizing and
     # measuring, so that nothing those did (or skipped, having it cached) moves what is trained. One
     # stream per rank; a resumed run then restores the checkpoint's.
     seed_everything(int(np.random.SeedSequence([cfg.seed, world.rank]).generate_state(1)[0]))
     progress = Progress()
     if run.resume is not None:
-        progress = checkpoint.restore(checkpoint.load(run.resume), run.model, run.optimizer, run.scaler, world,
-                                      cfg.fsdp, run.say)
-        run.say(f"resuming from {run.resume} at step {progress.step}")
         state = checkpoint.read_state(run.resume)
+        checkpoint.check_same_data(run.resume, state, run.train_data)
+        snapshot = checkpoint.load(run.resume)
+        last_group = snapshot.optimizer.get("param_groups", [{}])[0]  # the learning rate of its last step
+        progress = checkpoint.restore(snapshot, run.model, run.optimizer, run.scaler, world, cfg.fsdp, run.say)
+        run.say(f"resuming from {run.resume} at step {progress.step}")
         for line in changes + [schedule_change(state["config"], state["world_size"], cfg, world.size, n_train,
-                                               progress.step)]:
+                                               progress.step, last_group)]:
             if line:
                 run.say(line)
     elif cfg.overwrite_output_dir and world.main:  # the directory shows this run alone
@@ -286,41 +294,77 @@ def start(run: Run, changes: list[str], n_train: int) -> Progress:
 
 
 def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> None:
-    """Optimizer steps until the budget is spent or a signal arrives; evaluates, logs and checkpoints on the way."""
+    """Optimizer steps until the budget is spent or a signal arrives; evaluates, logs and checkpoints on the way.
+
+    A signal is honoured after the step, or the evaluation batch, under way: a checkpoint, then exit."""
     cfg, world = run.cfg, run.world
     sampler = StepSampler(len(train_set), cfg.seed, cfg.batch_size, world.size, world.rank, cfg.grad_accum_steps)
     collate = run.objective.collator(run.tokenizer, cfg, False)
-    if progress.perplexity_before is None:
-        progress.perplexity_before = perplexity(evaluate_at(run, eval_loader, 0))
-        run.say(f"perplexity before training: {progress.perplexity_before:.3f}")
-    run.trained.train()
     # the bar closes however fit ends, so that an error is printed on a line of its own
     with tqdm(total=run.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
-              disable=not world.main) as bar, checkpoint.StopOnSignal() as stop:
-        while progress.step < run.total_steps:  # one epoch, or what is left of it, per pass
-            for micro in epoch_batches(run, train_set, collate, sampler, progress.epoch, progress.examples_done):
-                loss_sum, tokens = train_step(run, progress, micro)
-                if cfg.compile == "auto" and len(run.step_seconds) == COMPILE_AFTER:
-                    decide_compile(run, progress)
-                if run.compiled_at is not None and len(run.step_seconds) == (run.compiled_at + COMPILE_SETTLE
-                                                                             + COMPILE_TIMED):
-                    record_compile_cost(run)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}")
-                if cfg.eval_every and progress.step % cfg.eval_every == 0:
-                    evaluate_at(run, eval_loader, progress.step)
-                if cfg.save_steps and progress.step % cfg.save_steps == 0:
-                    save_checkpoint(run, progress)
-                if distributed.all_sum(world, stop.signum is not None, device=run.device)[0] > 0:
-                    bar.close()
-                    stop_here(run, progress, stop.signum or signal.SIGTERM)
-                if progress.step == run.total_steps:
-                    break  # the budget may end mid-epoch
-            if progress.examples_done == len(train_set):  # every example of the epoch was trained on
-                evaluate_at(run, eval_loader, progress.step)
-                progress.epoch, progress.examples_done = progress.epoch + 1, 0
-                if cfg.save_every:
-                    save_checkpoint(run, progress)
+              disable=not world.main) as bar, checkpoint.StopOnSignal() as signals:
+        stop = functools.partial(stop_requested, run, signals)
+        try:
+            if progress.perplexity_before is None:
+                progress.perplexity_before = perplexity(evaluate_at(run, eval_loader, 0, stop))
+                run.say(f"perplexity before training: {progress.perplexity_before:.3f}")
+            run.trained.train()
+            while progress.step < run.total_steps:  # one epoch, or what is left of it, per pass
+                for micro in epoch_batches(run, train_set, collate, sampler, progress.epoch, progress.examples_done):
+                    loss_sum, tokens = step_or_eager(run, progress, micro)
+                    if cfg.compile == "auto" and len(run.step_seconds) == COMPILE_AFTER:
+                        decide_compile(run, progress)
+                    if run.compiled_at is not None and len(run.step_seconds) == (run.compiled_at + COMPILE_SETTLE
+                                                                                 + COMPILE_TIMED):
+                        record_compile_cost(run)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}")
+                    if cfg.eval_every and progress.step % cfg.eval_every == 0:
+                        evaluate_at(run, eval_loader, progress.step, stop)
+                    if cfg.save_steps and progress.step % cfg.save_steps == 0:
+                        save_checkpoint(run, progress)
+                    if stop():
+                        raise checkpoint.Stopped
+                    if progress.step == run.total_steps:
+                        break  # the budget may end mid-epoch
+                if progress.step < run.total_steps and progress.examples_done != len(train_set):
+                    raise RuntimeError(f"epoch {progress.epoch} ended after {progress.examples_done} of "
+                                       f"{len(train_set)} examples")  # a bug: the loop would spin
+                if progress.examples_done == len(train_set):  # every example of the epoch was trained on
+                    evaluate_at(run, eval_loader, progress.step, stop)
+                    progress.epoch, progress.examples_done = progress.epoch + 1, 0
+                    if cfg.save_every:
+                        save_checkpoint(run, progress)
+        except checkpoint.Stopped:
+            bar.close()
+            stop_here(run, progress, signals.signum or signal.SIGTERM)
+
+
+def stop_requested(run: Run, signals: checkpoint.StopOnSignal) -> bool:
+    """Whether a signal reached any rank (a collective: every rank asks at the same points)."""
+    return distributed.all_sum(run.world, signals.signum is not None, device=run.device)[0] > 0
+
+
+def step_or_eager(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, int]:
+    """train_step; if compiling fails (a compiler that can't build, at any step), the step again eagerly
+    under --compile auto, and one error line under --compile on."""
+    try:
+        return train_step(run, progress, micro)
+    except COMPILE_ERRORS as e:
+        if run.compiled_at is None:
+            raise
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        why = f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
+        if run.cfg.compile == "on":
+            raise UsageError(f"torch.compile failed at step {progress.step + 1} ({why}); run with --compile off"
+                             ) from None
+        run.say(f"compile failed at step {progress.step + 1} ({why}); eager from here", file=sys.stderr)
+        run.optimizer.zero_grad(set_to_none=True)  # what the failed step's micro-batches added
+        run.module._compiled_call_impl = None  # nn.Module.compile's: calls go to forward again
+        run.module.bucket = 0
+        run.compiled_at = None
+        torch._dynamo.reset()
+        return train_step(run, progress, micro)
 
 
 def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, int]:
@@ -396,7 +440,9 @@ def decide_compile(run: Run, progress: Progress) -> None:
         cost, gain = compile_estimate(cache_root(cfg.cache_dir), key, run.model.config.num_hidden_layers,
                                       device.type, run.precision)
         step = statistics.median(run.step_seconds[1:])  # the first step pays for warm-ups
-        return compile_pays(run.total_steps - progress.step, step, cost, gain)
+        on, why = compile_pays(run.total_steps - progress.step, step, cost, gain)
+        cannot = compile_probe(device, cache_root(cfg.cache_dir)) if on else None  # cached once it builds
+        return (False, f"off: {cannot}") if cannot else (on, why)
 
     on, why = distributed.run_on_main(run.world, decide)
     run.say(f"compile {why}")
@@ -435,11 +481,12 @@ def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window)
         run.writer.add_scalar(f"train/{name}", window.per_token(value), step)
 
 
-def evaluate_at(run: Run, loader: DataLoader, step: int) -> float:
-    """The validation loss at `step` (computed once per step), logged to TensorBoard."""
+def evaluate_at(run: Run, loader: DataLoader, step: int, stop=None) -> float:
+    """The validation loss at `step` (computed once per step), logged to TensorBoard. `stop()` is asked
+    before each batch: checkpoint.Stopped ends the evaluation when it says so."""
     if step not in run.evaluated:
         with run.stance(training=False):
-            loss = evaluate(run.module, loader, run.device, run.precision, run.eval_world)
+            loss = evaluate(run.module, loader, run.device, run.precision, run.eval_world, stop)
         run.writer.add_scalar("eval/loss", loss, step)
         run.writer.add_scalar("eval/perplexity", perplexity(loss), step)
         if run.cfg.eval_stride:  # which windows produced the number
@@ -450,9 +497,11 @@ def evaluate_at(run: Run, loader: DataLoader, step: int) -> float:
 
 def save_checkpoint(run: Run, progress: Progress) -> Path | None:
     """Write a checkpoint of the run as it stands (rank 0 writes; every rank takes part in the gathering)."""
-    info = {"task": run.cfg.task, "model": run.model_name, "world_size": run.world.size, "config": run.cfg.to_dict()}
+    info = {"task": run.cfg.task, "model": run.model_name, "world_size": run.world.size, "config": run.cfg.to_dict(),
+            "train_data": run.train_data}
     snapshot = checkpoint.capture(progress, info, run.model, run.optimizer, run.scaler, run.world, run.cfg.fsdp)
-    return checkpoint.save(run.out, snapshot, run.cfg.save_total_limit) if snapshot else None
+    # rank 0 writes while the others wait: a failed write is the same one-line error on every rank
+    return distributed.run_on_main(run.world, lambda: checkpoint.save(run.out, snapshot, run.cfg.save_total_limit))
 
 
 def stop_here(run: Run, progress: Progress, signum: int) -> None:
@@ -470,7 +519,7 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict
     step = progress.step if progress else 0
     eval_loss = evaluate_at(run, eval_loader, step)
     metrics = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "eval_stride": run.cfg.eval_stride,
-               "precision": run.precision, "compiled": run.compiled_at is not None, "model": run.model_name,
+               "precision": run.precision, "compiled": compiled_steps(run) > 0, "model": run.model_name,
                "block_size": run.block_size, "world_size": run.world.size}
     if progress is None:  # --eval-only
         metrics["eval_tokens"] = eval_loader.dataset.num_tokens
@@ -497,6 +546,11 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict
         run.say(f"perplexity: {metrics['perplexity_before']:.3f} -> {metrics['perplexity']:.3f}"
                 + f" (MFU {metrics['mfu']:.1%})")
     return metrics
+
+
+def compiled_steps(run: Run) -> int:
+    """Training steps of this run that ran compiled (the first of them compiling)."""
+    return 0 if run.compiled_at is None else len(run.step_seconds) - run.compiled_at
 
 
 def model_flops_utilization(run: Run, flops: float, seconds: float) -> float:

@@ -70,6 +70,18 @@ CASES = [
      "--output-dir {out}", "is a gpt2 model, which AutoModelForMaskedLM cannot load: this task needs another kind "
      "of model, such as the default (all-minilm-l6-v2)"),
     ("unknown-schedule", "clm", BASE + " --lr-scheduler reduce_lr_on_plateau", "invalid choice: 'reduce_lr_on_plateau'"),
+    # a tokenizer or configuration that doesn't fit, or can't be read: named, before anything is tokenized
+    ("tokenizer-beyond-the-embeddings", "clm", "--model {bare}/gpt2 --tokenizer {mlm} --train-file {corpus} "
+     "--cache-dir {out}/cache --output-dir {out}", "the tokenizer {mlm} has 30,522 tokens, the model {bare}/gpt2 "
+     "embeds 100: they don't belong together"),
+    ("malformed-tokenizer-json", "clm", "--model {broken}/tokenizer --train-file {corpus} --cache-dir {out}/cache "
+     "--output-dir {out}", "the tokenizer in {broken}/tokenizer could not be loaded (KeyError: 'added_tokens')"),
+    ("inconsistent-config-json", "clm", "--model {broken}/config --train-file {corpus} --cache-dir {out}/cache "
+     "--output-dir {out}", "the model configuration {broken}/config/config.json could not be loaded "
+     "(StrictDataclassClassValidationError: Class validation error for validator 'validate_architecture': "
+     "ValueError: The hidden size (64) is not a multiple of the number of attention heads (5).)"),
+    ("causal-block-of-one-token", "clm", BASE + " --block-size 1", "--block-size 1 leaves a causal LM nothing to "
+     "predict; use 2 or more"),
 ]
 
 
@@ -128,6 +140,24 @@ def bare(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def broken(model_dirs, tmp_path_factory) -> Path:
+    """Model directories with a damaged file: tokenizer/ (tokenizer.json holds no tokenizer), config/ (64 hidden
+    units and 5 heads: transformers' own check refuses it)."""
+    import json
+
+    path = tmp_path_factory.mktemp("broken")
+    shutil.copytree(model_dirs["clm"], path / "tokenizer")
+    for name in os.listdir(path / "tokenizer"):
+        if name.startswith(("tokenizer", "vocab", "special_tokens")):
+            os.unlink(path / "tokenizer" / name)
+    (path / "tokenizer" / "tokenizer.json").write_text(json.dumps({"not": "a tokenizer"}))
+    shutil.copytree(model_dirs["clm"], path / "config")
+    (path / "config" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
+                                                              "num_attention_heads": 5}))
+    return path
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -145,7 +175,8 @@ def test_bad_input_is_one_line_exit_2(task, args, message, request, data, model_
     values = dict(model=model_dirs[task], clm=model_dirs["clm"], mlm=model_dirs["mlm"], corpus=corpus, data=data,
                   out=out, nomask=request.getfixturevalue("nomask_model") if needs("nomask") else None,
                   ckpt=request.getfixturevalue("clm_checkpoint") if needs("ckpt") else None,
-                  bare=request.getfixturevalue("bare") if needs("bare") else None)
+                  bare=request.getfixturevalue("bare") if needs("bare") else None,
+                  broken=request.getfixturevalue("broken") if needs("broken") else None)
     if request.node.callspec.id == "output-dir-holds-another-run":
         shutil.copytree(request.getfixturevalue("clm_checkpoint"), out / "checkpoints" / "step-1")
     before = snapshot(out)

@@ -1,5 +1,6 @@
 """torchrun on CPU/gloo: 2 processes x batch 2 train exactly like 1 process x batch 4."""
 
+import re
 import socket
 import subprocess
 import sys
@@ -232,3 +233,19 @@ def test_line_by_line_token_counts_are_the_sum_over_processes(no_dropout_models,
     finish(torchrun("--standalone", "--nproc_per_node", "2",
                     script_args=[*args("mlm", model, corpus, tmp_path / "two", 2), *common]))
     assert metrics(tmp_path / "two")["train_tokens"] == metrics(tmp_path / "one")["train_tokens"] == expected
+
+
+def test_a_failed_checkpoint_write_is_the_same_error_on_every_rank(no_dropout_models, corpus, tmp_path):
+    # after step 3 no file may grow past 1 MB: rank 0's step-4 model.pt (4 MB) fails as on a full disk; the
+    # other rank, waiting for it, must not go on into the next step's collectives (or hang there)
+    script = [*args("clm", no_dropout_models["clm"], corpus, tmp_path / "out", 2), "--save-every", "2",
+              "--ddp-timeout", "600"]
+    started = time.monotonic()
+    err = finish(torchrun("--standalone", "--nproc_per_node", "2", script_args=script,
+                          env={**signalled_at(3), "LM_TEST_FILE_LIMIT": str(1 << 20)}), timeout=300, returncode=1)
+    assert time.monotonic() - started < 250  # not the 600 s timeout
+    errors = re.findall(r"error: [^\r\n]*", err)  # rank 1's line may follow rank 0's progress bar on its line
+    assert len(errors) == 2 and errors[0] == errors[1], err[-3000:]
+    assert errors[0].startswith("error: writing checkpoint step-4 failed: File too large; the last complete ")
+    assert errors[0].endswith("step-2 is intact") and err.count("Traceback") == 1  # torchrun's own, none of ours
+    assert err.count("exitcode  : 2") == 2, err[-3000:]  # torchrun's summary: both ranks exited with 2

@@ -169,3 +169,10 @@ def test_example_command_parses(command):
     objectives = [v for v in vars(module).values() if type(v).__name__ == "Objective" and v.name not in ("clm", "mlm")]
     assert len(objectives) == 1
     parse_args(objectives[0], argv[2:])
+
+
+def test_the_options_table_is_the_one_the_cli_is_made_from():
+    # the help texts and defaults live in lm/config.py; the README shows them, so it must show them as they are
+    from lm.config import options_table
+
+    assert options_table() in (ROOT / "README.md").read_text(), "regenerate the README's table with lm.config.options_table()"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ENV, ROOT, run_script
+from conftest import ENV, ROOT, WORDS, run_script
 from lm import checkpoint
 from lm.config import Config
 from lm.errors import UsageError
@@ -283,3 +284,65 @@ def test_overwrite_output_dir_starts_tensorboard_and_checkpoints_afresh(model_di
     assert [s for s, _ in logged_losses(out)] == [1, 2]
     assert [s for s, _ in logged(out, "eval/loss")] == [0, 2]
     assert checkpoint.all_checkpoints(out) == []
+
+
+def test_a_train_file_that_changed_since_the_checkpoint_is_refused_not_spun(model_dirs, corpus, tmp_path):
+    # 6 steps of 8 examples, then the file is cut to its first 20 lines: fewer blocks than the 32 examples
+    # the step-4 checkpoint had trained of its epoch; resuming from it used to spin forever, deaf to SIGTERM
+    rng = random.Random(0)
+    text = tmp_path / "train.txt"
+    text.write_text("".join(" ".join(rng.choices(WORDS, k=12)) + ".\n" for _ in range(80)))
+    args = ["--model", model_dirs["clm"], "--train-file", text, "--validation-file", corpus, "--block-size", "16",
+            "--batch-size", "8",
+            "--max-train-steps", "6", "--save-every", "4", "--precision", "fp32", "--output-dir", tmp_path / "run"]
+    assert run_script("clm", *args).returncode == 0
+    step_4 = tmp_path / "run" / "checkpoints" / "step-4"
+    assert checkpoint.read_state(step_4)["examples_done"] == 32
+    text.write_text("".join(text.read_text().splitlines(keepends=True)[:20]))
+    resumed = run_script("clm", *args, "--resume-from", step_4, timeout=120)
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    error = resumed.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: --resume-from {step_4}: the training data is not the checkpoint's (") \
+        and "did the file change?" in error, error
+    # a checkpoint written before checkpoints kept a digest: the count it trained must still fit the data
+    old = {k: v for k, v in checkpoint.read_state(step_4).items() if k != "train_data"}
+    with pytest.raises(UsageError, match=r"\(32 examples of its epoch trained, 9 in the data now; did the file"):
+        checkpoint.check_same_data(step_4, old, {"examples": 9, "digest": "any"})
+    checkpoint.check_same_data(step_4, old, {"examples": 32, "digest": "any"})  # fits: resumes as before
+
+
+def test_a_signal_during_an_evaluation_stops_it_at_the_next_batch(model_dirs, corpus, tmp_path):
+    # SIGTERM right after step 2's loss is logged, before its evaluation of 20 batches: the run writes
+    # step 2's checkpoint and exits without finishing (or logging) that evaluation
+    out = tmp_path / "run"
+    args = cli_args(model_dirs["mlm"], corpus, out, eval_every=2, eval_batch_size=1)
+    stopped = run_script("mlm", *args, env=signalled_at(2, "SIGTERM"))
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert "stopped by signal 15 at step 2" in stopped.stderr
+    assert [s for s, _ in logged(out, "eval/loss")] == [0]  # before training only: step 2's was cut short
+    assert [p.name for p in checkpoint.all_checkpoints(out)] == ["step-2"]
+    resumed = run_script("mlm", *args, "--resume-from", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [s for s, _ in logged(out, "eval/loss")] == [0, 4, 6, 8, 10, 12]
+
+
+def test_a_checkpoint_whose_constant_schedule_warmed_up_says_so_on_resume(model_dirs, corpus, tmp_path, capsys):
+    # Before constant_with_warmup existed, `constant` warmed up; such a checkpoint's config says constant
+    # with warmup steps. Made here by renaming the schedule in a checkpoint that did warm up.
+    import json
+
+    out = tmp_path / "run"
+    first = dict(settings(model_dirs["clm"], corpus, out), max_train_steps=6, save_every=3, warmup_steps=4,
+                 lr_scheduler="constant_with_warmup")
+    train(Config.for_task("clm", **first))
+    state_file = out / "checkpoints" / "step-3" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["lr_scheduler"] = "constant"
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    again = dict(first, lr_scheduler="constant", resume_from=str(out / "checkpoints" / "step-3"))
+    train(Config.for_task("clm", **again))
+    printed = capsys.readouterr().out
+    assert ("resume: the checkpoint's step 3 ran at lr 0.0005, where its settings now give 0.001: its 'constant' "
+            "schedule warmed up, as constant_with_warmup does now; pass --lr-scheduler constant_with_warmup to keep "
+            "that; lr at step 3 0.001") in printed, printed
