@@ -266,7 +266,7 @@ def read_state(path: Path) -> dict:
 # - every other option may change and applies from the resumed step on; `check_resumable` lists them.
 RESUME_FIXED = ("task", "model", "tokenizer", "dataset", "dataset_config", "train_file", "validation_file", "text_column",
                 "validation_split_percentage", "block_size", "line_by_line", "document_boundaries", "mlm_prob",
-                "max_train_samples", "eval_stride", "seed", "fsdp")
+                "max_train_samples", "eval_stride", "seed", "data_seed", "fsdp")
 RESUME_GLOBAL_BATCH = ("batch_size", "grad_accum_steps")
 RESUME_NOT_COMPARED = ("resume_from", "overwrite_output_dir", "prepare_only")
 

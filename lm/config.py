@@ -85,6 +85,7 @@ class Config:
     eval_batch_size: Optional[int] = option(
         None, "blocks (or --eval-stride windows) per evaluation batch; default: --batch-size")
     seed: int = option(42, "seed of the shuffling, the masks, dropout and fresh weights")
+    data_seed: Optional[int] = option(None, "seed of the shuffling alone; default: --seed")
 
     # --- hardware ---
     device: str = option("auto", "auto: CUDA, then Apple MPS, then CPU", choices=("auto", "cpu", "cuda", "mps"))
@@ -158,7 +159,9 @@ class Config:
              f"--peak-flops must be a positive number or 'auto', got {self.peak_flops!r}")
         need(self.save_every in (None, "epoch") or (type(self.save_every) is int and self.save_every > 0),
              f"--save-every must be a positive integer or 'epoch', got {self.save_every!r}")
-        need(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32 - 1], got {self.seed}")  # NumPy's seed range
+        for name in ("seed", "data_seed"):  # NumPy's seed range
+            value = getattr(self, name)
+            need(value is None or 0 <= value < 2**32, f"--{flag(name)} must be in [0, 2**32 - 1], got {value}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam-beta1/2 must be in [0, 1)")
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
@@ -190,6 +193,11 @@ class Config:
     def data_source(self) -> str:
         """'files', 'hub' or 'embedded'."""
         return "files" if self.train_file else "hub" if self.dataset else "embedded"
+
+    @property
+    def shuffle_seed(self) -> int:
+        """The seed of the training data's order."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def save_steps(self) -> Optional[int]:

@@ -288,7 +288,8 @@ def start(run: Run, changes: list[str], n_train: int) -> Progress:
 def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> None:
     """Optimizer steps until the budget is spent or a signal arrives; evaluates, logs and checkpoints on the way."""
     cfg, world = run.cfg, run.world
-    sampler = StepSampler(len(train_set), cfg.seed, cfg.batch_size, world.size, world.rank, cfg.grad_accum_steps)
+    sampler = StepSampler(len(train_set), cfg.shuffle_seed, cfg.batch_size, world.size, world.rank,
+                          cfg.grad_accum_steps)
     collate = run.objective.collator(run.tokenizer, cfg, False)
     if progress.perplexity_before is None:
         progress.perplexity_before = perplexity(evaluate_at(run, eval_loader, 0))

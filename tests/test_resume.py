@@ -193,7 +193,7 @@ OTHER_VALUE = dict(
     max_eval_samples=3, lr=5e-4, head_lr=1e-2,
     weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6, lr_scheduler="cosine", warmup_steps=2,
     warmup_ratio=0.1, grad_accum_steps=2, max_grad_norm=0.5, epochs=2.0, max_train_steps=20, batch_size=4,
-    eval_batch_size=3, seed=2, device="cuda", precision="bf16", fsdp=True, ddp_timeout=60, compile="on",
+    eval_batch_size=3, seed=2, data_seed=3, device="cuda", precision="bf16", fsdp=True, ddp_timeout=60, compile="on",
     gradient_checkpointing=True, peak_flops=1e12, eval_every=2, eval_only=True, log_every=3, output_dir="elsewhere",
     overwrite_output_dir=True, save_every=7, save_total_limit=2, resume_from="latest", cache_dir="/tmp/other-cache",
     preprocessing_workers=1, prepare_only=True,
