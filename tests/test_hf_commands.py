@@ -1,4 +1,10 @@
-"""The result files of transformers' run_clm.py and run_mlm.py, which their users read."""
+"""Command lines of transformers' run_clm.py and run_mlm.py, and the result files their users read.
+
+test_run_clm and test_run_mlm are transformers' own tests of those scripts (examples/pytorch/
+test_pytorch_examples.py), their command lines as written there but for --model_name_or_path: the
+embedded default models stand in for the Hub's distilgpt2 and distilroberta-base. Their fixture is
+tests/fixtures/sample_text.txt.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,12 @@ import math
 
 import pytest
 
-from conftest import metrics, scalars
+from conftest import metrics, run_script, scalars
 from lm.cli import main
 from lm.config import Config
 from lm.train import train
 
+SAMPLE_TEXT = "./tests/fixtures/sample_text.txt"  # from the repository root, as their tests name it
 TRAIN_KEYS = {"train_loss", "train_runtime", "train_samples", "train_samples_per_second", "train_steps_per_second",
               "total_flos", "epoch"}
 EVAL_KEYS = {"eval_loss", "perplexity", "eval_samples", "eval_runtime", "eval_samples_per_second",
@@ -37,6 +44,51 @@ def assert_trainer_results(out, epochs: float) -> None:
     assert evaluated["eval_samples_per_second"] == pytest.approx(evaluated["eval_samples"]
                                                                  / evaluated["eval_runtime"])
     assert 0 < trained["train_loss"] < math.log(ours["perplexity_before"]) + 1
+
+
+def test_run_clm_command_line(tmp_path):
+    out = tmp_path / "clm"
+    testargs = f"""
+        --train_file {SAMPLE_TEXT}
+        --validation_file {SAMPLE_TEXT}
+        --do_train
+        --do_eval
+        --block_size 128
+        --per_device_train_batch_size 5
+        --per_device_eval_batch_size 5
+        --num_train_epochs 2
+        --output_dir {out}
+        --overwrite_output_dir
+        --use_cpu
+        """.split()
+    result = run_script("clm", *testargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert results(out, "all")["perplexity"] < 100  # what their test checks
+    assert_trainer_results(out, epochs=2)
+    # 8 blocks of 128 SmolLM2 tokens, 5 per step: 2 steps an epoch
+    assert results(out, "eval")["eval_steps_per_second"] == pytest.approx(2 / results(out, "eval")["eval_runtime"])
+
+
+def test_run_mlm_command_line(tmp_path):
+    # Their test checks perplexity < 42, reached by distilroberta-base, whose MLM head is pretrained. The
+    # default MiniLM's head starts random (perplexity ~47000), and their command line trains one step: what
+    # can hold is that the step learned.
+    out = tmp_path / "mlm"
+    testargs = f"""
+        --train_file {SAMPLE_TEXT}
+        --validation_file {SAMPLE_TEXT}
+        --output_dir {out}
+        --overwrite_output_dir
+        --do_train
+        --do_eval
+        --prediction_loss_only
+        --num_train_epochs=1
+        --use_cpu
+    """.split()
+    result = run_script("mlm", *testargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert results(out, "all")["perplexity"] < metrics(out)["perplexity_before"] / 5
+    assert_trainer_results(out, epochs=1)
 
 
 def test_train_loss_is_the_mean_of_the_steps_losses(tiny_gpt2, corpus, tmp_path):
