@@ -294,8 +294,9 @@ def _steps_or_fraction(text: str) -> float:
     return value
 
 
-# TrainingArguments whose meaning here is more than another name: parsed as spelled (argparse type, and
-# nargs where not one value), then turned into Config values by from_trainer().
+# TrainingArguments whose meaning here is more than another name: parsed as spelled (bool: a switch that takes
+# HF's True/False too; list: one or more values; else the type of one value), then turned into Config values by
+# from_trainer().
 TRAINER_FLAGS = {
     "do_train": bool, "do_eval": bool, "use_cpu": bool, "bf16": bool, "fp16": bool, "tf32": bool,
     "torch_compile": bool, "max_steps": int, "warmup_steps": _steps_or_fraction, "logging_steps": _steps,
