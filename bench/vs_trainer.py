@@ -222,7 +222,7 @@ def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch, traine
     model = clock.watch(auto.from_pretrained(path, dtype=torch.float32))
     block = cfg.block_size
     examples, _ = prepare_data(cfg, tokenizer, block, World(), print)  # the blocks our side trains on
-    order = StepSampler(len(examples), cfg.seed, cfg.batch_size).order().tolist()
+    order = StepSampler(len(examples), cfg.shuffle_seed, cfg.batch_size).order().tolist()
     if cfg.task == "clm":  # as run_clm.py: labels are the inputs, the model shifts them
         items = [{"input_ids": examples[i][1], "attention_mask": torch.ones(block, dtype=torch.long),
                   "labels": examples[i][1]} for i in order]

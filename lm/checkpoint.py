@@ -77,6 +77,10 @@ class Progress:
     train_tokens: int = 0  # input tokens of all processes
     train_seconds: float = 0.0  # training steps only: no loading, no evaluation
     train_flops: float = 0.0  # model FLOPs of those steps, all processes (lm.hardware.step_flops)
+    # Trainer's train_loss, the mean over the steps of each step's loss per token, as a sum and its steps: a
+    # checkpoint written before these fields has steps that are in `step` but not in the sum
+    train_loss_sum: float = 0.0
+    train_loss_steps: int = 0
     window: Window = field(default_factory=Window)  # since the last log line
 
     def record(self, loss_sum: float, tokens: int, inputs: int, examples: int, seconds: float, flops: float,
@@ -87,6 +91,8 @@ class Progress:
         self.train_tokens += inputs
         self.train_seconds += seconds
         self.train_flops += flops
+        self.train_loss_sum += loss_sum / max(tokens, 1)
+        self.train_loss_steps += 1
         w = self.window
         w.loss_sum, w.tokens, w.inputs, w.seconds, w.flops = (
             w.loss_sum + loss_sum, w.tokens + tokens, w.inputs + inputs, w.seconds + seconds, w.flops + flops)
@@ -100,8 +106,8 @@ class Progress:
 
     @classmethod
     def from_dict(cls, state: dict) -> "Progress":
-        """The inverse of dataclasses.asdict, from a checkpoint's state.json."""
-        fields = {f.name: state[f.name] for f in dataclasses.fields(cls)}
+        """The inverse of dataclasses.asdict, from a checkpoint's state.json (an older one lacks newer fields)."""
+        fields = {f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state}
         return cls(**{**fields, "window": Window(**fields["window"])})
 
 
@@ -266,7 +272,7 @@ def read_state(path: Path) -> dict:
 # - every other option may change and applies from the resumed step on; `check_resumable` lists them.
 RESUME_FIXED = ("task", "model", "tokenizer", "dataset", "dataset_config", "train_file", "validation_file", "text_column",
                 "validation_split_percentage", "block_size", "line_by_line", "document_boundaries", "mlm_prob",
-                "max_train_samples", "eval_stride", "seed", "fsdp")
+                "max_train_samples", "eval_stride", "seed", "data_seed", "fsdp")
 RESUME_GLOBAL_BATCH = ("batch_size", "grad_accum_steps")
 RESUME_NOT_COMPARED = ("resume_from", "overwrite_output_dir", "prepare_only")
 

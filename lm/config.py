@@ -85,6 +85,7 @@ class Config:
     eval_batch_size: Optional[int] = option(
         None, "blocks (or --eval-stride windows) per evaluation batch; default: --batch-size")
     seed: int = option(42, "seed of the shuffling, the masks, dropout and fresh weights")
+    data_seed: Optional[int] = option(None, "seed of the shuffling alone; default: --seed")
 
     # --- hardware ---
     device: str = option("auto", "auto: CUDA, then Apple MPS, then CPU", choices=("auto", "cpu", "cuda", "mps"))
@@ -158,7 +159,9 @@ class Config:
              f"--peak-flops must be a positive number or 'auto', got {self.peak_flops!r}")
         need(self.save_every in (None, "epoch") or (type(self.save_every) is int and self.save_every > 0),
              f"--save-every must be a positive integer or 'epoch', got {self.save_every!r}")
-        need(0 <= self.seed < 2**32, f"--seed must be in [0, 2**32 - 1], got {self.seed}")  # NumPy's seed range
+        for name in ("seed", "data_seed"):  # NumPy's seed range
+            value = getattr(self, name)
+            need(value is None or 0 <= value < 2**32, f"--{flag(name)} must be in [0, 2**32 - 1], got {value}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam-beta1/2 must be in [0, 1)")
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
@@ -192,6 +195,11 @@ class Config:
         return "files" if self.train_file else "hub" if self.dataset else "embedded"
 
     @property
+    def shuffle_seed(self) -> int:
+        """The seed of the training data's order."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
     def save_steps(self) -> Optional[int]:
         """Optimizer steps between checkpoints, or None. Any --save-every also saves at each epoch's end."""
         return None if self.save_every == "epoch" else self.save_every
@@ -211,8 +219,9 @@ def flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-# Command lines of Hugging Face's run_{clm,mlm}_no_trainer.py run here unchanged: their flags are
-# other spellings of our fields, hidden from --help (the README lists them). --seed is spelled alike.
+# Command lines of Hugging Face's scripts run here unchanged: the flags of run_{clm,mlm}_no_trainer.py and
+# the TrainingArguments of run_{clm,mlm}.py. Hidden from --help; the README lists them. --seed is spelled alike.
+# Their flags that are other spellings of our fields:
 HF_ALIASES = {
     "model_name_or_path": "model",
     "tokenizer_name": "tokenizer",
@@ -229,23 +238,173 @@ HF_ALIASES = {
     "max_eval_samples": "max_eval_samples",
     "learning_rate": "lr",
     "weight_decay": "weight_decay",
+    "adam_beta1": "adam_beta1",
+    "adam_beta2": "adam_beta2",
+    "adam_epsilon": "adam_eps",
     "lr_scheduler_type": "lr_scheduler",
     "num_warmup_steps": "warmup_steps",
+    "warmup_ratio": "warmup_ratio",  # TrainingArguments before transformers 5
     "gradient_accumulation_steps": "grad_accum_steps",
+    "max_grad_norm": "max_grad_norm",
     "num_train_epochs": "epochs",
     "max_train_steps": "max_train_steps",
     "per_device_train_batch_size": "batch_size",
     "per_device_eval_batch_size": "eval_batch_size",
+    "data_seed": "data_seed",
+    "gradient_checkpointing": "gradient_checkpointing",
     "output_dir": "output_dir",
+    "overwrite_output_dir": "overwrite_output_dir",
     "checkpointing_steps": "save_every",
+    "save_total_limit": "save_total_limit",
     "resume_from_checkpoint": "resume_from",
     "preprocessing_num_workers": "preprocessing_workers",
-    "ddp_timeout": "ddp_timeout",  # TrainingArguments' name, and its default
+    "ddp_timeout": "ddp_timeout",
 }
-# Their switches that change nothing here, and why.
+
+
+def _true_or_false(text: str) -> bool:
+    # the spellings HfArgumentParser takes: HF users write `--bf16 True` (and `--line_by_line True`, a type=bool flag)
+    if text.lower() not in ("true", "false", "yes", "no", "t", "f", "y", "n", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text.lower() in ("true", "yes", "t", "y", "1")
+
+
+def _steps(text: str) -> int:
+    """A TrainingArguments interval: a whole number of optimizer steps (not their fraction of the run)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None and 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is a fraction of the run, which lm does not take: give a number "
+                                         "of optimizer steps (a run prints how many it has)")
+    if value is None or value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole number of optimizer steps, got {text!r}")
+    return int(value)
+
+
+def _steps_or_fraction(text: str) -> float:
+    """TrainingArguments' warmup_steps: a number of steps, or below 1 a fraction of them."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value < 0 or (value >= 1 and value != int(value)):
+        raise argparse.ArgumentTypeError(f"expected a whole number of steps or a fraction below 1, got {text!r}")
+    return value
+
+
+# TrainingArguments whose meaning here is more than another name: parsed as spelled (bool: a switch that takes
+# HF's True/False too; list: one or more values; else the type of one value), then turned into Config values by
+# from_trainer().
+TRAINER_FLAGS = {
+    "do_train": bool, "do_eval": bool, "use_cpu": bool, "bf16": bool, "fp16": bool, "tf32": bool,
+    "torch_compile": bool, "max_steps": int, "warmup_steps": _steps_or_fraction, "logging_steps": _steps,
+    "logging_strategy": str, "eval_strategy": str, "eval_steps": _steps, "save_strategy": str, "save_steps": _steps,
+    "optim": str, "report_to": list,
+}
+TRAINER_OLD_NAMES = {"no_cuda": "use_cpu", "evaluation_strategy": "eval_strategy"}  # before transformers 5
+TRAINER = "trainer."  # the prefix of their dests
+# optim values that are AdamW with fp32 state, as lm's (fused or not: lm takes the fused kernel where there is one)
+ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw_apex_fused", "adamw_torch_xla",
+               "adamw_torch_npu_fused")
+HF_INTERVAL = 500  # TrainingArguments' default logging_steps and save_steps
+
+
+def from_trainer(theirs: dict, ours: dict) -> dict:
+    """The Config values the TrainingArguments in `theirs` (as parsed, by name) ask for.
+
+    `ours` holds the values our own flags and HF_ALIASES give; where one of them says otherwise, or the
+    TrainingArguments contradict each other, the user gets a UsageError.
+    """
+    wanted = {}  # Config field -> (value, the flags that ask for it)
+    if "do_train" in theirs or "do_eval" in theirs:  # with neither: lm's run, which trains and evaluates
+        train, evaluate = theirs.get("do_train", False), theirs.get("do_eval", False)
+        if not (train or evaluate):
+            raise UsageError("--do_train and --do_eval are both off, which leaves nothing to do: --do_train trains "
+                             "(and evaluates), --do_eval alone evaluates --model")
+        wanted["eval_only"] = (not train, "--do_train" if train else "--do_eval without --do_train")
+    if theirs.get("use_cpu"):
+        wanted["device"] = ("cpu", "--use_cpu")
+    if "bf16" in theirs or "fp16" in theirs:
+        if theirs.get("bf16") and theirs.get("fp16"):
+            raise UsageError("--bf16 and --fp16 ask for two precisions: give one")
+        asked = next((name for name in ("bf16", "fp16") if theirs.get(name)), None)
+        # without either, Trainer trains in fp32
+        wanted["precision"] = (asked or "fp32", f"--{asked}" if asked else "--bf16/--fp16 False")
+    if theirs.get("tf32") is False:
+        raise UsageError("--tf32 False: lm always lets CUDA GPUs run fp32 matmuls in TF32, and has no switch to "
+                         "turn that off; leave --tf32 out")
+    if "torch_compile" in theirs:
+        wanted["compile"] = ("on" if theirs["torch_compile"] else "off", f"--torch_compile {theirs['torch_compile']}")
+    if theirs.get("max_steps", -1) > 0:  # Trainer's -1 (or 0): as many as the epochs take
+        wanted["max_train_steps"] = (theirs["max_steps"], f"--max_steps {theirs['max_steps']}")
+    if "warmup_steps" in theirs:
+        value = theirs["warmup_steps"]
+        wanted["warmup_ratio" if 0 < value < 1 else "warmup_steps"] = (
+            value if 0 < value < 1 else int(value), f"--warmup_steps {value:g}")
+    if theirs.get("logging_strategy", "steps") != "steps":
+        raise UsageError(f"--logging_strategy {theirs['logging_strategy']}: lm logs every --log-every "
+                         "(--logging_steps) optimizer steps")
+    if "logging_steps" in theirs:
+        wanted["log_every"] = (theirs["logging_steps"], f"--logging_steps {theirs['logging_steps']}")
+    wanted.update(_evaluation(theirs, theirs.get("logging_steps", ours.get("log_every", HF_INTERVAL))))
+    wanted.update(_saving(theirs))
+    if theirs.get("optim", "adamw_torch") not in ADAMW_NAMES:
+        raise UsageError(f"--optim {theirs['optim']}: lm trains with AdamW only (torch.optim.AdamW, fp32 state): "
+                         "leave --optim out or give adamw_torch")
+    for name in [name for value in theirs.get("report_to", ()) for name in value.split(",")]:
+        if name not in ("tensorboard", "all", "none"):  # lm writes TensorBoard logs even with none: they're local
+            raise UsageError(f"--report_to {name}: lm logs to TensorBoard only (OUTPUT_DIR/logs); leave --report_to "
+                             "out or give tensorboard")
+    for name, (value, asked_by) in wanted.items():
+        if name in ours and ours[name] != value:
+            ours_said = f"--{flag(name)}" + ("" if ours[name] is True else f" {ours[name]}")
+            raise UsageError(f"{asked_by} and {ours_said} disagree: give one")
+    return {name: value for name, (value, _) in wanted.items()}
+
+
+def _evaluation(theirs: dict, logging_steps: int) -> dict:
+    """eval_strategy and eval_steps as from_trainer() wants them. lm evaluates at each epoch's end anyway."""
+    strategy = theirs.get("eval_strategy")
+    if strategy not in (None, "no", "steps", "epoch"):
+        raise UsageError(f"--eval_strategy {strategy}: lm evaluates every --eval-every steps and at each epoch's "
+                         "end; give no, steps or epoch")
+    if strategy is None:  # Trainer's "no": --eval_steps alone evaluates nothing there either
+        return {}
+    steps = theirs.get("eval_steps", logging_steps)  # Trainer falls back to the logging interval
+    return {"eval_every": (steps if strategy == "steps" else None, f"--eval_strategy {strategy}")}
+
+
+def _saving(theirs: dict) -> dict:
+    """save_strategy and save_steps as from_trainer() wants them. Without either lm saves no checkpoints
+    (Trainer every 500 steps)."""
+    strategy = theirs.get("save_strategy", "steps" if "save_steps" in theirs else None)
+    if strategy == "best":
+        raise UsageError("--save_strategy best: lm keeps no best model; --save_total_limit keeps the newest "
+                         "checkpoints, and OUTPUT_DIR/logs every evaluation")
+    if strategy not in (None, "no", "steps", "epoch"):
+        raise UsageError(f"--save_strategy {strategy}: give no, steps or epoch")
+    if strategy is None:
+        return {}
+    every = {"no": None, "steps": theirs.get("save_steps", HF_INTERVAL), "epoch": "epoch"}[strategy]
+    steps = strategy == "steps" and "save_steps" in theirs
+    return {"save_every": (every, f"--save_steps {every}" if steps else f"--save_strategy {strategy}")}
+
+
+# Their flags that change nothing here, and why.
 HF_IGNORED = {
     "with_tracking": "lm always logs to TensorBoard",
     "low_cpu_mem_usage": "transformers always loads weights that way now",
+    "prediction_loss_only": "lm's evaluation computes the loss alone",
+    "do_predict": "run_clm.py and run_mlm.py predict nothing either",
+    "eval_on_start": "lm always evaluates before training (perplexity_before)",
+    "dataloader_num_workers": "a batch is cut from token blocks the training process holds in memory: worker "
+                              "processes would cost more than they save; --preprocessing-workers tokenizes in "
+                              "parallel",
+    "dataloader_pin_memory": "the batches are small token ids, copied to the device as they come",
+    "remove_unused_columns": "lm keeps the text column alone",
+    "ignore_data_skip": "a resumed run starts at its example without reading the ones before it",
 }
 # Their options we don't implement, and what to do instead.
 HF_REFUSED = {
@@ -260,7 +419,23 @@ HF_REFUSED = {
     "push_to_hub": "upload OUTPUT_DIR yourself with huggingface-cli upload",
     "hub_model_id": "upload OUTPUT_DIR yourself with huggingface-cli upload",
     "hub_token": "log in with huggingface-cli login, then upload OUTPUT_DIR with huggingface-cli upload",
-    "report_to": "lm always logs to TensorBoard (OUTPUT_DIR/logs)",
+    "hub_strategy": "upload OUTPUT_DIR yourself with huggingface-cli upload",
+    "logging_dir": "lm writes TensorBoard logs to OUTPUT_DIR/logs",
+    "run_name": "a run is named by its --output-dir",
+    "load_best_model_at_end": "lm keeps the last model; OUTPUT_DIR/logs holds every evaluation and "
+                              "checkpoints/step-N each saved model",
+    "metric_for_best_model": "lm keeps the last model; OUTPUT_DIR/logs holds every evaluation",
+    "lr_scheduler_kwargs": "lm's schedules take transformers' default settings; choose one with --lr-scheduler",
+    "optim_args": "lm's AdamW takes --adam-beta1, --adam-beta2, --adam-eps and --weight-decay",
+    "torch_compile_backend": "lm compiles with Inductor; --compile on|off|auto",
+    "torch_compile_mode": "lm chooses the mode (reduce-overhead on CUDA); --compile on|off|auto",
+    "bf16_full_eval": "evaluation runs at the training's --precision, over fp32 weights",
+    "fp16_full_eval": "evaluation runs at the training's --precision, over fp32 weights",
+    "auto_find_batch_size": "choose --batch-size; --grad-accum-steps keeps the global batch with a smaller one",
+    "label_smoothing_factor": "lm trains on plain cross-entropy; examples/ shows how to give a task its own loss",
+    "deepspeed": "under torchrun, --fsdp shards parameters, gradients and optimizer state",
+    "fsdp_config": "lm's --fsdp takes no settings: FSDP2 over each transformer layer",
+    "local_rank": "launch with torchrun, which passes each process its rank in the environment",
 }
 
 
@@ -274,34 +449,28 @@ class _Refused(argparse.Action):
         raise UsageError(f"{option_string} is not supported: {HF_REFUSED[option_string[2:]]}")
 
 
-def _true_or_false(text: str) -> bool:
-    # HF declares --line_by_line with type=bool, so its users write `--line_by_line True`
-    if text.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-    return text.lower() in ("true", "1")
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2, no usage dump
         raise UsageError(f"{message} (see --help)")
 
 
-def build_parser(task) -> argparse.ArgumentParser:
-    """The CLI of a task (an Objective or its name), generated from the Config fields and its defaults."""
+def build_parser(task, defaults: bool = True) -> argparse.ArgumentParser:
+    """The CLI of a task (an Objective or its name), generated from the Config fields and its defaults.
+
+    With defaults=False, a flag not given is left out of the result (parse_args() fills in the defaults)."""
     objective = find_objective(task)
     parser = _Parser(
         description=f"Fine-tune a {objective.description}.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False)  # a prefix such as --output would be ambiguous between --output-dir and --output_dir
     hints = typing.get_type_hints(Config)
-    defaults = objective.defaults
     for f in dataclasses.fields(Config):
         if not f.metadata.get("cli", True):
             continue
         kind = hints[f.name]
         if typing.get_origin(kind) is typing.Union:  # Optional[X] -> X
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        default = defaults.get(f.name, f.default)
+        default = objective.defaults.get(f.name, f.default) if defaults else argparse.SUPPRESS
         kwargs = dict(default=default, help=f.metadata["help"].replace("%", "%%"), dest=f.name)  # argparse %-formats help
         if kind is bool:
             kwargs["action"] = "store_true"
@@ -318,8 +487,15 @@ def build_parser(task) -> argparse.ArgumentParser:
             hidden.update(action="store", nargs="?", const=True, type=_true_or_false)
         for hf in [hf for hf, name in HF_ALIASES.items() if name == f.name]:
             parser.add_argument(f"--{hf}", **hidden)
-    for hf in HF_IGNORED:
-        parser.add_argument(f"--{hf}", action=_Ignored, nargs=0, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    for hf, kind in TRAINER_FLAGS.items():
+        spellings = [f"--{name}" for name in [hf] + [old for old, new in TRAINER_OLD_NAMES.items() if new == hf]]
+        if kind is bool:
+            kwargs = dict(nargs="?", const=True, type=_true_or_false)
+        else:
+            kwargs = dict(nargs="+") if kind is list else dict(type=kind)
+        parser.add_argument(*spellings, dest=TRAINER + hf, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+    for hf in HF_IGNORED:  # with or without a value: a switch, `--prediction_loss_only True`, `--dataloader_num_workers 4`
+        parser.add_argument(f"--{hf}", action=_Ignored, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for hf in HF_REFUSED:  # with or without a value, so the message names the flag, not a stray argument
         parser.add_argument(f"--{hf}", action=_Refused, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -345,5 +521,8 @@ def options_table() -> str:
 
 def parse_args(task, argv=None) -> Config:
     """Parse the command line of a task (an Objective or its name) into a validated Config."""
-    args = build_parser(task).parse_args(sys.argv[1:] if argv is None else argv)
-    return Config(task=find_objective(task).name, **vars(args)).validated()
+    # without defaults: a TrainingArguments flag must tell our flag given from our default to see a conflict
+    given = vars(build_parser(task, defaults=False).parse_args(sys.argv[1:] if argv is None else argv))
+    theirs = {name[len(TRAINER):]: value for name, value in given.items() if name.startswith(TRAINER)}
+    ours = {name: value for name, value in given.items() if not name.startswith(TRAINER)}
+    return Config.for_task(task, **{**ours, **from_trainer(theirs, ours)})

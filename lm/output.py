@@ -28,8 +28,10 @@ def check_output_dir(out: Path, cfg, resume: Path | None) -> None:
         raise UsageError(f"--output-dir {out}: {parent} is not writable")
 
 
+# Trainer's result files, which run_clm.py and run_mlm.py write: each split's, and their union.
+TRAINER_RESULTS = ("train_results.json", "eval_results.json", "all_results.json")
 # What a run leaves in its directory besides the saved model, which the next run's overwrites.
-RUN_FILES = ("checkpoints", "logs", "metrics.json")
+RUN_FILES = ("checkpoints", "logs", "metrics.json", *TRAINER_RESULTS)
 
 
 def earlier_run(out: Path) -> list[str]:
@@ -88,3 +90,11 @@ def umask() -> int:
         mask = os.umask(0o022)
         os.umask(mask)
         return mask
+
+
+def write_trainer_results(out: Path, train: dict | None, evaluation: dict) -> None:
+    """TRAINER_RESULTS in `out`: train_results.json (unless `train` is None), eval_results.json, all_results.json."""
+    if train is not None:
+        write_json(out / TRAINER_RESULTS[0], train)
+    write_json(out / TRAINER_RESULTS[1], evaluation)
+    write_json(out / TRAINER_RESULTS[2], {**(train or {}), **evaluation})

@@ -42,7 +42,7 @@ from lm.losses import POSITION_BUCKET, loss_and_logs
 from lm.objectives import Objective
 from lm.evaluation import evaluate, perplexity
 from lm.optim import build_optimizer, lr_factor, parameter_groups, schedule, schedule_change, set_lr
-from lm.output import check_output_dir, clear_run, summary_writer, write_json
+from lm.output import check_output_dir, clear_run, summary_writer, write_json, write_trainer_results
 from lm.texts import load_sources
 
 
@@ -78,6 +78,7 @@ class Run:
     warmup_steps: int = 0
     writer: object = None
     evaluated: dict = field(default_factory=dict)  # step -> eval loss
+    eval_seconds: dict = field(default_factory=dict)  # step -> how long that evaluation took
     cannot_compile: str | None = None  # why torch.compile can't run here, if it can't
     compiled_at: int | None = None  # the index in step_seconds of the first compiled step
     compiled_slower: bool = False  # --compile auto measured the compiled steps slower: eager again
@@ -116,9 +117,9 @@ def train(cfg: Config, *, objective: Objective | None = None, model=None, tokeni
     eval_loader = evaluation_batches(run, eval_set)
     progress = start(run, changes, train_set)
     if cfg.eval_only:
-        return finish(run, None, eval_loader)
+        return finish(run, None, eval_loader, len(train_set))
     fit(run, progress, train_set, eval_loader)
-    return finish(run, progress, eval_loader)
+    return finish(run, progress, eval_loader, len(train_set))
 
 
 def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, list[str]]:
@@ -298,7 +299,8 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
 
     A signal is honoured after the step, or the evaluation batch, under way: a checkpoint, then exit."""
     cfg, world = run.cfg, run.world
-    sampler = StepSampler(len(train_set), cfg.seed, cfg.batch_size, world.size, world.rank, cfg.grad_accum_steps)
+    sampler = StepSampler(len(train_set), cfg.shuffle_seed, cfg.batch_size, world.size, world.rank,
+                          cfg.grad_accum_steps)
     collate = run.objective.collator(run.tokenizer, cfg, False)
     # the bar closes however fit ends, so that an error is printed on a line of its own
     with tqdm(total=run.total_steps, initial=progress.step, desc="training", unit="step", dynamic_ncols=True,
@@ -485,8 +487,10 @@ def evaluate_at(run: Run, loader: DataLoader, step: int, stop=None) -> float:
     """The validation loss at `step` (computed once per step), logged to TensorBoard. `stop()` is asked
     before each batch: checkpoint.Stopped ends the evaluation when it says so."""
     if step not in run.evaluated:
+        started = time.perf_counter()
         with run.stance(training=False):
             loss = evaluate(run.module, loader, run.device, run.precision, run.eval_world, stop)
+        run.eval_seconds[step] = time.perf_counter() - started
         run.writer.add_scalar("eval/loss", loss, step)
         run.writer.add_scalar("eval/perplexity", perplexity(loss), step)
         if run.cfg.eval_stride:  # which windows produced the number
@@ -514,8 +518,8 @@ def stop_here(run: Run, progress: Progress, signum: int) -> None:
     raise SystemExit(128 + signum)
 
 
-def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict:
-    """The final evaluation, metrics.json and, after training, the model and tokenizer."""
+def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train: int) -> dict:
+    """The final evaluation, metrics.json and Trainer's result files and, after training, the model and tokenizer."""
     step = progress.step if progress else 0
     eval_loss = evaluate_at(run, eval_loader, step)
     metrics = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "eval_stride": run.cfg.eval_stride,
@@ -536,6 +540,7 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict
     if run.world.main:
         run.out.mkdir(parents=True, exist_ok=True)
         write_json(run.out / "metrics.json", metrics)
+        write_trainer_results(run.out, *trainer_results(run, progress, eval_loader, n_train))
     run.writer.close()
     if run.compiled_at is not None:  # the compiled code holds this run's model: another run in this process recompiles
         torch._dynamo.reset()
@@ -551,6 +556,25 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader) -> dict
 def compiled_steps(run: Run) -> int:
     """Training steps of this run that ran compiled (the first of them compiling)."""
     return 0 if run.compiled_at is None else len(run.step_seconds) - run.compiled_at
+
+
+def trainer_results(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train: int) -> tuple:
+    """(train, eval) results under the keys that run_clm.py and run_mlm.py save with Trainer (train: None after
+    --eval-only). Runtimes count the training steps (and the final evaluation) alone; a resumed run's cover
+    the whole run, as metrics.json's do."""
+    step = progress.step if progress else 0
+    seconds, samples = max(run.eval_seconds[step], 1e-9), len(eval_loader.dataset)
+    evaluation = {"eval_loss": run.evaluated[step], "perplexity": perplexity(run.evaluated[step]),
+                  "eval_samples": samples, "eval_runtime": run.eval_seconds[step],
+                  "eval_samples_per_second": samples / seconds, "eval_steps_per_second": len(eval_loader) / seconds}
+    if progress is None:
+        return None, evaluation
+    seconds, trained = max(progress.train_seconds, 1e-9), progress.epoch * n_train + progress.examples_done
+    train = {"train_loss": progress.train_loss_sum / max(progress.train_loss_steps, 1),
+             "train_runtime": progress.train_seconds, "train_samples": n_train,
+             "train_samples_per_second": trained / seconds, "train_steps_per_second": progress.step / seconds,
+             "total_flos": progress.train_flops, "epoch": trained / n_train}
+    return train, {**evaluation, "epoch": train["epoch"]}
 
 
 def model_flops_utilization(run: Run, flops: float, seconds: float) -> float:

@@ -44,6 +44,14 @@ def test_bad_settings_raise_usage_errors(argv, message):
         parse_args("mlm", argv)
 
 
+def test_data_seed_sets_the_order_alone():
+    assert parse_args("clm", ["--seed", "3"]).shuffle_seed == 3
+    cfg = parse_args("clm", ["--seed", "3", "--data-seed", "5"])
+    assert (cfg.seed, cfg.shuffle_seed) == (3, 5)
+    with pytest.raises(UsageError, match="--data-seed must be in"):
+        parse_args("clm", ["--data-seed", "-1"])
+
+
 def test_line_by_line_is_mlm_only():
     with pytest.raises(UsageError, match="masked LM only"):
         parse_args("clm", ["--line-by-line"])

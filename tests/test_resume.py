@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shlex
@@ -56,6 +57,10 @@ def logged_losses(out: Path) -> list[tuple[int, float]]:
     return logged(out, "train/loss")
 
 
+def train_loss(out: Path) -> float:
+    return json.loads((out / "train_results.json").read_text())["train_loss"]
+
+
 def assert_same_weights(out: Path, reference: Path) -> None:
     ours, theirs = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
     assert ours.keys() == theirs.keys()
@@ -95,6 +100,7 @@ def test_sigkilled_run_resumes_exactly(task, model_dirs, corpus, reference, tmp_
     losses = logged_losses(out)
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))  # no duplicated points
     assert losses == logged_losses(reference(task))  # steps 6-12 recomputed identically
+    assert train_loss(out) == train_loss(reference(task))  # Trainer's mean over the steps, carried in Progress
 
 
 @pytest.mark.parametrize("task", ["clm", "mlm"])
@@ -185,6 +191,17 @@ def test_failed_checkpoint_write_keeps_previous_one(model_dirs, corpus, referenc
     assert [p.name for p in checkpoint.all_checkpoints(out)] == ["step-12"]
 
 
+def test_progress_loads_from_a_checkpoint_written_before_its_newer_fields():
+    import dataclasses
+
+    state = dataclasses.asdict(checkpoint.Progress(step=5, epoch=1, examples_done=2))
+    del state["train_loss_sum"], state["train_loss_steps"]
+    progress = checkpoint.Progress.from_dict(state)
+    assert (progress.step, progress.epoch, progress.train_loss_steps) == (5, 1, 0)
+    progress.record(6.0, 3, 4, 2, 0.5, 1.0, {})
+    assert progress.train_loss_sum / progress.train_loss_steps == 2.0  # the mean of the steps it has summed
+
+
 # A valid value other than the base's, for every option: a new option without one fails the walk below,
 # so whoever adds it decides how a resumed run treats it.
 OTHER_VALUE = dict(
@@ -194,7 +211,7 @@ OTHER_VALUE = dict(
     max_eval_samples=3, lr=5e-4, head_lr=1e-2,
     weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6, lr_scheduler="cosine", warmup_steps=2,
     warmup_ratio=0.1, grad_accum_steps=2, max_grad_norm=0.5, epochs=2.0, max_train_steps=20, batch_size=4,
-    eval_batch_size=3, seed=2, device="cuda", precision="bf16", fsdp=True, ddp_timeout=60, compile="on",
+    eval_batch_size=3, seed=2, data_seed=3, device="cuda", precision="bf16", fsdp=True, ddp_timeout=60, compile="on",
     gradient_checkpointing=True, peak_flops=1e12, eval_every=2, eval_only=True, log_every=3, output_dir="elsewhere",
     overwrite_output_dir=True, save_every=7, save_total_limit=2, resume_from="latest", cache_dir="/tmp/other-cache",
     preprocessing_workers=1, prepare_only=True,
@@ -278,7 +295,8 @@ def test_overwrite_output_dir_starts_tensorboard_and_checkpoints_afresh(model_di
     first = run_script("clm", *cli_args(model_dirs["clm"], corpus, out, max_train_steps=3, save_every=1))
     assert first.returncode == 0, first.stderr[-3000:]
     again = run_script("clm", *cli_args(model_dirs["clm"], corpus, out, max_train_steps=2))
-    assert again.returncode == 2 and "holds another run (checkpoints, logs, metrics.json)" in again.stderr
+    assert again.returncode == 2 and ("holds another run (checkpoints, logs, metrics.json, train_results.json, "
+                                      "eval_results.json, all_results.json)") in again.stderr
     over = run_script("clm", *cli_args(model_dirs["clm"], corpus, out, max_train_steps=2), "--overwrite-output-dir")
     assert over.returncode == 0, over.stderr[-3000:]
     assert [s for s, _ in logged_losses(out)] == [1, 2]
