@@ -117,7 +117,7 @@ class Snapshot:
 
     progress: Progress
     run: dict  # task, model, world_size and the whole config of the run that saved it
-    model: dict  # the unwrapped model's full state dict (no DDP, FSDP or compile prefixes)
+    model: dict  # the unwrapped model's state dict (no DDP, FSDP or compile prefixes); under LoRA what trains only
     optimizer: dict  # AdamW state (keyed by parameter name under --fsdp)
     rng: list  # per process: python, numpy, torch CPU and CUDA generator states (dropout)
     scaler: dict | None = None  # the fp16 gradient scaler, if used
@@ -196,19 +196,27 @@ def load(path: Path) -> Snapshot:
     return Snapshot(progress, run, **tensors)
 
 
-def capture(progress: Progress, run: dict, model, optimizer, scaler, world, sharded: bool) -> Snapshot | None:
-    """The run as it stands: a Snapshot on rank 0, None elsewhere. Every rank calls it: it gathers."""
+def capture(progress: Progress, run: dict, model, optimizer, scaler, world, sharded: bool,
+            partial: bool = False) -> Snapshot | None:
+    """The run as it stands: a Snapshot on rank 0, None elsewhere. Every rank calls it: it gathers.
+    `partial` (LoRA): of the model, only what trains; the frozen rest is the base model's."""
     rng = distributed.gather_to_main(world, rng_state())
     model_state, optim_state = distributed.full_state(model, optimizer, sharded=sharded)
+    if partial:
+        model_state = {k: v for k, v in model_state.items() if k in trained_names(model)}
     if not world.main:
         return None
     return Snapshot(progress, run, model_state, optim_state, rng, scaler.state_dict() if scaler else None)
 
 
-def restore(snapshot: Snapshot, model, optimizer, scaler, world, sharded: bool, say=print) -> Progress:
+def restore(snapshot: Snapshot, model, optimizer, scaler, world, sharded: bool, say=print,
+            partial: bool = False) -> Progress:
     """The inverse of capture, into the run's objects; the optimizer keeps this run's settings (lr, betas, ...)."""
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    distributed.load_full_state(model, optimizer, snapshot.model, snapshot.optimizer, sharded=sharded)
+    if partial and set(snapshot.model) != trained_names(model) & set(model.state_dict()):
+        raise UsageError("the checkpoint's trained tensors are not this run's (other LoRA adapters?); resume with "
+                         "the settings it was saved with")
+    distributed.load_full_state(model, optimizer, snapshot.model, snapshot.optimizer, sharded=sharded, strict=not partial)
     for group, ours in zip(optimizer.param_groups, settings):
         group.update(ours)  # a new --lr, --weight-decay, betas or eps applies from here on
     if scaler is not None and snapshot.scaler is not None:
@@ -218,6 +226,11 @@ def restore(snapshot: Snapshot, model, optimizer, scaler, world, sharded: bool, 
             "batches and masks stay the same, dropout draws differ", file=sys.stderr)
     set_rng_state(snapshot.rng[world.rank % len(snapshot.rng)])
     return snapshot.progress
+
+
+def trained_names(model) -> set[str]:
+    """The names of the parameters that train, every name of a tied one included (as state_dict lists them)."""
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
 
 
 def all_checkpoints(output_dir: Path) -> list[Path]:
@@ -272,7 +285,8 @@ def read_state(path: Path) -> dict:
 # - every other option may change and applies from the resumed step on; `check_resumable` lists them.
 RESUME_FIXED = ("task", "model", "tokenizer", "dataset", "dataset_config", "train_file", "validation_file", "text_column",
                 "validation_split_percentage", "block_size", "line_by_line", "document_boundaries", "mlm_prob",
-                "max_train_samples", "eval_stride", "seed", "data_seed", "fsdp")
+                "max_train_samples", "eval_stride", "seed", "data_seed", "fsdp", "lora_rank", "lora_alpha",
+                "lora_dropout", "lora_targets")
 RESUME_GLOBAL_BATCH = ("batch_size", "grad_accum_steps")
 RESUME_NOT_COMPARED = ("resume_from", "overwrite_output_dir", "prepare_only")
 

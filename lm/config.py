@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from typing import Optional, Union
 from lm.errors import UsageError
 
 EMBEDDED_CORPUS = "python-docs"
+LORA_LR_FACTOR = 10  # LoRA learns its update from zero: ~10x full fine-tuning's step (LoRA's paper, torchtune, litgpt)
 # transformers' learning-rate schedules (get_scheduler's names) that need no setting beyond warmup; lm.optim.lr_factor
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
              "inverse_sqrt")
@@ -65,7 +67,7 @@ class Config:
         None, "use at most this many validation blocks (with --eval-stride: their tokens)")
 
     # --- optimisation ---
-    lr: float = option(2e-5, "peak learning rate of AdamW")
+    lr: float = option(2e-5, f"peak learning rate of AdamW; with LoRA adapters {LORA_LR_FACTOR}x the task's default")
     head_lr: Optional[float] = option(
         None, "learning rate of parameters the checkpoint lacks (e.g. a fresh MLM head); default: --lr")
     weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norm weights)")
@@ -86,6 +88,19 @@ class Config:
         None, "blocks (or --eval-stride windows) per evaluation batch; default: --batch-size")
     seed: int = option(42, "seed of the shuffling, the masks, dropout and fresh weights")
     data_seed: Optional[int] = option(None, "seed of the shuffling alone; default: --seed")
+
+    # --- adapters ---
+    lora_rank: int = option(
+        0, "train LoRA adapters of this rank (peft's format) on a frozen model instead of every weight; 0: off")
+    lora_alpha: Optional[float] = option(None, "LoRA's scale numerator (updates are scaled by alpha / rank); "
+                                         "default: 2 x --lora-rank")
+    lora_dropout: float = option(0.0, "dropout on the adapters' inputs")
+    lora_targets: Optional[str] = option(
+        None, "comma-separated names of the layers that get adapters (e.g. q_proj,v_proj); default: every "
+        "linear layer of the model's body")
+    merge_lora: bool = option(
+        False, "also write OUTPUT_DIR/merged: the model with the adapters added into its weights, which "
+        "from_pretrained loads without peft")
 
     # --- hardware ---
     device: str = option("auto", "auto: CUDA, then Apple MPS, then CPU", choices=("auto", "cpu", "cuda", "mps"))
@@ -132,7 +147,10 @@ class Config:
     def for_task(cls, task, **overrides) -> "Config":
         """A config with the defaults of `task` (an Objective or its name), then `overrides`, validated."""
         objective = find_objective(task)
-        return cls(task=objective.name, **{**objective.defaults, **overrides}).validated()
+        settings = {**objective.defaults, **overrides}
+        if "lr" not in overrides and (settings.get("lora_rank") or is_adapter_dir(settings.get("model"))):
+            settings["lr"] = LORA_LR_FACTOR * settings.get("lr", cls.lr)  # adapters learn from zero: a larger step
+        return cls(task=objective.name, **settings).validated()
 
     def validated(self) -> "Config":
         """Check everything that needs no model or data; raise UsageError naming the bad setting."""
@@ -163,6 +181,19 @@ class Config:
             value = getattr(self, name)
             need(value is None or 0 <= value < 2**32, f"--{flag(name)} must be in [0, 2**32 - 1], got {value}")
         need(self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}")
+        need(self.lora_rank >= 0, f"--lora-rank must be >= 0 (0: no adapters), got {self.lora_rank}")
+        adapted = self.lora_rank > 0 or is_adapter_dir(self.model)
+        for name, value in (("lora_alpha", self.lora_alpha), ("lora_targets", self.lora_targets),
+                            ("merge_lora", self.merge_lora or None), ("lora_dropout", self.lora_dropout or None)):
+            need(value is None or adapted, f"--{flag(name)} is a setting of LoRA adapters: give --lora-rank R too")
+        need(not (self.lora_rank and is_adapter_dir(self.model)),
+             f"--model {self.model} holds a LoRA adapter, which brings its own rank and layers: drop --lora-rank")
+        need(self.lora_alpha is None or self.lora_alpha > 0, f"--lora-alpha must be positive, got {self.lora_alpha}")
+        need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.lora_targets is None or all(t.strip() for t in self.lora_targets.split(",")),
+             f"--lora-targets must name layers, comma-separated, got {self.lora_targets!r}")
+        need(not (self.fsdp and adapted), "--fsdp with LoRA adapters is not supported: the adapters and their "
+             "optimizer state are small, so train them under torchrun without --fsdp (DDP)")
         need(0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1, "--adam-beta1/2 must be in [0, 1)")
         need(self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}")
         need(0 <= self.warmup_ratio < 1, f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -206,6 +237,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def is_adapter_dir(path) -> bool:
+    """Whether `path` names a directory holding a peft adapter (adapter_config.json) rather than a model."""
+    return path is not None and os.path.isfile(os.path.join(path, "adapter_config.json"))
 
 
 def find_objective(task):

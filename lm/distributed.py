@@ -151,10 +151,12 @@ def full_state(model: torch.nn.Module, optimizer=None, sharded: bool = False):
     return model_state, optim_state
 
 
-def load_full_state(model: torch.nn.Module, optimizer, model_state, optim_state, sharded: bool = False) -> None:
-    """Inverse of full_state: under FSDP rank 0's whole tensors are scattered to the shards."""
+def load_full_state(model: torch.nn.Module, optimizer, model_state, optim_state, sharded: bool = False,
+                    strict: bool = True) -> None:
+    """Inverse of full_state: under FSDP rank 0's whole tensors are scattered to the shards. Not `strict`: the
+    model state holds some of the model's tensors (LoRA: what trains)."""
     if not sharded:
-        model.load_state_dict(model_state)
+        model.load_state_dict(model_state, strict=strict)
         optimizer.load_state_dict(optim_state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, \

@@ -117,8 +117,9 @@ CHUNK_LOGITS = 2 ** 23
 
 
 def chunkable(head: nn.Module) -> bool:
-    """Whether the fused head + loss applies: a plain linear head whose gradients are wanted."""
-    return isinstance(head, nn.Linear) and torch.is_grad_enabled() and head.weight.requires_grad
+    """Whether the fused head + loss applies: a plain linear head, in training (the head itself may be frozen,
+    as under LoRA: then only the hidden states get gradients)."""
+    return isinstance(head, nn.Linear) and torch.is_grad_enabled()
 
 
 class Workspace:
@@ -168,16 +169,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, dtype, workspace):  # hidden (N, H), weight (V, H), labels (N,)
         n_rows, vocab, device = hidden.shape[0], weight.shape[0], hidden.device
         rows = max(1, min(n_rows, CHUNK_LOGITS // vocab))
-        low = dtype != weight.dtype  # bf16 matmuls, fp32 softmax
+        low = dtype != torch.float32  # bf16 matmuls, fp32 softmax
+        trained = weight.requires_grad  # a frozen head (LoRA) needs no weight gradient: a third of the work
         with torch.autocast(device.type, enabled=False):
             h_all = hidden.to(dtype)
-            w = workspace.get("weight", weight.shape, dtype, device).copy_(weight) if low else weight
+            w = weight if weight.dtype == dtype else workspace.get("weight", weight.shape, dtype, device).copy_(weight)
             b = bias.to(dtype) if bias is not None else None
             loss = torch.zeros((), dtype=torch.float32, device=device)
             grad_hidden = torch.empty_like(hidden)
-            grad_weight = None if low else torch.zeros_like(weight)
-            grad_bias = torch.zeros_like(bias) if bias is not None else None
-            dlogits_all = workspace.get("dlogits", (n_rows, vocab), dtype, device) if low else None
+            grad_weight = torch.zeros_like(weight) if trained and not low else None
+            grad_bias = torch.zeros_like(bias) if bias is not None and bias.requires_grad else None
+            # bf16 (softmax - one-hot): of all rows when the weight's gradient is one matmul over them, else a chunk's
+            dlogits_low = workspace.get("dlogits", (n_rows if trained else rows, vocab), dtype, device) if low else None
             for start in range(0, n_rows, rows):
                 h, y = h_all[start:start + rows], labels[start:start + rows]
                 n = len(y)
@@ -198,13 +201,14 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if grad_bias is not None:
                     grad_bias += dlogits.sum(0)
                 if low:
-                    dlogits = dlogits_all[start:start + n].copy_(dlogits)
-                    grad_hidden[start:start + n] = dlogits @ w
+                    dlogits = dlogits_low[start:start + n] if trained else dlogits_low[:n]
+                    grad_hidden[start:start + n] = dlogits.copy_(logits) @ w
                 else:
                     torch.mm(dlogits, w, out=grad_hidden[start:start + n])
-                    grad_weight.addmm_(dlogits.T, h)
-            if low:
-                grad_weight = (dlogits_all.T @ h_all).to(weight.dtype)  # (V, H)
+                    if trained:
+                        grad_weight.addmm_(dlogits.T, h)
+            if low and trained:
+                grad_weight = (dlogits_low.T @ h_all).to(weight.dtype)  # (V, H)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.spent = False
         return loss

@@ -57,11 +57,16 @@ def resolve_tokenizer(requested: str | None, model_path: tuple[str, dict], model
         flag = f"--tokenizer {requested}"
     else:
         (path, extra), flag = model_path, f"--model {model_name}"
-    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+    if Path(path).is_dir() and not holds_tokenizer(path):
         raise UsageError(f"{flag}: the directory {path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:4])}, ...); "
                          + ("save one there with tokenizer.save_pretrained, or " if requested is None else "")
                          + "name the tokenizer to use with --tokenizer DIR")
     return path, extra
+
+
+def holds_tokenizer(path: str | Path) -> bool:
+    """Whether a directory holds files from which AutoTokenizer builds a tokenizer."""
+    return any((Path(path) / name).is_file() for name in TOKENIZER_FILES)
 
 
 def load_tokenizer(path: str, extra: dict):
@@ -136,9 +141,10 @@ def short_message(error: Exception) -> str:
     return f"{type(error).__name__}: {said}"[:400] if said else type(error).__name__
 
 
-def load_model(path: str, extra: dict, model_class: str,
-               attention: str | None = None) -> tuple[torch.nn.Module, frozenset[str]]:
-    """(fp32 model, names of parameters the checkpoint lacked and were freshly initialised).
+def load_model(path: str, extra: dict, model_class: str, attention: str | None = None,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, frozenset[str]]:
+    """(model, names of parameters the checkpoint lacked and were freshly initialised), in fp32 unless `dtype`
+    says otherwise (a frozen base under LoRA is kept in bf16).
 
     `model_class` names the transformers Auto class, e.g. AutoModelForCausalLM; `attention` its
     attention implementation (lm.hardware.choose_attention; None: transformers' choice)."""
@@ -149,7 +155,7 @@ def load_model(path: str, extra: dict, model_class: str,
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # we report fresh parameters ourselves, in one line
     try:
-        model, info = auto.from_pretrained(path, dtype=torch.float32, output_loading_info=True,
+        model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True,
                                            **({"attn_implementation": attention} if attention else {}), **extra)
     finally:
         hf_logging.set_verbosity(verbosity)

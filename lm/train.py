@@ -26,9 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lm import checkpoint, data, distributed, documents
+from lm import adapters, checkpoint, data, distributed, documents
 from lm.checkpoint import Progress, Window
-from lm.config import Config, find_objective
+from lm.config import LORA_LR_FACTOR, Config, find_objective, is_adapter_dir
 from lm.embedded import cache_root
 from lm.data import IGNORE, StepSampler
 from lm.errors import UsageError
@@ -36,8 +36,8 @@ from lm.compiling import (COMPILE_AFTER, COMPILE_ERRORS, COMPILE_SETTLE, COMPILE
                           compile_key, compile_pays, compile_probe, record_compile)
 from lm.hardware import (FlopCounts, autocast, choose_attention, choose_precision, configure, flop_counts, native_bf16,
                          probe_shapes, resolve_device, resolve_peak_flops, step_flops)
-from lm.modeling import (check_model_class, check_vocabulary, load_config, load_model, load_tokenizer, max_positions,
-                         resolve_block_size, resolve_model, resolve_tokenizer)
+from lm.modeling import (check_model_class, check_vocabulary, holds_tokenizer, load_config, load_model, load_tokenizer,
+                         max_positions, resolve_block_size, resolve_model, resolve_tokenizer)
 from lm.losses import POSITION_BUCKET, loss_and_logs
 from lm.objectives import Objective
 from lm.evaluation import evaluate, perplexity
@@ -60,12 +60,14 @@ class Run:
     resume: Path | None = None
     sources: tuple = ()  # (train, validation) texts, checked
     model_path: tuple | None = None  # (path or Hub name, from_pretrained kwargs) when cfg.model is loaded
+    adapter_dir: str | None = None  # --model names a LoRA adapter: its directory (model_path is its base)
     tokenizer_path: tuple | None = None  # the same for the tokenizer: --tokenizer, else the model's own
     loss: object = None  # (model) -> loss module: the objective's, or train()'s `loss` argument
     tokenizer: object = None
     model_config: object = None  # checked against the task, read for the longest block the model takes
     block_size: int = 0
-    model: torch.nn.Module = None  # the plain model: what is saved
+    model: torch.nn.Module = None  # the plain model (with LoRA layers inside, if any): what is saved without LoRA
+    adapted: object = None  # under LoRA, peft's PeftModel around `model`: what saves the adapter
     module: torch.nn.Module = None  # the loss module wrapping it: what evaluates
     trained: torch.nn.Module = None  # the module under DDP or FSDP: what trains
     optimizer: torch.optim.Optimizer = None
@@ -147,14 +149,20 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     if cfg.lr_scheduler == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
         run.say("warning: --lr-scheduler constant has no warmup, as in transformers; "
                 "constant_with_warmup warms up", file=sys.stderr)
+    if adapted(cfg) and cfg.lr == LORA_LR_FACTOR * objective.defaults.get("lr", Config.lr):
+        run.say(f"lr {cfg.lr:g}: LoRA's default, {LORA_LR_FACTOR}x full fine-tuning's (adapters learn their update "
+                "from zero; --lr to choose)")
     run.resume = checkpoint.resolve(cfg.resume_from, out) if cfg.resume_from else None
     check_output_dir(out, cfg, run.resume)
     changes = checkpoint.check_resumable(run.resume, cfg, model_name, world.size) if run.resume else []
     run.sources = load_sources(cfg)  # checks the files before anything slow (e.g. converting the default model)
+    run.adapter_dir = cfg.model if is_adapter_dir(cfg.model) else None
     if model is None or tokenizer is None:
-        run.model_path = resolve_model(cfg.model, objective.embedded_model, cfg.cache_dir, run.say)
+        base = adapters.adapter_base(run.adapter_dir) if run.adapter_dir else cfg.model
+        run.model_path = resolve_model(base, objective.embedded_model, cfg.cache_dir, run.say)
     if tokenizer is None:
-        run.tokenizer_path = resolve_tokenizer(cfg.tokenizer, run.model_path, model_name, cfg.cache_dir, run.say)
+        own = (run.adapter_dir, {}) if run.adapter_dir and holds_tokenizer(run.adapter_dir) else run.model_path
+        run.tokenizer_path = resolve_tokenizer(cfg.tokenizer, own, model_name, cfg.cache_dir, run.say)
     if model is None:
         run.model_config = load_config(*run.model_path)
         check_model_class(run.model_config, objective.model_class, model_name, objective.embedded_model)
@@ -191,13 +199,19 @@ def build_model(run: Run, model) -> None:
             device, run.precision, run.model_config, cfg.batch_size, run.block_size, cache_root(cfg.cache_dir)))
         run.say(f"attention: {why}")
         seed_everything(cfg.seed)  # fresh parameters (e.g. a new head) from the seed, whatever ran before
-        model, fresh = load_model(*run.model_path, run.objective.model_class, attention)
+        # under LoRA the base is frozen: in bf16 it needs no fp32 copy
+        dtype = torch.bfloat16 if adapted(cfg) and run.precision == "bf16" else torch.float32
+        model, fresh = load_model(*run.model_path, run.objective.model_class, attention, dtype)
     if run.objective.adapt:
         run.objective.adapt(model, run.tokenizer)
     if cfg.document_boundaries:
         documents.prepare_model(model, device, run.precision)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapted(cfg):
+        run.adapted, fresh = (adapters.load_adapters(model, run.adapter_dir, fresh) if run.adapter_dir
+                              else adapters.add_adapters(model, cfg, fresh))
+        model = run.adapted.get_base_model()  # the same model, LoRA layers inside: the loop needs nothing else
     run.model = model.to(device)
     run.module = run.loss(model).to(device)
     run.module.texts = cfg.document_boundaries  # masks number texts only with the option (TokenLoss)
@@ -213,6 +227,7 @@ def build_model(run: Run, model) -> None:
     run.optimizer = build_optimizer(groups, cfg, device, fused=not cfg.fsdp)
     run.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
     n_params = sum(p.numel() for p in model.parameters())
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.flop_counts = flop_counts(model)
     shapes = probe_shapes(model.config, cfg.batch_size * run.block_size)
     run.peak_flops = distributed.run_on_main(world, lambda: resolve_peak_flops(
@@ -220,6 +235,8 @@ def build_model(run: Run, model) -> None:
     run.say(f"MFU against a peak of {run.peak_flops / 1e9:,.1f} GFLOP/s per device ("
             + ("--peak-flops)" if cfg.peak_flops != "auto" else "GPU table or measured, cached)"))
     run.say(f"model {run.model_name}: {n_params / 1e6:.1f}M parameters"
+            + (f", {n_trained:,} of them trained ({n_trained / n_params:.2%}: LoRA adapters"
+               + (" and fresh modules" if fresh else "") + f", lr {cfg.lr:g})" if run.adapted else "")
             + (f", {len(fresh)} freshly initialised tensors (lr {cfg.head_lr or cfg.lr:g})" if fresh else ""))
 
 
@@ -275,7 +292,8 @@ def start(run: Run, changes: list[str], train_set) -> Progress:
         checkpoint.check_same_data(run.resume, state, run.train_data)
         snapshot = checkpoint.load(run.resume)
         last_group = snapshot.optimizer.get("param_groups", [{}])[0]  # the learning rate of its last step
-        progress = checkpoint.restore(snapshot, run.model, run.optimizer, run.scaler, world, cfg.fsdp, run.say)
+        progress = checkpoint.restore(snapshot, run.model, run.optimizer, run.scaler, world, cfg.fsdp, run.say,
+                                      partial=run.adapted is not None)
         run.say(f"resuming from {run.resume} at step {progress.step}")
         for line in changes + [schedule_change(state["config"], state["world_size"], cfg, world.size, n_train,
                                                progress.step, last_group)]:
@@ -503,7 +521,8 @@ def save_checkpoint(run: Run, progress: Progress) -> Path | None:
     """Write a checkpoint of the run as it stands (rank 0 writes; every rank takes part in the gathering)."""
     info = {"task": run.cfg.task, "model": run.model_name, "world_size": run.world.size, "config": run.cfg.to_dict(),
             "train_data": run.train_data}
-    snapshot = checkpoint.capture(progress, info, run.model, run.optimizer, run.scaler, run.world, run.cfg.fsdp)
+    snapshot = checkpoint.capture(progress, info, run.model, run.optimizer, run.scaler, run.world, run.cfg.fsdp,
+                                  partial=run.adapted is not None)
     # rank 0 writes while the others wait: a failed write is the same one-line error on every rank
     return distributed.run_on_main(run.world, lambda: checkpoint.save(run.out, snapshot, run.cfg.save_total_limit))
 
@@ -533,10 +552,7 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
                        train_tokens=progress.train_tokens, train_seconds=progress.train_seconds,
                        tokens_per_second=progress.train_tokens / seconds,
                        mfu=model_flops_utilization(run, progress.train_flops, progress.train_seconds))
-        model_state, _ = distributed.full_state(run.model, sharded=run.cfg.fsdp)  # a collective under FSDP
-        if run.world.main:
-            run.model.save_pretrained(run.out, state_dict=model_state)
-            run.tokenizer.save_pretrained(run.out)
+        save_model(run)
     if run.world.main:
         run.out.mkdir(parents=True, exist_ok=True)
         write_json(run.out / "metrics.json", metrics)
@@ -551,6 +567,36 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
         run.say(f"perplexity: {metrics['perplexity_before']:.3f} -> {metrics['perplexity']:.3f}"
                 + f" (MFU {metrics['mfu']:.1%})")
     return metrics
+
+
+def adapted(cfg: Config) -> bool:
+    """Whether the run trains LoRA adapters: new ones (--lora-rank), or those of --model ADAPTER_DIR."""
+    return cfg.lora_rank > 0 or is_adapter_dir(cfg.model)
+
+
+def save_model(run: Run) -> None:
+    """The trained model and its tokenizer in OUTPUT_DIR; under LoRA the adapter, and with --merge-lora the merged
+    model in OUTPUT_DIR/merged. Every rank calls it (FSDP gathers); rank 0 writes."""
+    if run.adapted is not None:  # never sharded: --fsdp is refused with LoRA
+        if run.world.main:
+            adapters.save(run.adapted, run.out, base_name(run), run.cfg.merge_lora)
+    else:
+        model_state, _ = distributed.full_state(run.model, sharded=run.cfg.fsdp)  # a collective under FSDP
+        if run.world.main:
+            run.model.save_pretrained(run.out, state_dict=model_state)
+    merged = run.adapted is not None and run.cfg.merge_lora
+    for where in [run.out] + ([run.out / "merged"] if merged else []):
+        if run.world.main:
+            run.tokenizer.save_pretrained(where)
+
+
+def base_name(run: Run) -> str:
+    """How an adapter names its base model: as --model gave it (a Hub name, an embedded default, a directory made
+    absolute), or as the adapter it was trained from named it."""
+    if run.adapter_dir:
+        return adapters.adapter_base(run.adapter_dir)
+    path = Path(run.model_path[0])
+    return str(path.resolve()) if run.cfg.model and path.is_dir() else run.model_name
 
 
 def compiled_steps(run: Run) -> int:
