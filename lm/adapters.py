@@ -72,6 +72,19 @@ def fresh_modules(model: nn.Module, fresh: frozenset[str]) -> list[str]:
     return [o for o in owners if not any(o.startswith(f"{other}.") for other in owners if other != o)]
 
 
+def check_targets(config, model_class: str, cfg) -> None:
+    """Refuse --lora-targets that name no layer of the model's body, from its config alone (before any loading)."""
+    lora_config(meta_model(config, model_class), cfg, frozenset())
+
+
+def meta_model(config, model_class: str) -> nn.Module:
+    """The model `config` describes, on the meta device: its modules and shapes, no memory, no weights."""
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, model_class).from_config(config)
+
+
 def add_adapters(model: nn.Module, cfg, fresh: frozenset[str]) -> tuple[object, frozenset[str]]:
     """(the model wrapped with new LoRA adapters: a PeftModel, the names its fresh parameters train under):
     base weights frozen, adapters and fresh modules trainable in fp32, whatever the base's dtype."""
@@ -92,10 +105,17 @@ def load_adapters(model: nn.Module, path: str | Path, fresh: frozenset[str]) -> 
 def trained(wrapped, fresh: frozenset[str]) -> tuple[object, frozenset[str]]:
     """What a wrapped model trains: the copies of fresh modules share what the checkpoint had, and train in fp32
     with the adapters. Returns the model and the names of the trainable copies of fresh parameters."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     share_pretrained(wrapped, fresh)
     for p in wrapped.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
+    for layer in wrapped.modules():
+        if isinstance(layer, BaseTunerLayer):
+            # peft would cast a bf16 input to the adapter's fp32 and autocast back to bf16: a second copy of every
+            # adapted layer's input kept for backward (~300 MB for SmolLM2 at 8 x 128) and two casts, for nothing
+            layer.cast_input_dtype_enabled = False
     copies = frozenset(name for name, p in wrapped.get_base_model().named_parameters()
                        if p.requires_grad and ".modules_to_save." in name)
     return wrapped, copies

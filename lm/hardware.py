@@ -271,8 +271,9 @@ def synchronize(device: torch.device) -> None:
 class FlopCounts(NamedTuple):
     """What a model's training FLOPs depend on: step_flops(*counts, seq_len, input_tokens, predicted_tokens)."""
 
-    body: int  # parameters that multiply every input token (embedding tables excluded: a lookup does no FLOPs)
-    head: int  # parameters of a split vocabulary head, which runs on the labelled positions only
+    body: float  # parameters that multiply every input token (embedding tables excluded: a lookup does no FLOPs)
+    head: float  # parameters of a split vocabulary head, which runs on the labelled positions only
+    # (a frozen parameter, under LoRA, counts 2/3: no weight gradient, so 4 FLOPs per token, not 6)
     layers: int
     width: int  # attention heads x head size: the hidden size in most models
 
@@ -282,17 +283,21 @@ def flop_counts(model: nn.Module) -> FlopCounts:
 
     A weight tied to an embedding table (GPT-2's and SmolLM2's head) counts once, where it does
     work: in the head. An untied model counts the same; its input table does no FLOPs either. A
-    model without a split head runs its head on every position: then it is part of `body`.
+    model without a split head runs its head on every position: then it is part of `body`. A frozen
+    weight (LoRA's base) gets no gradient of its own: it counts 2/3 of a trained one.
     """
     config = model.config
     split = split_head(model)
     head = {id(p): p for p in getattr(model, split[1]).parameters()} if split else {}
     multiplied = {id(p): p for module in model.modules() if not isinstance(module, nn.Embedding)
                   for p in module.parameters(recurse=False)}  # tied: the same tensor, once
-    body = sum(p.numel() for key, p in multiplied.items() if key not in head)
+    def count(p):
+        return p.numel() if p.requires_grad else p.numel() * 2 / 3
+
+    body = sum(count(p) for key, p in multiplied.items() if key not in head)
     heads = config.num_attention_heads
     width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return FlopCounts(body, sum(p.numel() for p in head.values()), config.num_hidden_layers, width)
+    return FlopCounts(body, sum(count(p) for p in head.values()), config.num_hidden_layers, width)
 
 
 def step_flops(body_params: int, head_params: int, n_layers: int, width: int, seq_len: int,

@@ -72,6 +72,7 @@ class Run:
     trained: torch.nn.Module = None  # the module under DDP or FSDP: what trains
     optimizer: torch.optim.Optimizer = None
     scaler: torch.amp.GradScaler | None = None
+    parameters: tuple[int, int] = (0, 0)  # the model's, and of those the ones that train
     flop_counts: FlopCounts | None = None  # what a step's FLOPs depend on, for MFU
     peak_flops: float = 0.0  # FLOP/s of one device at this precision: the GPU table, measured, or --peak-flops
     eval_world: distributed.World = distributed.World()  # who shares the evaluation
@@ -170,6 +171,8 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
         run.model_config = model.config
     if cfg.document_boundaries:
         documents.check_architecture(run.model_config)
+    if cfg.lora_targets:
+        adapters.check_targets(run.model_config, objective.model_class, cfg)
     run.say(f"device {device}" + (f" x {world.size} processes" if world.distributed else "")
             + f", precision {precision} ({precision_why}), compile {'off' if cfg.eval_only else cfg.compile}"
             + (f" (decided after {COMPILE_AFTER} steps)" if cfg.compile == "auto" and not cfg.eval_only else ""))
@@ -226,8 +229,8 @@ def build_model(run: Run, model) -> None:
     groups = parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr)
     run.optimizer = build_optimizer(groups, cfg, device, fused=not cfg.fsdp)
     run.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.parameters = n_params, n_trained = (sum(p.numel() for p in model.parameters()),
+                                            sum(p.numel() for p in model.parameters() if p.requires_grad))
     run.flop_counts = flop_counts(model)
     shapes = probe_shapes(model.config, cfg.batch_size * run.block_size)
     run.peak_flops = distributed.run_on_main(world, lambda: resolve_peak_flops(
@@ -543,7 +546,8 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
     eval_loss = evaluate_at(run, eval_loader, step)
     metrics = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "eval_stride": run.cfg.eval_stride,
                "precision": run.precision, "compiled": compiled_steps(run) > 0, "model": run.model_name,
-               "block_size": run.block_size, "world_size": run.world.size}
+               "block_size": run.block_size, "world_size": run.world.size, "parameters": run.parameters[0],
+               "trained_parameters": run.parameters[1]}
     if progress is None:  # --eval-only
         metrics["eval_tokens"] = eval_loader.dataset.num_tokens
     else:

@@ -82,6 +82,14 @@ CASES = [
      "ValueError: The hidden size (64) is not a multiple of the number of attention heads (5).)"),
     ("causal-block-of-one-token", "clm", BASE + " --block-size 1", "--block-size 1 leaves a causal LM nothing to "
      "predict; use 2 or more"),
+    # LoRA's settings
+    ("lora-alpha-without-rank", "clm", BASE + " --lora-alpha 32", "--lora-alpha is a setting of LoRA adapters: give "
+     "--lora-rank R too"),
+    ("merge-lora-without-rank", "mlm", BASE + " --merge-lora", "--merge-lora is a setting of LoRA adapters"),
+    ("lora-rank-negative", "clm", BASE + " --lora-rank -4", "--lora-rank must be >= 0 (0: no adapters), got -4"),
+    ("lora-under-fsdp", "clm", BASE + " --lora-rank 8 --fsdp", "--fsdp with LoRA adapters is not supported"),
+    ("lora-target-not-in-model", "clm", BASE + " --lora-rank 8 --lora-targets q_proj,c_attn --cache-dir {out}/cache",
+     "--lora-targets: q_proj is not a layer of this model's body; its linear layers are c_attn, c_fc, c_proj"),
 ]
 
 
