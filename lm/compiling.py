@@ -1,22 +1,30 @@
-"""When to torch.compile: whether Inductor can run here, what compiling costs and saves (measured on
-this machine and kept in CACHE_DIR/compile.json, else estimated), and whether that pays within a run.
-The loop (lm.train) times the steps and compiles; this module decides from the numbers."""
+"""When and how to torch.compile: whether Inductor can run here, what compiling costs and saves (measured on
+this machine and kept in CACHE_DIR/compile.json, else estimated), whether that pays within a run, and
+`Compiling`, which holds a run's decision and its bookkeeping so that the loop calls it once a step.
+
+What is compiled is the model's repeated block (each transformer layer, regional compilation): Inductor
+compiles one layer's graph and reuses it for the other layers, so compiling takes seconds where the
+whole model took over a minute; embeddings, final norm and the fused head run eagerly."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch._dynamo
 import torch._inductor.exc
 
-from lm.errors import UsageError
+from lm import distributed
 from lm.cache import recalled, remember
+from lm.errors import UsageError
 from lm.hardware import device_name
 
 
@@ -131,11 +139,20 @@ def compile_pays(steps_left: int, step_seconds: float, compile_seconds: float,
                                      "of compiling")
 
 
-def compile_key(device: torch.device, precision: str, config, batch: int, block: int) -> str:
-    """What the cost and gain of compiling a model depend on, readably."""
-    layers = getattr(config, "num_hidden_layers", "?")
-    return ", ".join([device_name(device), f"torch {torch.__version__}", precision, config.model_type,
-                      f"{layers} layers of {config.hidden_size}", f"{batch}x{block}"])
+def compile_key(device: torch.device, precision: str, config, cfg, block: int) -> str:
+    """What the cost and gain of compiling a model depend on, readably: the machine and its threads, the
+    versions, the numerics, the model's shapes and what changes its graphs (checkpointing, texts kept apart,
+    adapters)."""
+    import transformers
+
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or "?"
+    graph = [name for name, on in (("gradient checkpointing", cfg.gradient_checkpointing),
+                                   ("document boundaries", cfg.document_boundaries),
+                                   (f"LoRA rank {cfg.lora_rank}", cfg.lora_rank)) if on]
+    return ", ".join([device_name(device), f"{torch.get_num_threads()} threads", f"torch {torch.__version__}",
+                      f"transformers {transformers.__version__}", precision, config.model_type,
+                      f"{getattr(config, 'num_hidden_layers', '?')} layers of {config.hidden_size} ({inner} inner)",
+                      f"vocabulary {config.vocab_size}", f"{cfg.batch_size}x{block}", *graph])
 
 
 def compile_estimate(cache_dir: Path | str | None, key: str, layers: int, device_type: str,
@@ -158,3 +175,121 @@ def record_compile(cache_dir: Path | str | None, key: str, seconds: float, gain:
     remember(cache_dir, COMPILE_CACHE, key, {"seconds": min(seconds, known.get("seconds", seconds)),
                                              "compiles": known.get("compiles", 0) + 1,
                                              **({"gain": gain} if gain is not None else {})})
+
+
+@contextlib.contextmanager
+def inductor_cache(cache_dir: Path | str):
+    """Inductor's (and Triton's) files under cache_dir/inductor for the block, as they were after it.
+
+    Inductor reads TORCHINDUCTOR_CACHE_DIR when it first needs its cache and writes its default back into
+    the environment, so the variable is set here, for the run, rather than defaulted deep inside it."""
+    from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+
+    with temporary_cache_dir(str(Path(cache_dir).absolute() / "inductor")):
+        yield
+
+
+@dataclass
+class Compiling:
+    """A run's compiling: under --compile on from its first step; under auto from the step after COMPILE_AFTER
+    if the time it saves pays for compiling (and back to eager once its steps measure slower); never under off.
+    It also times the first compiled steps against the eager ones, for the next run's decision.
+
+    `since` and `until` (the steps between which training steps run compiled) go into checkpoints: a resumed
+    run compiles where the uninterrupted run did."""
+
+    requested: str  # on, auto or off
+    device: torch.device
+    precision: str
+    key: str  # compile_key: what the cost and gain of compiling depend on
+    layers: int
+    cache_dir: Path | None = None  # where compile.json and the probe's answer are kept
+    cannot: str | None = None  # why torch.compile can't run here: auto stays eager
+    since: int | None = None  # training steps after this one run compiled
+    until: int | None = None  # ... up to this one (auto measured them slower, or compiling failed)
+    blocks: list = field(default_factory=list)  # the compiled modules
+    seconds: dict = field(default_factory=dict)  # optimizer step -> seconds, of this process's steps
+
+    @property
+    def active(self) -> bool:
+        return bool(self.blocks)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps."""
+        return {"since": self.since, "until": self.until}
+
+    def begin(self, model, step: int, saved: dict | None = None) -> None:
+        """Before this process's first training step (`step` done already): compile under --compile on, or where
+        the run resumed from (its checkpoint's `saved` state) ran compiled at this step."""
+        if saved:
+            self.since, self.until = saved.get("since"), saved.get("until")
+        resumed_compiled = self.since is not None and (self.until is None or self.until > step)
+        if self.requested == "on" or (self.requested == "auto" and resumed_compiled):
+            self.compile(model, step)
+
+    def after_step(self, model, step: int, seconds: float, steps_left: int, world, say) -> None:
+        """Once per optimizer step: auto decides after step COMPILE_AFTER; the first compiled steps are timed."""
+        self.seconds[step] = seconds
+        if self.requested == "auto" and step == COMPILE_AFTER and self.since is None and self.until is None:
+            on, why = distributed.run_on_main(world, lambda: self.decide(steps_left))
+            say(f"compile {why}")
+            if on:
+                self.compile(model, step)
+        elif self.active and step == self.since + COMPILE_SETTLE + COMPILE_TIMED:
+            self.measured(model, step, world, say)
+
+    def decide(self, steps_left: int) -> tuple[bool, str]:
+        """(compile now?, why), from the eager steps' time and what compiling costs and saves here."""
+        if self.cannot:
+            return False, f"off: {self.cannot}"
+        cost, gain = compile_estimate(self.cache_dir, self.key, self.layers, self.device.type, self.precision)
+        on, why = compile_pays(steps_left, statistics.median(self.eager_seconds()), cost, gain)
+        cannot = compile_probe(self.device, self.cache_dir) if on else None  # cached once it builds
+        return (False, f"off: {cannot}") if cannot else (on, why)
+
+    def eager_seconds(self) -> list[float]:
+        """This process's eager steps, the first left out when there are others (it pays for warm-ups)."""
+        eager = [s for step, s in sorted(self.seconds.items()) if self.since is None or step <= self.since]
+        return eager[1:] or eager
+
+    def measured(self, model, step: int, world, say) -> None:
+        """Keep what compiling cost (the settling steps over the timed ones) and saved (against the eager steps)
+        for the next run; under auto, compiled steps slower than eager ones send this run back to eager."""
+        compiled = [self.seconds[s] for s in range(self.since + 1, step + 1) if s in self.seconds]
+        settling, timed = compiled[:COMPILE_SETTLE], statistics.median(compiled[COMPILE_SETTLE:])
+        eager = [s for k, s in sorted(self.seconds.items()) if k <= self.since][1:]
+        gain = distributed.broadcast_from_main(world, 1 - timed / statistics.median(eager) if eager else None)
+        if world.main:
+            record_compile(self.cache_dir, self.key, max(0.0, sum(settling) - len(settling) * timed), gain)
+        if self.requested == "auto" and gain is not None:
+            say(f"compile: steps {gain:.0%} faster compiled" + ("" if gain > 0 else "; eager again from here"))
+            if gain <= 0:
+                self.uncompile(step)
+
+    def compile(self, model, step: int) -> None:
+        """torch.compile each repeated block of `model` in place (names in state dicts stay plain)."""
+        from lm.modeling import repeated_blocks
+
+        # on CUDA the layers are replayed as CUDA graphs: at small batches a step is mostly kernel launches
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.blocks = repeated_blocks(model)
+        for block in self.blocks:
+            block.compile(mode=mode)
+        self.since = step if self.since is None else self.since
+
+    def uncompile(self, step: int) -> None:
+        """Eager from the step after `step` on."""
+        for block in self.blocks:
+            block._compiled_call_impl = None  # nn.Module.compile's: calls go to forward again
+        self.blocks, self.until = [], step
+        torch._dynamo.reset()  # the compiled code held the model
+
+    def stance(self, training: bool):
+        """Evaluation runs eagerly (a graph for it would cost a second compile); so does everything uncompiled."""
+        return torch.compiler.set_stance("force_eager") if self.active and not training else contextlib.nullcontext()
+
+    def steps_compiled(self, step: int) -> int:
+        """How many training steps up to `step` ran compiled."""
+        if self.since is None:
+            return 0
+        return max(0, min(step, self.until if self.until is not None else step) - self.since)

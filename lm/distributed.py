@@ -127,13 +127,14 @@ def shard(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
     """
     from torch.distributed.fsdp import fully_shard
 
+    from lm.modeling import repeated_blocks
+
     uses = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    for lst in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
-        for block in lst:
-            if all(uses[id(p)] == 1 for p in block.parameters()):
-                fully_shard(block)
+    for block in repeated_blocks(model):
+        if all(uses[id(p)] == 1 for p in block.parameters()):
+            fully_shard(block)
     fully_shard(module)
     return module
 

@@ -56,10 +56,6 @@ class TokenLoss(nn.Module):
         self.model = model
         self.split = split_head(model)
         self.workspace = Workspace()  # the fused head's scratch tensors, kept between steps
-        # > 0: a head that is not fused runs on a multiple of this many positions (the labelled ones,
-        # then unlabelled ones that add nothing), so that MLM's varying count of masked positions
-        # gives a compiled graph (and a CUDA graph) a few shapes, not one per batch
-        self.bucket = 0
         # whether attention masks may number texts (--document-boundaries): the loop sets it, so that
         # without the option no step looks at the mask's values (a sync, and a break in compiled graphs)
         self.texts = True
@@ -76,8 +72,6 @@ class TokenLoss(nn.Module):
                 # scratch tensors kept only on a CPU: a GPU's caching allocator reuses its memory anyway
                 workspace = self.workspace if hidden.device.type == "cpu" else None
                 return fused_head_loss(hidden[keep], head.weight, head.bias, labels[keep], dtype, workspace)
-            if self.bucket:
-                keep = pad_positions(keep, self.bucket)
             logits = head(hidden[keep])
         # fp32 loss whatever the autocast dtype: log-softmax over ~50k logits loses digits in bf16
         return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
@@ -94,22 +88,6 @@ class TokenLoss(nn.Module):
             return getattr(self.model, self.split[1])(self.hidden_states(input_ids, attention_mask)[keep])
         inputs = attention_inputs(self.model, input_ids, attention_mask, self.texts)
         return self.model(input_ids=input_ids, **inputs).logits[keep]
-
-
-POSITION_BUCKET = 64  # TokenLoss.bucket of a compiled run
-
-
-@torch.compiler.disable  # counts the positions: a compiled graph ends here, without Dynamo's warning
-def pad_positions(keep: torch.Tensor, multiple: int) -> torch.Tensor:
-    """`keep` (B, T) with the first unselected positions added, so that it selects a multiple of `multiple`
-    positions (or all of them)."""
-    count = int(keep.sum())
-    target = min(keep.numel(), -(-count // multiple) * multiple)
-    if target == count:
-        return keep
-    flat = keep.flatten().clone()
-    flat[(~flat).nonzero()[:target - count, 0]] = True
-    return flat.view_as(keep)
 
 
 # Rows of logits per chunk: ~32 MB of fp32 logits at a time, whatever the vocabulary.

@@ -94,6 +94,15 @@ def check_model_class(config, model_class: str, model_name: str, default: str) -
                          f"this task needs another kind of model, such as the default ({default})")
 
 
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the members of its ModuleLists (BERT's encoder.layer, GPT-2's h, Llama's
+    layers), what regional compilation compiles once and FSDP shards one by one. Lists inside a block (an MoE
+    layer's experts) are the block's."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    return [block for name, lst in lists if not any(name.startswith(f"{outer}.") for outer, _ in lists)
+            for block in lst]
+
+
 def max_positions(config, tokenizer) -> int | None:
     """The longest block the model accepts: its position table, capped by the tokenizer's limit."""
     limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]

@@ -6,14 +6,11 @@ train() calls the stages in reading order. `Run` holds what setup builds once; `
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
-import os
 import random
 import signal
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,13 +29,12 @@ from lm.config import LORA_LR_FACTOR, Config, find_objective, is_adapter_dir
 from lm.embedded import cache_root
 from lm.data import IGNORE, StepSampler
 from lm.errors import UsageError
-from lm.compiling import (COMPILE_AFTER, COMPILE_ERRORS, COMPILE_SETTLE, COMPILE_TIMED, check_compile, compile_estimate,
-                          compile_key, compile_pays, compile_probe, record_compile)
+from lm.compiling import COMPILE_AFTER, COMPILE_ERRORS, Compiling, check_compile, compile_key, inductor_cache
 from lm.hardware import (FlopCounts, autocast, choose_attention, choose_precision, configure, flop_counts, native_bf16,
                          probe_shapes, resolve_device, resolve_peak_flops, step_flops)
 from lm.modeling import (check_model_class, check_vocabulary, holds_tokenizer, load_config, load_model, load_tokenizer,
                          max_positions, resolve_block_size, resolve_model, resolve_tokenizer)
-from lm.losses import POSITION_BUCKET, loss_and_logs
+from lm.losses import loss_and_logs
 from lm.objectives import Objective
 from lm.evaluation import evaluate, perplexity
 from lm.optim import build_optimizer, lr_factor, parameter_groups, schedule, schedule_change, set_lr
@@ -83,15 +79,7 @@ class Run:
     evaluated: dict = field(default_factory=dict)  # step -> eval loss
     eval_seconds: dict = field(default_factory=dict)  # step -> how long that evaluation took
     cannot_compile: str | None = None  # why torch.compile can't run here, if it can't
-    compiled_at: int | None = None  # the index in step_seconds of the first compiled step
-    compiled_slower: bool = False  # --compile auto measured the compiled steps slower: eager again
-    step_seconds: list = field(default_factory=list)  # of this process's steps in this run
-
-    def stance(self, training: bool):
-        """How a forward runs: compiled for training steps, unless auto found that slower; evaluation eagerly
-        (a graph for it would cost a second compile)."""
-        eager = self.compiled_at is not None and (self.compiled_slower or not training)
-        return torch.compiler.set_stance("force_eager") if eager else contextlib.nullcontext()
+    compiling: Compiling | None = None  # whether and since when training steps run compiled
 
     def say(self, *args, **kwargs) -> None:
         """print on rank 0 only."""
@@ -116,13 +104,14 @@ def train(cfg: Config, *, objective: Objective | None = None, model=None, tokeni
     train_set, eval_set = prepare_data(run, tokenizer)
     if cfg.prepare_only:
         return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
-    build_model(run, model)
-    eval_loader = evaluation_batches(run, eval_set)
-    progress = start(run, changes, train_set)
-    if cfg.eval_only:
-        return finish(run, None, eval_loader, len(train_set))
-    fit(run, progress, train_set, eval_loader)
-    return finish(run, progress, eval_loader, len(train_set))
+    with inductor_cache(cache_root(cfg.cache_dir)):  # compiled code's files go there, for this run alone
+        build_model(run, model)
+        eval_loader = evaluation_batches(run, eval_set)
+        progress = start(run, changes, train_set)
+        if cfg.eval_only:
+            return finish(run, None, eval_loader, len(train_set))
+        fit(run, progress, train_set, eval_loader)
+        return finish(run, progress, eval_loader, len(train_set))
 
 
 def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, list[str]]:
@@ -218,8 +207,6 @@ def build_model(run: Run, model) -> None:
     run.model = model.to(device)
     run.module = run.loss(model).to(device)
     run.module.texts = cfg.document_boundaries  # masks number texts only with the option (TokenLoss)
-    if cfg.compile == "on" and not cfg.eval_only:
-        compile_model(run)
     if cfg.fsdp:
         run.trained = distributed.shard(run.module, model)
     elif world.distributed:
@@ -232,6 +219,9 @@ def build_model(run: Run, model) -> None:
     run.parameters = n_params, n_trained = (sum(p.numel() for p in model.parameters()),
                                             sum(p.numel() for p in model.parameters() if p.requires_grad))
     run.flop_counts = flop_counts(model)
+    run.compiling = Compiling("off" if cfg.eval_only else cfg.compile, device, run.precision,
+                              compile_key(device, run.precision, model.config, cfg, run.block_size),
+                              model.config.num_hidden_layers, cache_root(cfg.cache_dir), run.cannot_compile)
     shapes = probe_shapes(model.config, cfg.batch_size * run.block_size)
     run.peak_flops = distributed.run_on_main(world, lambda: resolve_peak_flops(
         cfg.peak_flops, device, run.precision, shapes, cache_root(cfg.cache_dir)))
@@ -298,12 +288,15 @@ def start(run: Run, changes: list[str], train_set) -> Progress:
         progress = checkpoint.restore(snapshot, run.model, run.optimizer, run.scaler, world, cfg.fsdp, run.say,
                                       partial=run.adapted is not None)
         run.say(f"resuming from {run.resume} at step {progress.step}")
+        run.compiling.begin(run.model, progress.step, state.get("compile"))
         for line in changes + [schedule_change(state["config"], state["world_size"], cfg, world.size, n_train,
                                                progress.step, last_group)]:
             if line:
                 run.say(line)
-    elif cfg.overwrite_output_dir and world.main:  # the directory shows this run alone
-        clear_run(run.out)
+    else:
+        run.compiling.begin(run.model, 0)
+        if cfg.overwrite_output_dir and world.main:  # the directory shows this run alone
+            clear_run(run.out)
     global_batch = checkpoint.global_batch(cfg.batch_size, world.size, cfg.grad_accum_steps)[1]
     run.say(f"{run.total_steps} steps of {global_batch}, output {run.out}")
     if world.main:
@@ -334,12 +327,9 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
             run.trained.train()
             while progress.step < run.total_steps:  # one epoch, or what is left of it, per pass
                 for micro in epoch_batches(run, train_set, collate, sampler, progress.epoch, progress.examples_done):
-                    loss_sum, tokens = step_or_eager(run, progress, micro)
-                    if cfg.compile == "auto" and len(run.step_seconds) == COMPILE_AFTER:
-                        decide_compile(run, progress)
-                    if run.compiled_at is not None and len(run.step_seconds) == (run.compiled_at + COMPILE_SETTLE
-                                                                                 + COMPILE_TIMED):
-                        record_compile_cost(run)
+                    loss_sum, tokens, seconds = step_or_eager(run, progress, micro)
+                    run.compiling.after_step(run.model, progress.step, seconds, run.total_steps - progress.step,
+                                             world, run.say)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}")
                     if cfg.eval_every and progress.step % cfg.eval_every == 0:
@@ -368,13 +358,13 @@ def stop_requested(run: Run, signals: checkpoint.StopOnSignal) -> bool:
     return distributed.all_sum(run.world, signals.signum is not None, device=run.device)[0] > 0
 
 
-def step_or_eager(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, int]:
+def step_or_eager(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, int, float]:
     """train_step; if compiling fails (a compiler that can't build, at any step), the step again eagerly
     under --compile auto, and one error line under --compile on."""
     try:
         return train_step(run, progress, micro)
     except COMPILE_ERRORS as e:
-        if run.compiled_at is None:
+        if not run.compiling.active:
             raise
         lines = [line for line in str(e).splitlines() if line.strip()]
         why = f"{type(e).__name__}: {lines[0] if lines else ''}"[:300]
@@ -383,15 +373,13 @@ def step_or_eager(run: Run, progress: Progress, micro: list[dict]) -> tuple[floa
                              ) from None
         run.say(f"compile failed at step {progress.step + 1} ({why}); eager from here", file=sys.stderr)
         run.optimizer.zero_grad(set_to_none=True)  # what the failed step's micro-batches added
-        run.module._compiled_call_impl = None  # nn.Module.compile's: calls go to forward again
-        run.module.bucket = 0
-        run.compiled_at = None
-        torch._dynamo.reset()
+        run.compiling.uncompile(progress.step)
         return train_step(run, progress, micro)
 
 
-def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, int]:
-    """One optimizer step over this rank's micro-batches; records it in `progress`; (summed loss, tokens) of all ranks."""
+def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, int, float]:
+    """One optimizer step over this rank's micro-batches; records it in `progress`; (summed loss, tokens) of all ranks
+    and this rank's seconds."""
     cfg, world, device, optimizer = run.cfg, run.world, run.device, run.optimizer
     started = time.perf_counter()
     lr = set_lr(optimizer, lr_factor(progress.step, run.total_steps, run.warmup_steps, cfg.lr_scheduler, cfg.lr))
@@ -409,8 +397,7 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     for i, mb in enumerate(micro):
         input_ids, attention_mask, labels = (mb[k].to(device, non_blocking=True)
                                              for k in ("input_ids", "attention_mask", "labels"))
-        with (distributed.no_sync(run.trained, world, cfg.fsdp, sync=i == len(micro) - 1), run.stance(training=True),
-              autocast(device, run.precision)):
+        with distributed.no_sync(run.trained, world, cfg.fsdp, sync=i == len(micro) - 1), autocast(device, run.precision):
             loss_sum, extra = loss_and_logs(run.trained(input_ids, attention_mask, labels))
         (run.scaler.scale(loss_sum * scale) if run.scaler else loss_sum * scale).backward()
         step_loss += loss_sum.detach()
@@ -433,62 +420,11 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
-    run.step_seconds.append(time.perf_counter() - started)
-    progress.record(step_loss, int(n_tokens), int(n_inputs), int(examples), run.step_seconds[-1], flops,
-                    dict(zip(logs, sums)))
+    seconds = time.perf_counter() - started
+    progress.record(step_loss, int(n_tokens), int(n_inputs), int(examples), seconds, flops, dict(zip(logs, sums)))
     if progress.step % cfg.log_every == 0 or progress.step == run.total_steps:
         log_window(run, progress.step, lr, float(grad_norm), progress.take_window())
-    return step_loss, n_tokens
-
-
-def compile_model(run: Run) -> None:
-    """torch.compile the loss module in place (saved state dicts keep plain names); Inductor caches in CACHE_DIR."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root(run.cfg.cache_dir) / "inductor"))
-    run.module.bucket = POSITION_BUCKET
-    # on CUDA the steps are replayed as CUDA graphs: at small batches a step is mostly kernel launches
-    run.module.compile(mode="reduce-overhead" if run.device.type == "cuda" else None)
-    run.compiled_at = len(run.step_seconds)
-
-
-def decide_compile(run: Run, progress: Progress) -> None:
-    """--compile auto after the first steps: compile from here on if the time it saves pays for it within the run.
-
-    Rank 0 decides, on its timings and its cache, for every rank: all must compile or none."""
-    cfg, device = run.cfg, run.device
-
-    def decide() -> tuple[bool, str]:
-        if run.cannot_compile or cfg.fsdp:
-            return False, "off: " + (run.cannot_compile or "not decided by auto under --fsdp (use --compile on)")
-        key = compile_key(device, run.precision, run.model.config, cfg.batch_size, run.block_size)
-        cost, gain = compile_estimate(cache_root(cfg.cache_dir), key, run.model.config.num_hidden_layers,
-                                      device.type, run.precision)
-        step = statistics.median(run.step_seconds[1:])  # the first step pays for warm-ups
-        on, why = compile_pays(run.total_steps - progress.step, step, cost, gain)
-        cannot = compile_probe(device, cache_root(cfg.cache_dir)) if on else None  # cached once it builds
-        return (False, f"off: {cannot}") if cannot else (on, why)
-
-    on, why = distributed.run_on_main(run.world, decide)
-    run.say(f"compile {why}")
-    if on:
-        compile_model(run)
-
-
-def record_compile_cost(run: Run) -> None:
-    """What compiling cost and saved on this machine, kept for the next --compile auto: the first compiled
-    steps (compiling, recording CUDA graphs, warming up) over the timed ones after them, and those against
-    the eager steps before. Under auto, compiled steps slower than the eager ones send the run back to eager."""
-    settling = run.step_seconds[run.compiled_at:run.compiled_at + COMPILE_SETTLE]
-    step = statistics.median(run.step_seconds[run.compiled_at + COMPILE_SETTLE:])
-    eager = run.step_seconds[1:run.compiled_at]
-    gain = distributed.broadcast_from_main(run.world, 1 - step / statistics.median(eager) if eager else None)
-    if run.world.main:
-        key = compile_key(run.device, run.precision, run.model.config, run.cfg.batch_size, run.block_size)
-        record_compile(cache_root(run.cfg.cache_dir), key, max(0.0, sum(settling) - len(settling) * step), gain)
-    if run.cfg.compile == "auto" and gain is not None:
-        run.say(f"compile: steps {gain:.0%} faster compiled" + ("" if gain > 0 else "; eager again from here"))
-        run.compiled_slower = gain <= 0
-        if run.compiled_slower:
-            run.module.bucket = 0  # no shapes to keep few
+    return step_loss, n_tokens, seconds
 
 
 def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window) -> None:
@@ -509,7 +445,7 @@ def evaluate_at(run: Run, loader: DataLoader, step: int, stop=None) -> float:
     before each batch: checkpoint.Stopped ends the evaluation when it says so."""
     if step not in run.evaluated:
         started = time.perf_counter()
-        with run.stance(training=False):
+        with run.compiling.stance(training=False):
             loss = evaluate(run.module, loader, run.device, run.precision, run.eval_world, stop)
         run.eval_seconds[step] = time.perf_counter() - started
         run.writer.add_scalar("eval/loss", loss, step)
@@ -523,7 +459,7 @@ def evaluate_at(run: Run, loader: DataLoader, step: int, stop=None) -> float:
 def save_checkpoint(run: Run, progress: Progress) -> Path | None:
     """Write a checkpoint of the run as it stands (rank 0 writes; every rank takes part in the gathering)."""
     info = {"task": run.cfg.task, "model": run.model_name, "world_size": run.world.size, "config": run.cfg.to_dict(),
-            "train_data": run.train_data}
+            "train_data": run.train_data, "compile": run.compiling.state()}
     snapshot = checkpoint.capture(progress, info, run.model, run.optimizer, run.scaler, run.world, run.cfg.fsdp,
                                   partial=run.adapted is not None)
     # rank 0 writes while the others wait: a failed write is the same one-line error on every rank
@@ -545,7 +481,8 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
     step = progress.step if progress else 0
     eval_loss = evaluate_at(run, eval_loader, step)
     metrics = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "eval_stride": run.cfg.eval_stride,
-               "precision": run.precision, "compiled": compiled_steps(run) > 0, "model": run.model_name,
+               "precision": run.precision, "compiled": run.compiling.steps_compiled(step) > 0,
+               "compiled_since": run.compiling.since, "model": run.model_name,
                "block_size": run.block_size, "world_size": run.world.size, "parameters": run.parameters[0],
                "trained_parameters": run.parameters[1]}
     if progress is None:  # --eval-only
@@ -562,7 +499,7 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
         write_json(run.out / "metrics.json", metrics)
         write_trainer_results(run.out, *trainer_results(run, progress, eval_loader, n_train))
     run.writer.close()
-    if run.compiled_at is not None:  # the compiled code holds this run's model: another run in this process recompiles
+    if run.compiling.active:  # the compiled code holds this run's model: another run in this process recompiles
         torch._dynamo.reset()
     distributed.barrier(run.world)  # nobody leaves before the model is saved
     if progress is None:
@@ -601,11 +538,6 @@ def base_name(run: Run) -> str:
         return adapters.adapter_base(run.adapter_dir)
     path = Path(run.model_path[0])
     return str(path.resolve()) if run.cfg.model and path.is_dir() else run.model_name
-
-
-def compiled_steps(run: Run) -> int:
-    """Training steps of this run that ran compiled (the first of them compiling)."""
-    return 0 if run.compiled_at is None else len(run.step_seconds) - run.compiled_at
 
 
 def trainer_results(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train: int) -> tuple:

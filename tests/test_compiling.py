@@ -10,6 +10,7 @@ from transformers import AutoConfig
 
 from conftest import metrics, run_script, scalars
 from lm.compiling import COMPILE_CACHE, PROBE_CACHE, compile_key, compile_probe_key
+from lm.config import Config
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def args(model_dir, corpus, out, cache, *extra):
 
 def paying(cache, model_dir) -> None:
     """A compile cache that says compiling this model costs nothing and saves half of each step."""
-    key = compile_key(torch.device("cpu"), "fp32", AutoConfig.from_pretrained(model_dir), 8, 16)
+    key = compile_key(torch.device("cpu"), "fp32", AutoConfig.from_pretrained(model_dir), Config.for_task("clm"), 16)
     cache.mkdir(exist_ok=True)
     (cache / COMPILE_CACHE).write_text(json.dumps({key: {"seconds": 0.0, "gain": 0.5, "compiles": 2}}))
 
@@ -110,3 +111,46 @@ def test_the_probe_builds_a_kernel_once_and_keeps_only_successes(tmp_path, broke
     monkeypatch.setenv("PATH", broken_compiler["PATH"].split(os.pathsep, 1)[1])  # the real compiler again
     assert compile_probe(torch.device("cpu"), tmp_path) is None
     assert list(json.loads((tmp_path / PROBE_CACHE).read_text()).values())[0]["ok"] == 1
+
+
+def test_inductor_writes_under_the_run_s_cache_dir_alone(no_dropout_models, corpus, tmp_path, monkeypatch):
+    # Inductor touched first (it then writes its default into the environment): the runs still compile into
+    # their own --cache-dir, a second train() in the same process into its own, and the variable is put back
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from lm.train import train
+
+    default = tmp_path / "default"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(default))
+    assert cache_dir() == str(default)
+    for name in ("first", "second"):
+        cfg = Config.for_task("clm", model=str(no_dropout_models["clm"]), train_file=str(corpus), block_size=16,
+                              max_train_steps=2, precision="fp32", compile="on", cache_dir=str(tmp_path / name),
+                              output_dir=str(tmp_path / f"run-{name}"))
+        train(cfg)
+        assert any((tmp_path / name / "inductor").rglob("*.py")), name  # Inductor's generated code
+    assert not default.exists() or not any(default.rglob("*.py"))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(default)
+
+
+def test_a_resumed_auto_run_compiles_where_the_uninterrupted_one_did(no_dropout_models, corpus, tmp_path):
+    # auto compiles after step 3 (the cache says it pays); a checkpoint of step 5 resumes compiled at once, so
+    # steps 6-8 run the same compiled code as the uninterrupted run's: bitwise the same weights in fp32
+    from safetensors.torch import load_file
+
+    from test_resume import signalled_at
+
+    model, cache = no_dropout_models["clm"], tmp_path / "cache"
+    paying(cache, model)
+    extra = ["--max-train-steps", "8", "--save-every", "5"]
+    whole = run_script("clm", *args(model, corpus, tmp_path / "whole", cache), *extra)
+    assert whole.returncode == 0 and "compile on: ~" in whole.stdout, whole.stderr[-3000:]
+    assert metrics(tmp_path / "whole")["compiled_since"] == 3
+    killed = run_script("clm", *args(model, corpus, tmp_path / "run", cache), *extra, env=signalled_at(7, "SIGKILL"))
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed = run_script("clm", *args(model, corpus, tmp_path / "run", cache), *extra, "--resume-from", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "compile on" not in resumed.stdout  # not decided again: compiled since step 3, as the checkpoint says
+    assert metrics(tmp_path / "run")["compiled_since"] == 3 and metrics(tmp_path / "run")["compiled"]
+    ours, theirs = (load_file(tmp_path / run / "model.safetensors") for run in ("run", "whole"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)

@@ -4,9 +4,11 @@ import types
 
 import pytest
 import torch
+
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_model
+from lm.config import Config
 from lm.errors import UsageError
 from lm.data import IGNORE, causal_labels
 from lm.compiling import (COMPILE_GAIN, COMPILE_SECONDS_PER_LAYER, COMPILE_WARM_SHARE, compile_estimate, compile_key,
@@ -208,7 +210,7 @@ def test_compile_auto_compiles_when_the_time_saved_pays_for_compiling(tokenizer,
 
 
 def test_what_a_compiled_run_measured_wins_over_the_table(tokenizer, tmp_path):
-    key = compile_key(torch.device("cpu"), "bf16", tiny_model("clm", tokenizer).config, 8, 128)
+    key = compile_key(torch.device("cpu"), "bf16", tiny_model("clm", tokenizer).config, Config.for_task("clm"), 128)
     assert compile_estimate(tmp_path, key, 30, "cpu", "bf16") == (30 * COMPILE_SECONDS_PER_LAYER["cpu"],
                                                                   COMPILE_GAIN[("cpu", "bf16")])
     assert compile_estimate(tmp_path, key, 30, "cpu", "fp32")[1] is None  # fp32 on a CPU: not measured to gain

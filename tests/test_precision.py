@@ -4,9 +4,11 @@ import math
 
 import pytest
 import torch
+
 from safetensors.torch import load_file
 
 from conftest import metrics, run_script, scalars
+from lm.config import Config
 
 
 def common(model_dir, corpus, out, *extra):
@@ -104,7 +106,7 @@ def test_compile_auto_compiles_when_it_pays_then_measures_what_it_gained(no_drop
     from lm.compiling import COMPILE_CACHE, compile_key
 
     model, cache = no_dropout_models["clm"], tmp_path / "cache"
-    key = compile_key(torch.device("cpu"), "fp32", AutoConfig.from_pretrained(model), 8, 16)
+    key = compile_key(torch.device("cpu"), "fp32", AutoConfig.from_pretrained(model), Config.for_task("clm"), 16)
     cache.mkdir()
     (cache / COMPILE_CACHE).write_text(json.dumps({key: {"seconds": 0.0, "gain": 0.5, "compiles": 2}}))
     extra = ["--precision", "fp32", "--max-train-steps", "10", "--cache-dir", cache]  # 3 eager, 3 settling, 3 timed
