@@ -110,18 +110,21 @@ COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.In
                   torch._inductor.exc.CppCompileError)
 
 
-# torch.compile (Inductor) of the model, as measured on the machines in README "Compiling": the share
-# of a training step's time it saves, by device type and precision, for the causal default (SmolLM2,
-# 8 x 128). Absent: not measured to save anything, so --compile auto stays eager. A run that compiles
-# measures the gain for its own model and keeps it in cache_dir/compile.json; that wins over this
-# table next time (MiniLM's MLM step, e.g., measured slower compiled on both the CPU and the H100).
-COMPILE_GAIN = {("cpu", "bf16"): 0.15, ("cuda", "bf16"): 0.8}
-# Seconds of compiling per transformer layer with nothing cached yet, by device type: the estimate until
-# a run on this machine has measured it (with Inductor's cache, in cache_dir/inductor, warm after that).
-COMPILE_SECONDS_PER_LAYER = {"cpu": 3.0, "cuda": 2.0}
-# A compile that finds Inductor's kernels cached takes this share of the first, cold one (SmolLM2 in bf16 on
-# 2 CPU cores: 6-12 s against 68-85 s): the estimate after one compile, until a second has measured it.
-COMPILE_WARM_SHARE = 0.15
+# The share of a training step's time that compiling the layers saves, by kind of device and precision, as
+# measured for the causal default (SmolLM2, 8 x 128; README "Compiling"): the estimate until this machine
+# has measured it for the model at hand. Absent: not measured to save anything, so auto stays eager.
+COMPILE_GAIN = {("cpu-amx", "bf16"): 0.25, ("cpu-avx512_bf16", "bf16"): 0.15, ("cuda", "bf16"): 0.8}
+# Seconds a cold compile of one layer's graph takes (regional compilation compiles one, whatever the
+# depth), by kind of device: the estimate until a run here has measured it.
+COMPILE_SECONDS = {"cpu": 25.0, "cuda": 30.0}
+# A compile that finds Inductor's kernels cached takes this share of the first, cold one: the estimate
+# after one compile, until a second has measured it.
+COMPILE_WARM_SHARE = 0.25
+# A gain measured here is trusted once measured twice (one noisy measurement of a loss would keep auto off
+# for good), and for this many decisions after its last measurement; then the table's estimate decides
+# again, so that a run compiles and measures anew.
+COMPILE_TRUSTED = 2
+COMPILE_STALE_AFTER = 20
 COMPILE_CACHE = "compile.json"
 COMPILE_AFTER = 3  # --compile auto decides after this many eager steps, from their time
 COMPILE_SETTLE = 3  # compiled steps that compile, record CUDA graphs and warm up, counted as the compile's cost
@@ -155,26 +158,46 @@ def compile_key(device: torch.device, precision: str, config, cfg, block: int) -
                       f"vocabulary {config.vocab_size}", f"{cfg.batch_size}x{block}", *graph])
 
 
-def compile_estimate(cache_dir: Path | str | None, key: str, layers: int, device_type: str,
-                     precision: str) -> tuple[float, float | None]:
-    """(seconds compiling takes, share of a step it saves): what this machine measured for `key`, else the
-    per-layer estimate and the COMPILE_GAIN table. After a single compile, which was cold, Inductor's
-    cache holds the model's kernels: the next compile is estimated at COMPILE_WARM_SHARE of it."""
+def device_kind(device: torch.device) -> str:
+    """The kind of device compiling's gain depends on: cuda, or a CPU by its bf16 instructions."""
+    if device.type != "cpu":
+        return device.type
+    if torch.cpu._is_amx_tile_supported():
+        return "cpu-amx"
+    return "cpu-avx512_bf16" if torch.cpu._is_avx512_bf16_supported() else "cpu"
+
+
+def compile_estimate(cache_dir: Path | str | None, key: str, kind: str, precision: str,
+                     decide: bool = False) -> tuple[float, float | None, str]:
+    """(seconds compiling takes, share of a step it saves, where that comes from): what this machine measured
+    for `key` where it is trusted, else the tables for this kind of device. After a single compile, which
+    was cold, Inductor's cache holds the kernels: the next is estimated at COMPILE_WARM_SHARE of it.
+    `decide`: count this as a decision made on the measured gain (it goes stale after COMPILE_STALE_AFTER)."""
     known = recalled(cache_dir, COMPILE_CACHE, key)
-    seconds = known.get("seconds", COMPILE_SECONDS_PER_LAYER.get(device_type, 3.0) * layers)
+    seconds = known.get("seconds", COMPILE_SECONDS.get(kind.split("-")[0], 30.0))
     if known.get("compiles") == 1:
         seconds *= COMPILE_WARM_SHARE
-    return seconds, known.get("gain", COMPILE_GAIN.get((device_type, precision)))
+    measured, decisions = known.get("measurements", 0), known.get("decisions", 0)
+    if "gain" in known and measured >= COMPILE_TRUSTED and decisions < COMPILE_STALE_AFTER:
+        if decide:
+            remember(cache_dir, COMPILE_CACHE, key, {"decisions": decisions + 1})
+        return seconds, known["gain"], f"measured here {measured} times"
+    why = ("measured here once" if measured == 1 else f"measured {decisions} runs ago" if measured
+           else "not measured here yet")
+    return seconds, COMPILE_GAIN.get((kind, precision)), f"the estimate for {kind} in {precision}; {why}"
 
 
 def record_compile(cache_dir: Path | str | None, key: str, seconds: float, gain: float | None) -> None:
     """Keep what a compiled run measured: the least a compile has taken (with Inductor's cache warm: a cold
-    compile after a change of code is paid once) and, when eager steps came first, the gain (a run compiled
-    from its first step leaves the gain measured before as it was)."""
+    compile after a change of code is paid once) and, when eager steps came first, the gain, averaged with
+    the last ones (a run compiled from its first step leaves the gain as it was)."""
     known = recalled(cache_dir, COMPILE_CACHE, key)
-    remember(cache_dir, COMPILE_CACHE, key, {"seconds": min(seconds, known.get("seconds", seconds)),
-                                             "compiles": known.get("compiles", 0) + 1,
-                                             **({"gain": gain} if gain is not None else {})})
+    entry = {"seconds": min(seconds, known.get("seconds", seconds)), "compiles": known.get("compiles", 0) + 1}
+    if gain is not None:
+        n = min(known.get("measurements", 0), COMPILE_TRUSTED)  # the mean of about the last few
+        entry.update(gain=(known.get("gain", 0.0) * n + gain) / (n + 1), measurements=known.get("measurements", 0) + 1,
+                     decisions=0)
+    remember(cache_dir, COMPILE_CACHE, key, entry)
 
 
 @contextlib.contextmanager
@@ -202,7 +225,6 @@ class Compiling:
     device: torch.device
     precision: str
     key: str  # compile_key: what the cost and gain of compiling depend on
-    layers: int
     cache_dir: Path | None = None  # where compile.json and the probe's answer are kept
     cannot: str | None = None  # why torch.compile can't run here: auto stays eager
     since: int | None = None  # training steps after this one run compiled
@@ -242,8 +264,10 @@ class Compiling:
         """(compile now?, why), from the eager steps' time and what compiling costs and saves here."""
         if self.cannot:
             return False, f"off: {self.cannot}"
-        cost, gain = compile_estimate(self.cache_dir, self.key, self.layers, self.device.type, self.precision)
+        cost, gain, source = compile_estimate(self.cache_dir, self.key, device_kind(self.device), self.precision,
+                                              decide=True)
         on, why = compile_pays(steps_left, statistics.median(self.eager_seconds()), cost, gain)
+        why += f" ({source})"
         cannot = compile_probe(self.device, self.cache_dir) if on else None  # cached once it builds
         return (False, f"off: {cannot}") if cannot else (on, why)
 

@@ -221,7 +221,7 @@ def build_model(run: Run, model) -> None:
     run.flop_counts = flop_counts(model)
     run.compiling = Compiling("off" if cfg.eval_only else cfg.compile, device, run.precision,
                               compile_key(device, run.precision, model.config, cfg, run.block_size),
-                              model.config.num_hidden_layers, cache_root(cfg.cache_dir), run.cannot_compile)
+                              cache_root(cfg.cache_dir), run.cannot_compile)
     shapes = probe_shapes(model.config, cfg.batch_size * run.block_size)
     run.peak_flops = distributed.run_on_main(world, lambda: resolve_peak_flops(
         cfg.peak_flops, device, run.precision, shapes, cache_root(cfg.cache_dir)))

@@ -35,7 +35,7 @@ def paying(cache, model_dir) -> None:
     """A compile cache that says compiling this model costs nothing and saves half of each step."""
     key = compile_key(torch.device("cpu"), "fp32", AutoConfig.from_pretrained(model_dir), Config.for_task("clm"), 16)
     cache.mkdir(exist_ok=True)
-    (cache / COMPILE_CACHE).write_text(json.dumps({key: {"seconds": 0.0, "gain": 0.5, "compiles": 2}}))
+    (cache / COMPILE_CACHE).write_text(json.dumps({key: {"seconds": 0.0, "gain": 0.5, "compiles": 2, "measurements": 2}}))
 
 
 def test_compile_on_where_no_kernel_builds_is_one_line_before_any_work(broken_compiler, tiny_gpt2, corpus, tmp_path):

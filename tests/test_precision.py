@@ -108,7 +108,7 @@ def test_compile_auto_compiles_when_it_pays_then_measures_what_it_gained(no_drop
     model, cache = no_dropout_models["clm"], tmp_path / "cache"
     key = compile_key(torch.device("cpu"), "fp32", AutoConfig.from_pretrained(model), Config.for_task("clm"), 16)
     cache.mkdir()
-    (cache / COMPILE_CACHE).write_text(json.dumps({key: {"seconds": 0.0, "gain": 0.5, "compiles": 2}}))
+    (cache / COMPILE_CACHE).write_text(json.dumps({key: {"seconds": 0.0, "gain": 0.5, "compiles": 2, "measurements": 2}}))
     extra = ["--precision", "fp32", "--max-train-steps", "10", "--cache-dir", cache]  # 3 eager, 3 settling, 3 timed
     assert run_script("clm", *common(model, corpus, tmp_path / "eager", *extra, "--compile", "off")).returncode == 0
     r = run_script("clm", *common(model, corpus, tmp_path / "auto", *extra))
