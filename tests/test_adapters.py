@@ -4,7 +4,6 @@ and a run with adapters resumes exactly, on any number of processes."""
 
 from __future__ import annotations
 
-import copy
 import json
 import signal
 

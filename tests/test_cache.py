@@ -8,7 +8,6 @@ import stat
 import subprocess
 import sys
 
-import pytest
 
 from conftest import ENV, ROOT
 from lm.cache import measured, recalled, remember
