@@ -166,6 +166,8 @@ def load_model(path: str, extra: dict, model_class: str, attention: str | None =
     try:
         model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True,
                                            **({"attn_implementation": attention} if attention else {}), **extra)
+    except OSError as e:  # no weights in the directory, a truncated file
+        raise UsageError(f"the model in {path} could not be loaded ({short_message(e)})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = set(info.get("missing_keys", ()))

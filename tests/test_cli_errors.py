@@ -82,6 +82,8 @@ CASES = [
      "ValueError: The hidden size (64) is not a multiple of the number of attention heads (5).)"),
     ("causal-block-of-one-token", "clm", BASE + " --block-size 1", "--block-size 1 leaves a causal LM nothing to "
      "predict; use 2 or more"),
+    ("model-dir-without-weights", "clm", "--model {broken}/weightless --train-file {corpus} --output-dir {out}",
+     "the model in {broken}/weightless could not be loaded (OSError: Error no file named model.safetensors"),
     # LoRA's settings
     ("lora-alpha-without-rank", "clm", BASE + " --lora-alpha 32", "--lora-alpha is a setting of LoRA adapters: give "
      "--lora-rank R too"),
@@ -151,7 +153,7 @@ def bare(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def broken(model_dirs, tmp_path_factory) -> Path:
     """Model directories with a damaged file: tokenizer/ (tokenizer.json holds no tokenizer), config/ (64 hidden
-    units and 5 heads: transformers' own check refuses it)."""
+    units and 5 heads: transformers' own check refuses it), weightless/ (no weights file)."""
     import json
 
     path = tmp_path_factory.mktemp("broken")
@@ -163,6 +165,8 @@ def broken(model_dirs, tmp_path_factory) -> Path:
     shutil.copytree(model_dirs["clm"], path / "config")
     (path / "config" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64,
                                                               "num_attention_heads": 5}))
+    shutil.copytree(model_dirs["clm"], path / "weightless")
+    (path / "weightless" / "model.safetensors").unlink()
     return path
 
 
