@@ -82,7 +82,8 @@ CASES = [
      "ValueError: The hidden size (64) is not a multiple of the number of attention heads (5).)"),
     ("causal-block-of-one-token", "clm", BASE + " --block-size 1", "--block-size 1 leaves a causal LM nothing to "
      "predict; use 2 or more"),
-    ("model-dir-without-weights", "clm", "--model {broken}/weightless --train-file {corpus} --output-dir {out}",
+    ("model-dir-without-weights", "clm", "--model {broken}/weightless --train-file {corpus} --block-size 32 "
+     "--output-dir {out}",
      "the model in {broken}/weightless could not be loaded (OSError: Error no file named model.safetensors"),
     # LoRA's settings
     ("lora-alpha-without-rank", "clm", BASE + " --lora-alpha 32", "--lora-alpha is a setting of LoRA adapters: give "
