@@ -79,15 +79,22 @@ class TokenLoss(nn.Module):
     def hidden_states(self, input_ids, attention_mask) -> torch.Tensor:
         """(B, T, H) states the vocabulary head reads (split models only)."""
         body = getattr(self.model, self.split[0])
-        inputs = attention_inputs(self.model, input_ids, attention_mask, self.texts)
-        return body(input_ids=input_ids, **inputs).last_hidden_state
+        return body(input_ids=input_ids, **self.inputs(input_ids, attention_mask)).last_hidden_state
 
     def labelled_logits(self, input_ids, attention_mask, keep) -> torch.Tensor:
         """(N, V) logits of the positions where `keep` (B, T) is set; the head runs on those alone if it can."""
         if self.split is not None:
             return getattr(self.model, self.split[1])(self.hidden_states(input_ids, attention_mask)[keep])
+        return self.model(input_ids=input_ids, **self.inputs(input_ids, attention_mask)).logits[keep]
+
+    def inputs(self, input_ids, attention_mask) -> dict:
+        """The keyword arguments of a forward: the attention's (lm.documents), and no key/value cache where the
+        model would make one (a training step never reads it back; kept, it costs memory, and its per-layer
+        state makes a compiled layer recompile for each layer)."""
         inputs = attention_inputs(self.model, input_ids, attention_mask, self.texts)
-        return self.model(input_ids=input_ids, **inputs).logits[keep]
+        if getattr(self.model.config, "use_cache", False):
+            inputs["use_cache"] = False
+        return inputs
 
 
 # Rows of logits per chunk: ~32 MB of fp32 logits at a time, whatever the vocabulary.
