@@ -108,7 +108,10 @@ def resolve_peak_flops(requested: float | str, device: torch.device, precision: 
 # Seconds the probe spends on each shape: a warmup, then trials of back-to-back matmuls, the best kept.
 PROBE_SECONDS = 1.0
 PROBE_WARMUP = 0.4  # share of PROBE_SECONDS: matrix units (AMX) and clocks start cold and settle under load
-PROBE_TRIALS = 6
+PROBE_TRIALS = 6  # in rounds of half: rounds go on while they still find a better rate, up to PROBE_ROUNDS
+PROBE_ROUNDS = 12
+PROBE_SETTLED = 0.02  # a rate this much better than the best so far counts as better
+PROBE_PATIENCE = 2
 # Vocabulary columns in the probe's head matmul: a slice, as LinearCrossEntropy computes logits in chunks.
 PROBE_VOCAB = 4096
 PEAK_CACHE = "peak-flops.json"
@@ -233,7 +236,8 @@ def best_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     A cold probe disagrees with itself: AMX units and GPU clocks start cold, and a busy CPU's clock
     takes a moment to settle, so the first PROBE_WARMUP of `seconds` runs untimed, and each trial
     times many calls back to back (short bursts catch transients). The best trial is kept: other
-    load only ever slows one down. The weight is laid out as nn.Linear keeps it. Before all that,
+    load only ever slows one down; and rounds of trials go on until PROBE_PATIENCE in a row found no
+    better rate (a busy neighbour can halve a 2-core machine's rate for a second). The weight is laid out as nn.Linear keeps it. Before all that,
     the rows double from 16 up to m until one call takes a twentieth of `seconds`: emulated bf16 (a
     CPU without it) is ~10x slower than fp32 and would take seconds per call at a large shape.
     """
@@ -248,7 +252,15 @@ def best_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     trial = (1 - PROBE_WARMUP) * seconds / PROBE_TRIALS
     calls = max(1, int(trial / took))
     timed_matmuls(x[:rows], weight, max(1, int(PROBE_WARMUP * seconds / took)), device)
-    return max(2 * rows * k * n * calls / timed_matmuls(x[:rows], weight, calls, device) for _ in range(PROBE_TRIALS))
+    best, since_better = 0.0, 0
+    for _ in range(PROBE_ROUNDS):  # until PROBE_PATIENCE rounds in a row found nothing better: load has passed
+        rate = max(2 * rows * k * n * calls / timed_matmuls(x[:rows], weight, calls, device)
+                   for _ in range(PROBE_TRIALS // 2))
+        since_better = since_better + 1 if rate < best * (1 + PROBE_SETTLED) else 0
+        best = max(best, rate)
+        if since_better == PROBE_PATIENCE:
+            break
+    return best
 
 
 def timed_matmuls(x: torch.Tensor, weight: torch.Tensor, calls: int, device: torch.device) -> float:
