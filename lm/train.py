@@ -453,6 +453,7 @@ def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window)
     run.writer.add_scalar("train/grad_norm", grad_norm, step)
     run.writer.add_scalar("train/tokens_per_sec", window.inputs / window.seconds, step)
     run.writer.add_scalar("train/mfu", model_flops_utilization(run, window.flops, window.seconds), step)
+    run.writer.add_scalar("train/peak_memory_gib", memory.peak_memory(run.device) / memory.GIB, step)
     for name, value in window.logs.items():
         run.writer.add_scalar(f"train/{name}", window.per_token(value), step)
 
@@ -511,7 +512,10 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
                        tokens_per_second=progress.train_tokens / seconds,
                        mfu=model_flops_utilization(run, progress.train_flops, progress.train_seconds))
         save_model(run)
+    peaks = distributed.gather_to_main(run.world, memory.peak_memory(run.device))  # the highest of any process
     if run.world.main:
+        metrics.update(peak_memory_gib=max(peaks) / memory.GIB,
+                       planned_memory_gib=run.plan.total / memory.GIB if run.plan else None)
         run.out.mkdir(parents=True, exist_ok=True)
         write_json(run.out / "metrics.json", metrics)
         write_trainer_results(run.out, *trainer_results(run, progress, eval_loader, n_train))
