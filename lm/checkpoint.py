@@ -288,7 +288,7 @@ RESUME_FIXED = ("task", "model", "tokenizer", "dataset", "dataset_config", "trai
                 "max_train_samples", "eval_stride", "seed", "data_seed", "fsdp", "lora_rank", "lora_alpha",
                 "lora_dropout", "lora_targets")
 RESUME_GLOBAL_BATCH = ("batch_size", "grad_accum_steps")
-RESUME_NOT_COMPARED = ("resume_from", "overwrite_output_dir", "prepare_only")
+RESUME_NOT_COMPARED = ("resume_from", "overwrite_output_dir", "prepare_only", "ignore_memory_plan")
 
 
 def check_resumable(path: Path, cfg, model_name: str, world_size: int) -> list[str]:

@@ -116,6 +116,8 @@ class Config:
         "tiny test kernel fails to build, e.g. without a C++ compiler on a CPU); --compile alone means on",
         choices=("auto", "on", "off"), const="on")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")
+    ignore_memory_plan: bool = option(
+        False, "start even where the memory plan (printed before anything is loaded) says the run won't fit")
     peak_flops: Union[float, str] = option(
         "auto", "peak FLOP/s of one device, for MFU; auto: a table of known GPUs, else a ~2 s matmul probe at "
         "the run's precision, cached in CACHE_DIR/peak-flops.json", type=_number_or_text)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.cache import measured
+from lm.cache import measured, recalled
 from lm.errors import UsageError
 from lm.losses import split_head
 
@@ -158,18 +158,32 @@ def choose_attention(device: torch.device, precision: str, config, batch: int, b
         return None, "transformers' default (SDPA's fused kernels where the model has them)"
     if precision == "fp32":  # the two take the same time within a few percent (measured), SDPA less memory
         return None, "transformers' default (SDPA where the model has it) in fp32"
-    heads = getattr(config, "num_attention_heads", "?")
-    key = ", ".join([device_name(device), f"{torch.get_num_threads()} threads", f"torch {torch.__version__}",
-                     precision, config.model_type, f"{batch}x{block}",
-                     f"{config.hidden_size} wide, {heads} heads, {getattr(config, 'intermediate_size', '?')} inner"])
     try:
-        times = measured(cache_dir, ATTENTION_CACHE, key, lambda: {
+        times = measured(cache_dir, ATTENTION_CACHE, attention_key(device, precision, config, batch, block), lambda: {
             impl: layer_seconds(config, impl, batch, block, precision, device) for impl in IMPLEMENTATIONS},
             needs=IMPLEMENTATIONS)
     except Exception as e:  # a config this probe can't shrink to one layer, a model without SDPA: their default
         return None, f"transformers' default (one layer could not be timed: {type(e).__name__})"
     best, other = sorted(IMPLEMENTATIONS, key=lambda impl: times[impl])
     return best, f"{best} attention, {times[best] * 1e3:.0f} ms per layer against {times[other] * 1e3:.0f} ({other})"
+
+
+def attention_key(device: torch.device, precision: str, config, batch: int, block: int) -> str:
+    """What choose_attention's timings depend on, readably: the machine, torch, precision, model shape, batch."""
+    heads = getattr(config, "num_attention_heads", "?")
+    return ", ".join([device_name(device), f"{torch.get_num_threads()} threads", f"torch {torch.__version__}",
+                      precision, config.model_type, f"{batch}x{block}",
+                      f"{config.hidden_size} wide, {heads} heads, {getattr(config, 'intermediate_size', '?')} inner"])
+
+
+def planned_attention(device: torch.device, precision: str, config, batch: int, block: int,
+                      cache_dir: Path | str | None) -> str | None:
+    """The attention choose_attention will pick, without timing anything: its kept choice, else, where it would
+    time the two, eager (which keeps the attention probabilities for backward: the more memory of the two)."""
+    if device.type != "cpu" or precision == "fp32":
+        return None
+    times = recalled(cache_dir, ATTENTION_CACHE, attention_key(device, precision, config, batch, block))
+    return min(IMPLEMENTATIONS, key=times.get) if all(impl in times for impl in IMPLEMENTATIONS) else "eager"
 
 
 def layer_seconds(config, implementation: str, batch: int, block: int, precision: str, device: torch.device,

@@ -104,8 +104,8 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def max_positions(config, tokenizer) -> int | None:
-    """The longest block the model accepts: its position table, capped by the tokenizer's limit."""
-    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    """The longest block the model accepts: its position table, capped by the tokenizer's limit (if given)."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     limits = [n for n in limits if isinstance(n, int) and 0 < n < 1_000_000]
     return min(limits) if limits else None
 

@@ -6,6 +6,7 @@ train() calls the stages in reading order. `Run` holds what setup builds once; `
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lm import adapters, checkpoint, data, distributed, documents
+from lm import adapters, checkpoint, data, distributed, documents, memory
 from lm.checkpoint import Progress, Window
 from lm.config import LORA_LR_FACTOR, Config, find_objective, is_adapter_dir
 from lm.embedded import cache_root
@@ -80,6 +81,7 @@ class Run:
     eval_seconds: dict = field(default_factory=dict)  # step -> how long that evaluation took
     cannot_compile: str | None = None  # why torch.compile can't run here, if it can't
     compiling: Compiling | None = None  # whether and since when training steps run compiled
+    plan: memory.Plan | None = None  # the peak memory planned per process (None: a model given as an object)
 
     def say(self, *args, **kwargs) -> None:
         """print on rank 0 only."""
@@ -162,10 +164,25 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
         documents.check_architecture(run.model_config)
     if cfg.lora_targets:
         adapters.check_targets(run.model_config, objective.model_class, cfg)
+    if model is None:  # (a model given as an object is in memory already)
+        run.plan = distributed.run_on_main(world, lambda: plan_memory(run))
     run.say(f"device {device}" + (f" x {world.size} processes" if world.distributed else "")
             + f", precision {precision} ({precision_why}), compile {'off' if cfg.eval_only else cfg.compile}"
             + (f" (decided after {COMPILE_AFTER} steps)" if cfg.compile == "auto" and not cfg.eval_only else ""))
+    if run.plan is not None:
+        run.say(run.plan.line() + ("" if run.plan.fits else
+                                   ": it would not fit; started anyway (--ignore-memory-plan)"))
     return run, changes
+
+
+def plan_memory(run: Run) -> memory.Plan | None:
+    """The run's memory plan from the model's config alone (lm.memory); a UsageError where it won't fit."""
+    cfg = run.cfg
+    if run.adapter_dir:  # plan with the adapter's rank
+        rank = json.loads((Path(run.adapter_dir) / adapters.ADAPTER_CONFIG).read_text()).get("r", 8)
+        cfg = dataclasses.replace(cfg, lora_rank=rank)
+    return memory.plan_run(cfg, run.model_config, run.objective.model_class, run.model_path[0], run.precision,
+                           run.device, run.world.size, cache_root(cfg.cache_dir))
 
 
 def prepare_data(run: Run, tokenizer) -> tuple:
@@ -436,6 +453,7 @@ def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window)
     run.writer.add_scalar("train/grad_norm", grad_norm, step)
     run.writer.add_scalar("train/tokens_per_sec", window.inputs / window.seconds, step)
     run.writer.add_scalar("train/mfu", model_flops_utilization(run, window.flops, window.seconds), step)
+    run.writer.add_scalar("train/peak_memory_gib", memory.peak_memory(run.device) / memory.GIB, step)
     for name, value in window.logs.items():
         run.writer.add_scalar(f"train/{name}", window.per_token(value), step)
 
@@ -494,7 +512,10 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
                        tokens_per_second=progress.train_tokens / seconds,
                        mfu=model_flops_utilization(run, progress.train_flops, progress.train_seconds))
         save_model(run)
+    peaks = distributed.gather_to_main(run.world, memory.peak_memory(run.device))  # the highest of any process
     if run.world.main:
+        metrics.update(peak_memory_gib=max(peaks) / memory.GIB,
+                       planned_memory_gib=run.plan.total / memory.GIB if run.plan else None)
         run.out.mkdir(parents=True, exist_ok=True)
         write_json(run.out / "metrics.json", metrics)
         write_trainer_results(run.out, *trainer_results(run, progress, eval_loader, n_train))
