@@ -283,7 +283,7 @@ def read_state(path: Path) -> dict:
 # - the global batch, --batch-size x processes x --grad-accum-steps, must stay; its factors may change;
 # - not compared: what this invocation does rather than how the run trains;
 # - every other option may change and applies from the resumed step on; `check_resumable` lists them.
-RESUME_FIXED = ("task", "model", "tokenizer", "dataset", "dataset_config", "train_file", "validation_file", "text_column",
+RESUME_FIXED = ("task", "model", "tokenizer", "model_type", "config_name", "config_overrides", "dataset", "dataset_config", "train_file", "validation_file", "text_column",
                 "validation_split_percentage", "block_size", "line_by_line", "document_boundaries", "mlm_prob",
                 "max_train_samples", "eval_stride", "seed", "data_seed", "fsdp", "lora_rank", "lora_alpha",
                 "lora_dropout", "lora_targets")

@@ -44,7 +44,17 @@ class Config:
         None, "model directory or Hub name; default: the embedded model of the task "
         "(clm: smollm2-135m-instruct, mlm: all-minilm-l6-v2)")
     tokenizer: Optional[str] = option(
-        None, "tokenizer directory or Hub name; default: the tokenizer saved with --model")
+        None, "tokenizer directory, Hub name or embedded default; default: the tokenizer saved with --model (or "
+        "--config-name)")
+    model_type: Optional[str] = option(
+        None, "train from scratch: a transformers model type (e.g. llama, gpt2, bert) with its default configuration "
+        "and fresh weights; needs --tokenizer")
+    config_name: Optional[str] = option(
+        None, "train from scratch: the configuration of a model directory, Hub name or embedded default "
+        "(smollm2-135m-instruct, all-minilm-l6-v2), with fresh weights")
+    config_overrides: Optional[str] = option(
+        None, "with --model-type or --config-name: KEY=VALUE,... settings of the configuration (e.g. "
+        "num_hidden_layers=4,hidden_size=256), each value of the type of the field it sets")
     dataset: Optional[str] = option(
         None, f"Hub dataset name (e.g. wikitext); default: the embedded corpus '{EMBEDDED_CORPUS}' "
         "unless --train-file is given")
@@ -209,6 +219,7 @@ class Config:
              "already")
         need(not (self.prepare_only and self.line_by_line),
              "--prepare-only caches concatenated blocks; --line-by-line examples are not cached")
+        self._check_scratch(need)
         need(not (self.dataset and self.train_file), "give either --dataset or --train-file, not both")
         need(not (self.validation_file and not self.train_file), "--validation-file needs --train-file")
         need(not (self.dataset_config and not self.dataset), "--dataset-config needs --dataset")
@@ -219,6 +230,28 @@ class Config:
         if objective.check:
             objective.check(self)
         return self
+
+    def _check_scratch(self, need) -> None:
+        """The settings of a model from scratch (--model-type, --config-name, --config-overrides)."""
+        need(self.config_overrides is None or self.from_scratch, "--config-overrides sets the configuration of a "
+             "model from scratch: give --model-type or --config-name too")
+        if not self.from_scratch:
+            return
+        scratch = "--model-type" if self.model_type else "--config-name"
+        need(not (self.model_type and self.config_name), "--model-type and --config-name both name the configuration "
+             "of a model from scratch: give one")
+        need(not self.model, f"--model loads trained weights, {scratch} starts from fresh ones: give one")
+        split_overrides(self.config_overrides or "")  # its syntax; the values are typed once the configuration loads
+        need(not (self.model_type and not self.tokenizer), f"--model-type {self.model_type} brings no tokenizer: "
+             "name one with --tokenizer (a directory, a Hub name, or smollm2-135m-instruct)")
+        need(not self.lora_rank, f"{scratch} starts from fresh weights, and LoRA adapts a trained model: train every "
+             "weight (drop --lora-rank)")
+        need(not self.eval_only, f"{scratch} starts from fresh weights, and --eval-only evaluates a trained --model")
+
+    @property
+    def from_scratch(self) -> bool:
+        """Whether the run builds its model from a configuration, with fresh weights."""
+        return bool(self.model_type or self.config_name)
 
     @property
     def data_source(self) -> str:
@@ -237,6 +270,18 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def split_overrides(text: str) -> dict[str, str]:
+    """--config-overrides' KEY=VALUE,... as {KEY: VALUE} (the values typed later, by the configuration's fields)."""
+    overrides = {}
+    for item in text.split(",") if text else []:
+        key, equals, value = item.partition("=")
+        if not (equals and key.strip().isidentifier() and value.strip()):
+            raise UsageError(f"--config-overrides {text}: {item!r} is not KEY=VALUE (e.g. "
+                             "num_hidden_layers=4,hidden_size=256)")
+        overrides[key.strip()] = value.strip()
+    return overrides
 
 
 def is_adapter_dir(path) -> bool:
@@ -261,6 +306,9 @@ def flag(name: str) -> str:
 HF_ALIASES = {
     "model_name_or_path": "model",
     "tokenizer_name": "tokenizer",
+    "model_type": "model_type",
+    "config_name": "config_name",
+    "config_overrides": "config_overrides",
     "dataset_name": "dataset",
     "dataset_config_name": "dataset_config",
     "train_file": "train_file",
@@ -444,8 +492,6 @@ HF_IGNORED = {
 }
 # Their options we don't implement, and what to do instead.
 HF_REFUSED = {
-    "config_name": "train from a saved model directory with --model DIR",
-    "model_type": "train from a saved model directory with --model DIR",
     "use_slow_tokenizer": "lm uses the tokenizer as saved: save the one you want and pass --tokenizer DIR",
     "trust_remote_code": "lm loads only architectures that transformers implements",
     "overwrite_cache": "the token cache is keyed by the tokenizer and the data, so it is never stale; "

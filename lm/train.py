@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lm import adapters, checkpoint, data, distributed, documents
 from lm.checkpoint import Progress, Window
-from lm.config import LORA_LR_FACTOR, Config, find_objective, is_adapter_dir
+from lm.config import LORA_LR_FACTOR, Config, find_objective, is_adapter_dir, split_overrides
 from lm.embedded import cache_root
 from lm.data import IGNORE, StepSampler
 from lm.errors import UsageError
@@ -36,8 +36,9 @@ from lm.compiling import (COMPILE_AFTER, COMPILE_ERRORS, COMPILE_SETTLE, COMPILE
                           compile_key, compile_pays, compile_probe, record_compile)
 from lm.hardware import (FlopCounts, autocast, choose_attention, choose_precision, configure, flop_counts, native_bf16,
                          probe_shapes, resolve_device, resolve_peak_flops, step_flops)
-from lm.modeling import (check_model_class, check_vocabulary, holds_tokenizer, load_config, load_model, load_tokenizer,
-                         max_positions, resolve_block_size, resolve_model, resolve_tokenizer)
+from lm.modeling import (check_model_class, check_vocabulary, fit_vocabulary, holds_tokenizer, load_config, load_model,
+                         load_tokenizer, max_positions, new_model, resolve_block_size, resolve_model, resolve_tokenizer,
+                         scratch_config)
 from lm.losses import POSITION_BUCKET, loss_and_logs
 from lm.objectives import Objective
 from lm.evaluation import evaluate, perplexity
@@ -59,7 +60,7 @@ class Run:
     model_name: str
     resume: Path | None = None
     sources: tuple = ()  # (train, validation) texts, checked
-    model_path: tuple | None = None  # (path or Hub name, from_pretrained kwargs) when cfg.model is loaded
+    model_path: tuple | None = None  # (path or Hub name, from_pretrained kwargs) of the model loaded, if one is
     adapter_dir: str | None = None  # --model names a LoRA adapter: its directory (model_path is its base)
     tokenizer_path: tuple | None = None  # the same for the tokenizer: --tokenizer, else the model's own
     loss: object = None  # (model) -> loss module: the objective's, or train()'s `loss` argument
@@ -133,6 +134,8 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     if model is not None and tokenizer is None and cfg.model is None:
         raise UsageError("train(model=...) needs tokenizer=... as well, or cfg.model naming the directory "
                          "that holds the model's tokenizer")
+    if model is not None and cfg.from_scratch:
+        raise UsageError("train(model=...) trains the model given: drop --model-type and --config-name")
     device = resolve_device(cfg.device)
     precision, precision_why = choose_precision(cfg.precision, device.type, native_bf16(device))
     # --eval-only evaluates eagerly (Run.stance): nothing would be compiled
@@ -145,7 +148,8 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     # ranks (their clocks may tick over a second apart)
     default_out = checkpoint.run_dir(cfg.resume_from) or f"runs/{objective.name}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(distributed.broadcast_from_main(world, cfg.output_dir or default_out))
-    model_name = cfg.model or ("custom" if model is not None else objective.embedded_model)
+    model_name = cfg.model or ("custom" if model is not None else scratch_name(cfg) if cfg.from_scratch
+                               else objective.embedded_model)
     run = Run(cfg, objective, world, device, precision, out, model_name, cannot_compile=cannot_compile)
     if cfg.lr_scheduler == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
         run.say("warning: --lr-scheduler constant has no warmup, as in transformers; "
@@ -157,18 +161,7 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     check_output_dir(out, cfg, run.resume)
     changes = checkpoint.check_resumable(run.resume, cfg, model_name, world.size) if run.resume else []
     run.sources = load_sources(cfg)  # checks the files before anything slow (e.g. converting the default model)
-    run.adapter_dir = cfg.model if is_adapter_dir(cfg.model) else None
-    if model is None or tokenizer is None:
-        base = adapters.adapter_base(run.adapter_dir) if run.adapter_dir else cfg.model
-        run.model_path = resolve_model(base, objective.embedded_model, cfg.cache_dir, run.say)
-    if tokenizer is None:
-        own = (run.adapter_dir, {}) if run.adapter_dir and holds_tokenizer(run.adapter_dir) else run.model_path
-        run.tokenizer_path = resolve_tokenizer(cfg.tokenizer, own, model_name, cfg.cache_dir, run.say)
-    if model is None:
-        run.model_config = load_config(*run.model_path)
-        check_model_class(run.model_config, objective.model_class, model_name, objective.embedded_model)
-    else:
-        run.model_config = model.config
+    locate_model(run, model, tokenizer)
     if cfg.document_boundaries:
         documents.check_architecture(run.model_config)
     if cfg.lora_targets:
@@ -179,12 +172,39 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     return run, changes
 
 
+def locate_model(run: Run, model, tokenizer) -> None:
+    """Where the model and the tokenizer come from (a model directory, an adapter's, a configuration from scratch),
+    and the model's configuration, checked against the task."""
+    cfg, objective = run.cfg, run.objective
+    run.adapter_dir = cfg.model if is_adapter_dir(cfg.model) else None
+    owner = f"--model {run.model_name}"  # the option that names the model (and its tokenizer), for messages
+    if cfg.from_scratch:  # a configuration, and the tokenizer saved beside it if there is one
+        owner = f"--model-type {cfg.model_type}" if cfg.model_type else f"--config-name {cfg.config_name}"
+        own = resolve_model(cfg.config_name, None, cfg.cache_dir, run.say, "--config-name") if cfg.config_name else None
+        run.model_config = scratch_config(cfg.model_type, own, split_overrides(cfg.config_overrides))
+    elif model is None or tokenizer is None:
+        base = adapters.adapter_base(run.adapter_dir) if run.adapter_dir else cfg.model
+        run.model_path = own = resolve_model(base, objective.embedded_model, cfg.cache_dir, run.say)
+        if run.adapter_dir and holds_tokenizer(run.adapter_dir):
+            own = (run.adapter_dir, {})
+    if tokenizer is None:
+        run.tokenizer_path = resolve_tokenizer(cfg.tokenizer, own, owner, cfg.cache_dir, run.say)
+    if model is not None:
+        run.model_config = model.config
+    else:
+        if not cfg.from_scratch:
+            run.model_config = load_config(*run.model_path)
+        check_model_class(run.model_config, objective.model_class, owner, objective.embedded_model)
+
+
 def prepare_data(run: Run, tokenizer) -> tuple:
     """The tokenizer and the (train, validation) examples: rank 0 tokenizes, the other ranks read its result."""
     cfg, world = run.cfg, run.world
     run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.tokenizer_path)
     if run.objective.check_tokenizer:
         run.objective.check_tokenizer(run.tokenizer)
+    if cfg.from_scratch:
+        fit_vocabulary(run.model_config, run.tokenizer, split_overrides(cfg.config_overrides))
     check_vocabulary(run.tokenizer, run.model_config, run.tokenizer_path[0] if run.tokenizer_path else "given",
                      run.model_name)
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
@@ -204,7 +224,10 @@ def build_model(run: Run, model) -> None:
         seed_everything(cfg.seed)  # fresh parameters (e.g. a new head) from the seed, whatever ran before
         # under LoRA the base is frozen: in bf16 it needs no fp32 copy
         dtype = torch.bfloat16 if adapted(cfg) and run.precision == "bf16" else torch.float32
-        model, fresh = load_model(*run.model_path, run.objective.model_class, attention, dtype)
+        if cfg.from_scratch:
+            model = new_model(run.model_config, run.objective.model_class, attention)
+        else:
+            model, fresh = load_model(*run.model_path, run.objective.model_class, attention, dtype)
     if run.objective.adapt:
         run.objective.adapt(model, run.tokenizer)
     if cfg.document_boundaries:
@@ -571,6 +594,12 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
         run.say(f"perplexity: {metrics['perplexity_before']:.3f} -> {metrics['perplexity']:.3f}"
                 + f" (MFU {metrics['mfu']:.1%})")
     return metrics
+
+
+def scratch_name(cfg: Config) -> str:
+    """How a model from scratch is named in metrics and checkpoints: its configuration and overrides."""
+    return (f"{cfg.model_type or cfg.config_name} from scratch"
+            + (f" ({cfg.config_overrides})" if cfg.config_overrides else ""))
 
 
 def adapted(cfg: Config) -> bool:

@@ -82,6 +82,12 @@ CASES = [
      "ValueError: The hidden size (64) is not a multiple of the number of attention heads (5).)"),
     ("causal-block-of-one-token", "clm", BASE + " --block-size 1", "--block-size 1 leaves a causal LM nothing to "
      "predict; use 2 or more"),
+    # a model from scratch: its configuration checked before anything is tokenized
+    ("model-type-the-task-cannot-load", "mlm", "--model-type gpt2 --tokenizer {mlm} --train-file {corpus} "
+     "--cache-dir {out}/cache --output-dir {out}", "--model-type gpt2 is a gpt2 model, which AutoModelForMaskedLM "
+     "cannot load"),
+    ("config-override-of-no-field", "clm", "--config-name {clm} --config-overrides n_layers=1 --train-file {corpus} "
+     "--cache-dir {out}/cache --output-dir {out}", "--config-overrides n_layers=1: GPT2Config has no field 'n_layers'"),
     # LoRA's settings
     ("lora-alpha-without-rank", "clm", BASE + " --lora-alpha 32", "--lora-alpha is a setting of LoRA adapters: give "
      "--lora-rank R too"),

@@ -181,7 +181,7 @@ def test_what_lm_cant_follow_ends_in_one_error_line(argv, message, tmp_path, cap
 
 
 def test_examples_of_advice():
-    for hf, words in [("config_name", "--model DIR"), ("use_slow_tokenizer", "--tokenizer DIR"),
+    for hf, words in [("logging_dir", "OUTPUT_DIR/logs"), ("use_slow_tokenizer", "--tokenizer DIR"),
                       ("push_to_hub", "huggingface-cli upload"), ("deepspeed", "--fsdp")]:
         with pytest.raises(UsageError, match=words):
             parse_args("mlm", [f"--{hf}"])

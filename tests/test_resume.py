@@ -205,7 +205,8 @@ def test_progress_loads_from_a_checkpoint_written_before_its_newer_fields():
 # A valid value other than the base's, for every option: a new option without one fails the walk below,
 # so whoever adds it decides how a resumed run treats it.
 OTHER_VALUE = dict(
-    task="mlm", model="other-model", tokenizer="other-tokenizer", dataset="wikitext", dataset_config="wikitext-2-raw-v1", train_file="other.txt",
+    task="mlm", model="other-model", tokenizer="other-tokenizer", model_type="llama", config_name="other-config",
+    config_overrides="num_hidden_layers=2", dataset="wikitext", dataset_config="wikitext-2-raw-v1", train_file="other.txt",
     validation_file="other-valid.txt", text_column="body", validation_split_percentage=10.0, block_size=64,
     line_by_line=True, document_boundaries=True, mlm_prob=0.2, eval_stride=8, max_train_samples=4,
     max_eval_samples=3, lr=5e-4, head_lr=1e-2,
