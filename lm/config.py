@@ -15,6 +15,7 @@ from lm.errors import UsageError
 EMBEDDED_CORPUS = "python-docs"
 LORA_LR_FACTOR = 10  # LoRA learns its update from zero: ~10x full fine-tuning's step (LoRA's paper, torchtune, litgpt)
 # transformers' learning-rate schedules (get_scheduler's names) that need no setting beyond warmup; lm.optim.lr_factor
+OPTIMIZERS = ("adamw", "muon", "sgd")  # lm.optim.build_optimizer
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
              "inverse_sqrt")
 
@@ -77,10 +78,15 @@ class Config:
         None, "use at most this many validation blocks (with --eval-stride: their tokens)")
 
     # --- optimisation ---
-    lr: float = option(2e-5, f"peak learning rate of AdamW; with LoRA adapters {LORA_LR_FACTOR}x the task's default")
+    optimizer: str = option(
+        "adamw", "adamw: torch's AdamW; muon: torch's Muon on the 2-D weights inside transformer layers, AdamW on the "
+        "rest (embeddings, head, norms, biases), one --lr for both; sgd: torch's SGD, momentum 0.9",
+        choices=OPTIMIZERS)
+    lr: float = option(2e-5, f"peak learning rate; with LoRA adapters {LORA_LR_FACTOR}x the task's default")
     head_lr: Optional[float] = option(
         None, "learning rate of parameters the checkpoint lacks (e.g. a fresh MLM head); default: --lr")
-    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norm weights)")
+    weight_decay: float = option(0.01, "weight decay (decoupled for AdamW and Muon, L2 for SGD; not applied to biases "
+                                 "and norm weights)")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_eps: float = option(1e-8, "AdamW epsilon")
@@ -435,8 +441,8 @@ def from_trainer(theirs: dict, ours: dict) -> dict:
     wanted.update(_evaluation(theirs, theirs.get("logging_steps", ours.get("log_every", HF_INTERVAL))))
     wanted.update(_saving(theirs))
     if theirs.get("optim", "adamw_torch") not in ADAMW_NAMES:
-        raise UsageError(f"--optim {theirs['optim']}: lm trains with AdamW only (torch.optim.AdamW, fp32 state): "
-                         "leave --optim out or give adamw_torch")
+        raise UsageError(f"--optim {theirs['optim']}: lm trains with torch's AdamW, Muon or SGD (--optimizer "
+                         f"{'|'.join(OPTIMIZERS)}), or one given to train(); leave --optim out or give adamw_torch")
     for name in [name for value in theirs.get("report_to", ()) for name in value.split(",")]:
         if name not in ("tensorboard", "all", "none"):  # lm writes TensorBoard logs even with none: they're local
             raise UsageError(f"--report_to {name}: lm logs to TensorBoard only (OUTPUT_DIR/logs); leave --report_to "
@@ -508,7 +514,8 @@ HF_REFUSED = {
                               "checkpoints/step-N each saved model",
     "metric_for_best_model": "lm keeps the last model; OUTPUT_DIR/logs holds every evaluation",
     "lr_scheduler_kwargs": "lm's schedules take transformers' default settings; choose one with --lr-scheduler",
-    "optim_args": "lm's AdamW takes --adam-beta1, --adam-beta2, --adam-eps and --weight-decay",
+    "optim_args": "lm's AdamW takes --adam-beta1, --adam-beta2, --adam-eps and --weight-decay; another optimizer "
+                  "plugs into train(optimizer=...)",
     "torch_compile_backend": "lm compiles with Inductor; --compile on|off|auto",
     "torch_compile_mode": "lm chooses the mode (reduce-overhead on CUDA); --compile on|off|auto",
     "bf16_full_eval": "evaluation runs at the training's --precision, over fp32 weights",

@@ -168,6 +168,16 @@ def load_model(path: str, extra: dict, model_class: str, attention: str | None =
     return model, fresh
 
 
+def transformer_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of the model's transformer layers, in order: the children of its outermost ModuleLists
+    (BERT's encoder.layer, GPT-2's h, Llama's layers)."""
+    layers, lists = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and not any(name.startswith(f"{outer}.") for outer in lists):
+            lists.append(name)
+            layers += [(f"{name}.{child}" if name else child, block) for child, block in module.named_children()]
+    return layers
+
 # ---------------------------------------------------------------- a model from scratch
 
 def scratch_config(model_type: str | None, config_path: tuple[str, dict] | None, overrides: dict[str, str]):
@@ -226,11 +236,14 @@ def format_overrides(overrides: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in overrides.items())
 
 
-def fit_vocabulary(config, tokenizer, overrides: dict[str, str]) -> None:
-    """Size a configuration from scratch to embed the tokenizer's vocabulary, all of it and no more, unless
-    --config-overrides set vocab_size."""
-    if "vocab_size" not in overrides:
-        config.vocab_size = len(tokenizer)
+def fit_to_tokenizer(config, tokenizer, overrides: dict[str, str]) -> None:
+    """Give a configuration from scratch the tokenizer's vocabulary, all of it and no more, and its special tokens
+    (bos, eos, pad), unless --config-overrides set them."""
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    for key, value in ids.items():
+        if key not in overrides and hasattr(config, key):
+            setattr(config, key, value)
 
 
 def new_model(config, model_class: str, attention: str | None = None) -> torch.nn.Module:

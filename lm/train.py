@@ -36,13 +36,14 @@ from lm.compiling import (COMPILE_AFTER, COMPILE_ERRORS, COMPILE_SETTLE, COMPILE
                           compile_key, compile_pays, compile_probe, record_compile)
 from lm.hardware import (FlopCounts, autocast, choose_attention, choose_precision, configure, flop_counts, native_bf16,
                          probe_shapes, resolve_device, resolve_peak_flops, step_flops)
-from lm.modeling import (check_model_class, check_vocabulary, fit_vocabulary, holds_tokenizer, load_config, load_model,
-                         load_tokenizer, max_positions, new_model, resolve_block_size, resolve_model, resolve_tokenizer,
-                         scratch_config)
+from lm.modeling import (check_model_class, check_vocabulary, fit_to_tokenizer, holds_tokenizer, load_config,
+                         load_model, load_tokenizer, max_positions, new_model, resolve_block_size, resolve_model,
+                         resolve_tokenizer, scratch_config)
 from lm.losses import POSITION_BUCKET, loss_and_logs
 from lm.objectives import Objective
 from lm.evaluation import evaluate, perplexity
-from lm.optim import build_optimizer, lr_factor, parameter_groups, schedule, schedule_change, set_lr
+from lm.optim import (build_optimizer, describe, lr_factor, parameter_groups, saved_groups, schedule, schedule_change,
+                      set_lr)
 from lm.output import check_output_dir, clear_run, summary_writer, write_json, write_trainer_results
 from lm.texts import load_sources
 
@@ -64,6 +65,7 @@ class Run:
     adapter_dir: str | None = None  # --model names a LoRA adapter: its directory (model_path is its base)
     tokenizer_path: tuple | None = None  # the same for the tokenizer: --tokenizer, else the model's own
     loss: object = None  # (model) -> loss module: the objective's, or train()'s `loss` argument
+    make_optimizer: object = None  # (param_groups, cfg) -> optimizer: build_optimizer, or train()'s `optimizer`
     tokenizer: object = None
     model_config: object = None  # checked against the task, read for the longest block the model takes
     block_size: int = 0
@@ -100,20 +102,24 @@ class Run:
             print(*args, **kwargs)
 
 
-def train(cfg: Config, *, objective: Objective | None = None, model=None, tokenizer=None, loss=None) -> dict:
+def train(cfg: Config, *, objective: Objective | None = None, model=None, tokenizer=None, loss=None,
+          optimizer=None) -> dict:
     """Fine-tune as `cfg` says and return the metrics also written to OUTPUT_DIR/metrics.json.
 
     `objective` defaults to the one cfg.task names. `model` and `tokenizer` replace what `cfg.model`
     names (either alone: the other comes from cfg.model). `loss` replaces the objective's loss module:
     (model) -> module whose forward(input_ids, attention_mask, labels) returns the summed loss over
-    labelled tokens. Under torchrun every process calls this; rank 0 alone writes and prints.
+    labelled tokens. `optimizer` replaces the one --optimizer names: (param_groups, cfg) -> optimizer, given the
+    groups of lm.optim.parameter_groups. Under torchrun every process calls this; rank 0 alone writes and prints.
     """
     cfg = cfg.validated()
     objective = objective or find_objective(cfg.task)
     if objective.name != cfg.task:
         raise UsageError(f"the config is for task {cfg.task!r}, the objective is {objective.name!r}")
+    if optimizer is not None and cfg.optimizer != Config.optimizer:
+        raise UsageError(f"train(optimizer=...) builds the optimizer: drop --optimizer {cfg.optimizer}")
     run, changes = setup(cfg, objective, model, tokenizer)
-    run.loss = loss or objective.loss
+    run.loss, run.make_optimizer = loss or objective.loss, optimizer or build_optimizer
     train_set, eval_set = prepare_data(run, tokenizer)
     if cfg.prepare_only:
         return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
@@ -204,7 +210,7 @@ def prepare_data(run: Run, tokenizer) -> tuple:
     if run.objective.check_tokenizer:
         run.objective.check_tokenizer(run.tokenizer)
     if cfg.from_scratch:
-        fit_vocabulary(run.model_config, run.tokenizer, split_overrides(cfg.config_overrides))
+        fit_to_tokenizer(run.model_config, run.tokenizer, split_overrides(cfg.config_overrides))
     check_vocabulary(run.tokenizer, run.model_config, run.tokenizer_path[0] if run.tokenizer_path else "given",
                      run.model_name)
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
@@ -249,8 +255,7 @@ def build_model(run: Run, model) -> None:
         run.trained = DistributedDataParallel(run.module, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         run.trained = run.module
-    groups = parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr)
-    run.optimizer = build_optimizer(groups, cfg, device, fused=not cfg.fsdp)
+    run.optimizer = run.make_optimizer(parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr), cfg)
     run.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
     run.parameters = n_params, n_trained = (sum(p.numel() for p in model.parameters()),
                                             sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -317,7 +322,7 @@ def start(run: Run, changes: list[str], train_set) -> Progress:
         state = checkpoint.read_state(run.resume)
         checkpoint.check_same_data(run.resume, state, run.train_data)
         snapshot = checkpoint.load(run.resume)
-        last_group = snapshot.optimizer.get("param_groups", [{}])[0]  # the learning rate of its last step
+        last_group = (saved_groups(snapshot.optimizer) or [{}])[0]  # the learning rate of its last step
         progress = checkpoint.restore(snapshot, run.model, run.optimizer, run.scaler, world, cfg.fsdp, run.say,
                                       partial=run.adapted is not None)
         run.say(f"resuming from {run.resume} at step {progress.step}")
@@ -546,7 +551,7 @@ def evaluate_at(run: Run, loader: DataLoader, step: int, stop=None) -> float:
 def save_checkpoint(run: Run, progress: Progress) -> Path | None:
     """Write a checkpoint of the run as it stands (rank 0 writes; every rank takes part in the gathering)."""
     info = {"task": run.cfg.task, "model": run.model_name, "world_size": run.world.size, "config": run.cfg.to_dict(),
-            "train_data": run.train_data}
+            "train_data": run.train_data, "optimizer": describe(run.optimizer)}
     snapshot = checkpoint.capture(progress, info, run.model, run.optimizer, run.scaler, run.world, run.cfg.fsdp,
                                   partial=run.adapted is not None)
     # rank 0 writes while the others wait: a failed write is the same one-line error on every rank

@@ -129,6 +129,33 @@ def test_fsdp_checkpoint_resumes(no_dropout_models, corpus, tmp_path):
         torch.testing.assert_close(again[name], final[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_muon_on_two_processes_and_under_fsdp_trains_like_one_process_and_resumes(no_dropout_models, corpus,
+                                                                                  tmp_path):
+    # torch's Muon orthogonalises in bf16: fp32 sums added up in another order on 2 processes (DDP's all-reduce,
+    # FSDP's sharded matmuls on DTensors) move its updates by up to ~10% of one step, so weights agree to 5e-4
+    model, muon = no_dropout_models["clm"], ["--optimizer", "muon"]
+    one_process("clm", model, corpus, tmp_path / "one", *muon)
+    finish(torchrun("--standalone", "--nproc_per_node", "2",
+                    script_args=[*args("clm", model, corpus, tmp_path / "ddp", 2), *muon]))
+    fsdp = [*args("clm", model, corpus, tmp_path / "fsdp", 2), *muon, "--fsdp", "--save-every", "3"]
+    finish(torchrun("--standalone", "--nproc_per_node", "2", script_args=fsdp))
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    for run in ("ddp", "fsdp"):
+        for (_, x), (_, y) in zip(scalars(tmp_path / "one", "train/loss"), scalars(tmp_path / run, "train/loss"),
+                                  strict=True):
+            assert y == pytest.approx(x, rel=1e-5)
+        two = AutoModelForCausalLM.from_pretrained(tmp_path / run).state_dict()
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-4, msg=name)
+    # Muon's and AdamW's state gathered into the checkpoint and scattered back: the same 3 last steps
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").state_dict()
+    finish(torchrun("--standalone", "--nproc_per_node", "2",
+                    script_args=[*fsdp, "--resume-from", tmp_path / "fsdp" / "checkpoints" / "step-3"]))
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").state_dict()
+    for name in final:
+        torch.testing.assert_close(again[name], final[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_fsdp_needs_torchrun(no_dropout_models, corpus, tmp_path):
     r = subprocess.run([sys.executable, *map(str, args("clm", no_dropout_models["clm"], corpus, tmp_path / "x", 4)),
                         "--fsdp"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
