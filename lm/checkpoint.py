@@ -29,6 +29,7 @@ import torch
 from lm import distributed
 from lm.errors import UsageError
 from lm.optim import describe
+from lm.spikes import Spikes
 
 DIRNAME = "checkpoints"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -83,6 +84,7 @@ class Progress:
     train_loss_sum: float = 0.0
     train_loss_steps: int = 0
     window: Window = field(default_factory=Window)  # since the last log line
+    spikes: Spikes = field(default_factory=Spikes)  # --skip-spikes: the recent steps a step is judged against
 
     def record(self, loss_sum: float, tokens: int, inputs: int, examples: int, seconds: float, flops: float,
                logs: dict) -> None:
@@ -100,6 +102,10 @@ class Progress:
         for name, value in logs.items():
             w.logs[name] = w.logs.get(name, 0.0) + value
 
+    def skip(self, examples: int) -> None:
+        """Count a step that was not applied (--skip-spikes): its examples are used up, nothing else changes."""
+        self.examples_done += examples
+
     def take_window(self) -> Window:
         """The window so far; the next one starts empty."""
         window, self.window = self.window, Window()
@@ -109,7 +115,7 @@ class Progress:
     def from_dict(cls, state: dict) -> "Progress":
         """The inverse of dataclasses.asdict, from a checkpoint's state.json (an older one lacks newer fields)."""
         fields = {f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state}
-        return cls(**{**fields, "window": Window(**fields["window"])})
+        return cls(**{**fields, "window": Window(**fields["window"]), "spikes": Spikes(**fields.get("spikes", {}))})
 
 
 @dataclass

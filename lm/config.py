@@ -144,6 +144,19 @@ class Config:
         "(1 <= N <= block size), each token scored once with the context its window gives (N = block size: the "
         "blocks); default: disjoint blocks")
     log_every: int = option(10, "log training loss every N optimizer steps")
+    log_layers: bool = option(
+        False, "also log, every --log-every steps, the gradient norm, weight norm and update/weight ratio of the "
+        "embeddings, each transformer layer and the head (TensorBoard: grad_norm/, weight_norm/, update_ratio/)")
+    skip_spikes: Optional[float] = option(
+        None, "don't apply a step whose loss or gradient norm is more than Z standard deviations above the mean of "
+        "the last 100 applied steps (judged from the 11th on): weights, optimizer state and schedule go on as if it "
+        "never ran; each is logged with its z-scores and counted in metrics.json (skipped_steps)")
+    sample_every: Optional[int] = option(
+        None, "clm only: every N optimizer steps, greedy-decode 32 tokens after each prompt, to the log and "
+        "TensorBoard's text tab")
+    sample_prompts: Optional[str] = option(
+        None, "prompts for --sample-every: a .txt file (one per line) or .csv/.json/.jsonl (--text-column); "
+        "default: the first 16 tokens of the first 3 validation texts")
     output_dir: Optional[str] = option(None, "where the run is written; default runs/<task>-<timestamp>")
     overwrite_output_dir: bool = option(
         False, "replace the run an --output-dir holds: delete its checkpoints, TensorBoard logs and metrics")
@@ -183,10 +196,10 @@ class Config:
         need(0 < self.mlm_prob < 1, f"--mlm-prob must be between 0 and 1 (exclusive), got {self.mlm_prob}")
         for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "max_train_steps", "log_every", "ddp_timeout",
                      "eval_every", "save_total_limit", "max_train_samples", "max_eval_samples",
-                     "preprocessing_workers", "eval_stride"):
+                     "preprocessing_workers", "eval_stride", "sample_every"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{flag(name)} must be a positive integer, got {value}")
-        for name in ("lr", "head_lr", "epochs", "adam_eps"):
+        for name in ("lr", "head_lr", "epochs", "adam_eps", "skip_spikes"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{flag(name)} must be positive, got {value}")
         need(self.peak_flops == "auto" or (type(self.peak_flops) is float and self.peak_flops > 0),
@@ -226,6 +239,12 @@ class Config:
         need(not (self.prepare_only and self.line_by_line),
              "--prepare-only caches concatenated blocks; --line-by-line examples are not cached")
         self._check_scratch(need)
+        need(not (self.skip_spikes and self.precision == "fp16"), "--skip-spikes with --precision fp16: fp16's "
+             "gradient scaler skips the steps that overflow itself, and would count a skipped step as one that "
+             "didn't; use bf16 or fp32")
+        need(not (self.sample_prompts and not self.sample_every), "--sample-prompts are for --sample-every N: give it too")
+        need(not (self.sample_every and self.fsdp), "--sample-every decodes with the whole model on one process, "
+             "and --fsdp shards it over all of them: sample from the saved model instead")
         need(not (self.dataset and self.train_file), "give either --dataset or --train-file, not both")
         need(not (self.validation_file and not self.train_file), "--validation-file needs --train-file")
         need(not (self.dataset_config and not self.dataset), "--dataset-config needs --dataset")

@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lm import adapters, checkpoint, data, distributed, documents
+from lm import adapters, checkpoint, data, distributed, documents, layer_stats, samples, spikes
 from lm.checkpoint import Progress, Window
 from lm.config import LORA_LR_FACTOR, Config, find_objective, is_adapter_dir, split_overrides
 from lm.embedded import cache_root
@@ -45,7 +45,7 @@ from lm.evaluation import evaluate, perplexity
 from lm.optim import (build_optimizer, describe, lr_factor, parameter_groups, saved_groups, schedule, schedule_change,
                       set_lr)
 from lm.output import check_output_dir, clear_run, summary_writer, write_json, write_trainer_results
-from lm.texts import load_sources
+from lm.texts import first_texts, load_sources, read_texts
 
 
 @dataclass
@@ -76,6 +76,8 @@ class Run:
     optimizer: torch.optim.Optimizer = None
     scaler: torch.amp.GradScaler | None = None
     parameters: tuple[int, int] = (0, 0)  # the model's, and of those the ones that train
+    parts: layer_stats.Parts | None = None  # --log-layers: the parts of the model whose statistics are logged
+    prompts: list = field(default_factory=list)  # --sample-every: the texts decoded from
     flop_counts: FlopCounts | None = None  # what a step's FLOPs depend on, for MFU
     peak_flops: float = 0.0  # FLOP/s of one device at this precision: the GPU table, measured, or --peak-flops
     eval_world: distributed.World = distributed.World()  # who shares the evaluation
@@ -167,6 +169,9 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     check_output_dir(out, cfg, run.resume)
     changes = checkpoint.check_resumable(run.resume, cfg, model_name, world.size) if run.resume else []
     run.sources = load_sources(cfg)  # checks the files before anything slow (e.g. converting the default model)
+    if cfg.sample_every:
+        run.prompts = ([t.rstrip("\n") for t in read_texts(cfg.sample_prompts, cfg.text_column) if t.strip()]
+                       if cfg.sample_prompts else first_texts(run.sources[1], samples.PROMPTS))
     locate_model(run, model, tokenizer)
     if cfg.document_boundaries:
         documents.check_architecture(run.model_config)
@@ -257,6 +262,7 @@ def build_model(run: Run, model) -> None:
         run.trained = run.module
     run.optimizer = run.make_optimizer(parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr), cfg)
     run.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
+    run.parts = layer_stats.model_parts(model) if cfg.log_layers else None
     run.parameters = n_params, n_trained = (sum(p.numel() for p in model.parameters()),
                                             sum(p.numel() for p in model.parameters() if p.requires_grad))
     run.flop_counts = flop_counts(model)
@@ -362,7 +368,10 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
             run.trained.train()
             while progress.step < run.total_steps:  # one epoch, or what is left of it, per pass
                 for micro in epoch_batches(run, train_set, collate, sampler, progress.epoch, progress.examples_done):
+                    done = progress.step
                     loss_sum, tokens = step_or_eager(run, progress, micro)
+                    if progress.step == done:
+                        continue  # a spike, not applied (--skip-spikes): no step to count, evaluate or save
                     if cfg.compile == "auto" and len(run.step_seconds) == COMPILE_AFTER:
                         decide_compile(run, progress)
                     if run.compiled_at is not None and len(run.step_seconds) == (run.compiled_at + COMPILE_SETTLE
@@ -374,6 +383,8 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
                         evaluate_at(run, eval_loader, progress.step, stop)
                     if cfg.save_steps and progress.step % cfg.save_steps == 0:
                         save_checkpoint(run, progress)
+                    if cfg.sample_every and progress.step % cfg.sample_every == 0:
+                        write_samples(run, progress.step)
                     if stop():
                         raise checkpoint.Stopped
                     if progress.step == run.total_steps:
@@ -422,6 +433,7 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     """One optimizer step over this rank's micro-batches; records it in `progress`; (summed loss, tokens) of all ranks."""
     cfg, world, device, optimizer = run.cfg, run.world, run.device, run.optimizer
     started = time.perf_counter()
+    log_now = (progress.step + 1) % cfg.log_every == 0 or progress.step + 1 == run.total_steps
     lr = set_lr(optimizer, lr_factor(progress.step, run.total_steps, run.warmup_steps, cfg.lr_scheduler, cfg.lr))
     # Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks,
     # so every token weighs the same however the step is split into micro-batches and processes
@@ -445,15 +457,20 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
         for name, value in extra.items():
             logs[name] = logs.get(name, 0.0) + value.detach()
     step_loss, *sums = distributed.all_sum(world, step_loss.item(), *(float(v) for v in logs.values()), device=device)
-    if not math.isfinite(step_loss):
+    if not math.isfinite(step_loss) and not cfg.skip_spikes:  # --skip-spikes skips it as a spike
         last = checkpoint.latest(run.out)
         raise UsageError(f"the training loss became {step_loss} at step {progress.step + 1}; "
                          + (f"the last good checkpoint is {last}; " if last else "")
                          + "try a lower --lr or --precision fp32")
     if run.scaler:
         run.scaler.unscale_(optimizer)
+    before = layer_stats.before_step(run.parts) if run.parts and log_now else None
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+    if cfg.skip_spikes and (spike := progress.spikes.judge(step_loss / max(n_tokens, 1), float(grad_norm),
+                                                           cfg.skip_spikes)):
+        skip_step(run, progress, spike, int(examples))
+        return step_loss, n_tokens
     if run.scaler:
         run.scaler.step(optimizer)
         run.scaler.update()
@@ -464,9 +481,30 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     run.step_seconds.append(time.perf_counter() - started)
     progress.record(step_loss, int(n_tokens), int(n_inputs), int(examples), run.step_seconds[-1], flops,
                     dict(zip(logs, sums)))
-    if progress.step % cfg.log_every == 0 or progress.step == run.total_steps:
+    if log_now:
         log_window(run, progress.step, lr, float(grad_norm), progress.take_window())
+    if before is not None:
+        log_layers(run, progress.step, layer_stats.after_step(run.parts, before, sharded=cfg.fsdp))
     return step_loss, n_tokens
+
+
+def skip_step(run: Run, progress: Progress, scores: dict[str, float], examples: int) -> None:
+    """--skip-spikes: a step not applied. Its gradients are dropped and its examples used up; the weights, the
+    optimizer and the schedule stay where they were. Its z-scores are logged at the step it would have been;
+    spikes.MAX_IN_A_ROW of them in a row end the run."""
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.skip(examples)
+    step = progress.step + 1
+    for name, z in scores.items():
+        run.writer.add_scalar(f"spikes/{name}_z", z, step)
+    run.say(f"step {step} not applied: a spike (z-scores: loss {scores['loss']:.1f}, gradient norm "
+            f"{scores['grad_norm']:.1f}; --skip-spikes {run.cfg.skip_spikes:g})", file=sys.stderr)
+    if progress.spikes.in_a_row >= spikes.MAX_IN_A_ROW:
+        last = checkpoint.latest(run.out)
+        raise UsageError(f"{spikes.MAX_IN_A_ROW} steps in a row were spikes (the last would have been step {step}): "
+                         f"the loss or the gradient norm has left the range of the last {spikes.WINDOW} steps for "
+                         "good; " + (f"resume from {last} " if last else "start again ")
+                         + "with a higher --skip-spikes, a lower --lr, or without --skip-spikes")
 
 
 def compile_model(run: Run) -> None:
@@ -532,6 +570,25 @@ def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window)
         run.writer.add_scalar(f"train/{name}", window.per_token(value), step)
 
 
+def log_layers(run: Run, step: int, stats: dict[str, dict[str, float]]) -> None:
+    """--log-layers: layer_stats.after_step's statistics, one TensorBoard tag per statistic and part."""
+    for stat, values in stats.items():
+        for part, value in values.items():
+            run.writer.add_scalar(f"{stat}/{part}", value, step)
+
+
+def write_samples(run: Run, step: int) -> None:
+    """--sample-every: the greedy continuation of each prompt, to the log and TensorBoard's text tab (rank 0)."""
+    if not run.world.main:
+        return
+    tokenizer, written = run.tokenizer, []
+    for ids in samples.prompt_ids(tokenizer, run.prompts, cut=not run.cfg.sample_prompts):
+        new = samples.greedy(run.model, ids, run.device, run.precision, run.block_size, tokenizer.eos_token_id)
+        written.append((tokenizer.decode(ids), tokenizer.decode(new)))
+        run.say(f"sample at step {step}: {written[-1][0]!r} -> {written[-1][1]!r}")
+    run.writer.add_text("samples", samples.as_markdown(written), step)
+
+
 def evaluate_at(run: Run, loader: DataLoader, step: int, stop=None) -> float:
     """The validation loss at `step` (computed once per step), logged to TensorBoard. `stop()` is asked
     before each batch: checkpoint.Stopped ends the evaluation when it says so."""
@@ -581,6 +638,7 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
     else:
         seconds = max(progress.train_seconds, 1e-9)
         metrics.update(perplexity_before=progress.perplexity_before, train_steps=step,
+                       skipped_steps=progress.spikes.skipped,
                        train_tokens=progress.train_tokens, train_seconds=progress.train_seconds,
                        tokens_per_second=progress.train_tokens / seconds,
                        mfu=model_flops_utilization(run, progress.train_flops, progress.train_seconds))
