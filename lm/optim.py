@@ -75,11 +75,9 @@ def build_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return adamw(plain(groups), cfg)
     if not hasattr(torch.optim, "Muon"):
-        raise UsageError(f"--optimizer muon needs torch.optim.Muon (torch 2.9 or later); this is torch "
-                         f"{torch.__version__}")
-    hidden, rest = ([dict(group, params=[p for p, h in zip(group["params"], group["hidden"]) if h == wanted])
-                     for group in groups] for wanted in (True, False))
-    hidden, rest = plain([g for g in hidden if g["params"]]), plain([g for g in rest if g["params"]])
+        raise UsageError(f"--optimizer muon needs torch.optim.Muon, which torch {torch.__version__} lacks: "
+                         "upgrade torch")
+    hidden, rest = split_hidden(groups)
     if not hidden:
         raise UsageError("--optimizer muon trains the 2-D weights inside transformer layers, and this model has none "
                          "that train: use --optimizer adamw")
@@ -87,6 +85,18 @@ def build_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
     # one --lr (and --weight-decay) serves both
     muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
     return Combined(muon, adamw(rest, cfg)) if rest else muon
+
+
+def split_hidden(groups: list[dict]) -> tuple[list[dict], list[dict]]:
+    """parameter_groups' groups cut in two by their `hidden` flags: (the hidden matrices' groups, the others'), as
+    plain groups with their settings; empty ones left out."""
+    hidden, rest = [], []
+    for group, settings in zip(groups, plain(groups)):
+        for wanted, cut in ((True, hidden), (False, rest)):
+            params = [p for p, h in zip(group["params"], group["hidden"]) if h == wanted]
+            if params:
+                cut.append(dict(settings, params=params))
+    return hidden, rest
 
 
 def plain(groups: list[dict]) -> list[dict]:

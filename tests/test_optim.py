@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, get_scheduler
 
-from conftest import ROOT
+from conftest import NEEDS_MUON, ROOT
 from lm.checkpoint import read_state
 from lm.config import SCHEDULES, Config
 from lm.errors import UsageError
@@ -33,6 +33,7 @@ def small_gpt2() -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
 
 
+@NEEDS_MUON
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     model = small_gpt2()
     groups = parameter_groups(model, lr=1e-3, weight_decay=0.1)
@@ -62,6 +63,7 @@ def test_adamw_and_sgd_are_torchs_over_the_same_groups(kind, cls):
     assert optimizer.param_groups[0].get("momentum", 0.9) == 0.9  # SGD's: lm.optim.SGD_MOMENTUM
 
 
+@NEEDS_MUON
 def test_muon_refuses_a_model_without_hidden_matrices():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
     with pytest.raises(UsageError, match="--optimizer muon trains the 2-D weights inside transformer layers"):
@@ -75,7 +77,7 @@ def run_settings(model_dir, corpus, out, **extra) -> Config:
                            save_every=3, output_dir=str(out), **extra)
 
 
-@pytest.mark.parametrize("optimizer", ["muon", "sgd", "lion"])
+@pytest.mark.parametrize("optimizer", [pytest.param("muon", marks=NEEDS_MUON), "sgd", "lion"])
 def test_every_optimizer_resumes_bitwise(optimizer, no_dropout_models, corpus, tmp_path):
     extra, factory = ({}, lion.lion) if optimizer == "lion" else ({"optimizer": optimizer}, None)
     model = no_dropout_models["clm"]
