@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     model.to(device).train()
     module = TokenLoss(model)
     cfg = Config.for_task(args.task)
-    optimizer = build_optimizer(parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr), cfg, device)
+    optimizer = build_optimizer(parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr), cfg)
     variants = batches(args.task, tokenizer, args.batch, args.block)
     texts = variants["with"]["attention_mask"].max(dim=1).values.tolist()
     print(f"{device} ({os.cpu_count()} cores, {torch.get_num_threads()} threads), torch {torch.__version__}; "

@@ -123,7 +123,7 @@ def profile(task: str, precision: str, args, device: torch.device) -> None:
     model.to(device).train()
     module = TokenLoss(model)
     cfg = Config.for_task(task)
-    optimizer = build_optimizer(parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr), cfg, device)
+    optimizer = build_optimizer(parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr), cfg)
     batch = real_batch(task, tokenizer, args.batch, args.block)
     inputs, predicted = int(batch["attention_mask"].sum()), int((batch["labels"] != IGNORE).sum())
     flops = step_flops(*flop_counts(model), seq_len=batch["input_ids"].shape[1], input_tokens=inputs,

@@ -28,6 +28,8 @@ import torch
 
 from lm import distributed
 from lm.errors import UsageError
+from lm.optim import describe
+from lm.spikes import Spikes
 
 DIRNAME = "checkpoints"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -82,6 +84,7 @@ class Progress:
     train_loss_sum: float = 0.0
     train_loss_steps: int = 0
     window: Window = field(default_factory=Window)  # since the last log line
+    spikes: Spikes = field(default_factory=Spikes)  # --skip-spikes: the recent steps a step is judged against
 
     def record(self, loss_sum: float, tokens: int, inputs: int, examples: int, seconds: float, flops: float,
                logs: dict) -> None:
@@ -99,6 +102,10 @@ class Progress:
         for name, value in logs.items():
             w.logs[name] = w.logs.get(name, 0.0) + value
 
+    def skip(self, examples: int) -> None:
+        """Count a step that was not applied (--skip-spikes): its examples are used up, nothing else changes."""
+        self.examples_done += examples
+
     def take_window(self) -> Window:
         """The window so far; the next one starts empty."""
         window, self.window = self.window, Window()
@@ -108,7 +115,7 @@ class Progress:
     def from_dict(cls, state: dict) -> "Progress":
         """The inverse of dataclasses.asdict, from a checkpoint's state.json (an older one lacks newer fields)."""
         fields = {f.name: state[f.name] for f in dataclasses.fields(cls) if f.name in state}
-        return cls(**{**fields, "window": Window(**fields["window"])})
+        return cls(**{**fields, "window": Window(**fields["window"]), "spikes": Spikes(**fields.get("spikes", {}))})
 
 
 @dataclass
@@ -116,9 +123,9 @@ class Snapshot:
     """Everything in a checkpoint: the progress, the run it belongs to, and the tensors."""
 
     progress: Progress
-    run: dict  # task, model, world_size and the whole config of the run that saved it
+    run: dict  # task, model, world_size, optimizer (its classes) and the whole config of the run that saved it
     model: dict  # the unwrapped model's state dict (no DDP, FSDP or compile prefixes); under LoRA what trains only
-    optimizer: dict  # AdamW state (keyed by parameter name under --fsdp)
+    optimizer: dict  # the optimizer's state, each one's when combined (keyed by parameter name under --fsdp)
     rng: list  # per process: python, numpy, torch CPU and CUDA generator states (dropout)
     scaler: dict | None = None  # the fp16 gradient scaler, if used
 
@@ -212,6 +219,10 @@ def capture(progress: Progress, run: dict, model, optimizer, scaler, world, shar
 def restore(snapshot: Snapshot, model, optimizer, scaler, world, sharded: bool, say=print,
             partial: bool = False) -> Progress:
     """The inverse of capture, into the run's objects; the optimizer keeps this run's settings (lr, betas, ...)."""
+    saved, this = snapshot.run.get("optimizer", "AdamW"), describe(optimizer)  # AdamW before any other existed
+    if saved != this:
+        raise UsageError(f"the checkpoint's optimizer is {saved}, this run's {this}: its state can't carry over; "
+                         "resume with the optimizer it was saved with")
     settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if partial and set(snapshot.model) != trained_names(model) & set(model.state_dict()):
         raise UsageError("the checkpoint's trained tensors are not this run's (other LoRA adapters?); resume with "
@@ -283,10 +294,10 @@ def read_state(path: Path) -> dict:
 # - the global batch, --batch-size x processes x --grad-accum-steps, must stay; its factors may change;
 # - not compared: what this invocation does rather than how the run trains;
 # - every other option may change and applies from the resumed step on; `check_resumable` lists them.
-RESUME_FIXED = ("task", "model", "tokenizer", "dataset", "dataset_config", "train_file", "validation_file", "text_column",
-                "validation_split_percentage", "block_size", "line_by_line", "document_boundaries", "mlm_prob",
-                "max_train_samples", "eval_stride", "seed", "data_seed", "fsdp", "lora_rank", "lora_alpha",
-                "lora_dropout", "lora_targets")
+RESUME_FIXED = ("task", "model", "tokenizer", "model_type", "config_name", "config_overrides", "dataset",
+                "dataset_config", "train_file", "validation_file", "text_column", "validation_split_percentage",
+                "block_size", "line_by_line", "document_boundaries", "mlm_prob", "max_train_samples", "eval_stride",
+                "seed", "data_seed", "fsdp", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "optimizer")
 RESUME_GLOBAL_BATCH = ("batch_size", "grad_accum_steps")
 RESUME_NOT_COMPARED = ("resume_from", "overwrite_output_dir", "prepare_only", "ignore_memory_plan")
 

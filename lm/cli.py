@@ -9,8 +9,9 @@ import sys
 from lm.errors import UsageError
 
 
-def main(task, argv=None) -> int:
-    """Run a task (an Objective or its name) from the command line; returns the exit code."""
+def main(task, argv=None, *, optimizer=None) -> int:
+    """Run a task (an Objective or its name) from the command line; returns the exit code. `optimizer`, if given,
+    builds the optimizer (see lm.train.train)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # quiet fork warnings from DataLoader
     from lm.config import find_objective, parse_args
 
@@ -22,7 +23,7 @@ def main(task, argv=None) -> int:
     from lm.train import train
 
     try:
-        train(cfg, objective=find_objective(task))
+        train(cfg, objective=find_objective(task), optimizer=optimizer)
     except UsageError as e:
         return fail(e)
     finally:

@@ -291,12 +291,12 @@ class Compiling:
                 self.uncompile(step)
 
     def compile(self, model, step: int) -> None:
-        """torch.compile each repeated block of `model` in place (names in state dicts stay plain)."""
-        from lm.modeling import repeated_blocks
+        """torch.compile each transformer layer of `model` (lm.modeling.transformer_layers) in place (names in state dicts stay plain)."""
+        from lm.modeling import transformer_layers
 
         # on CUDA the layers are replayed as CUDA graphs: at small batches a step is mostly kernel launches
         mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self.blocks = repeated_blocks(model)
+        self.blocks = [block for _, block in transformer_layers(model)]
         for block in self.blocks:
             block.compile(mode=mode)
         self.since = step if self.since is None else self.since

@@ -15,6 +15,7 @@ from lm.errors import UsageError
 EMBEDDED_CORPUS = "python-docs"
 LORA_LR_FACTOR = 10  # LoRA learns its update from zero: ~10x full fine-tuning's step (LoRA's paper, torchtune, litgpt)
 # transformers' learning-rate schedules (get_scheduler's names) that need no setting beyond warmup; lm.optim.lr_factor
+OPTIMIZERS = ("adamw", "muon", "sgd")  # lm.optim.build_optimizer
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
              "inverse_sqrt")
 
@@ -44,7 +45,17 @@ class Config:
         None, "model directory or Hub name; default: the embedded model of the task "
         "(clm: smollm2-135m-instruct, mlm: all-minilm-l6-v2)")
     tokenizer: Optional[str] = option(
-        None, "tokenizer directory or Hub name; default: the tokenizer saved with --model")
+        None, "tokenizer directory, Hub name or embedded default; default: the tokenizer saved with --model (or "
+        "--config-name)")
+    model_type: Optional[str] = option(
+        None, "train from scratch: a transformers model type (e.g. llama, gpt2, bert) with its default configuration "
+        "and fresh weights; needs --tokenizer")
+    config_name: Optional[str] = option(
+        None, "train from scratch: the configuration of a model directory, Hub name or embedded default "
+        "(smollm2-135m-instruct, all-minilm-l6-v2), with fresh weights")
+    config_overrides: Optional[str] = option(
+        None, "with --model-type or --config-name: KEY=VALUE,... settings of the configuration (e.g. "
+        "num_hidden_layers=4,hidden_size=256), each value of the type of the field it sets")
     dataset: Optional[str] = option(
         None, f"Hub dataset name (e.g. wikitext); default: the embedded corpus '{EMBEDDED_CORPUS}' "
         "unless --train-file is given")
@@ -67,10 +78,15 @@ class Config:
         None, "use at most this many validation blocks (with --eval-stride: their tokens)")
 
     # --- optimisation ---
-    lr: float = option(2e-5, f"peak learning rate of AdamW; with LoRA adapters {LORA_LR_FACTOR}x the task's default")
+    optimizer: str = option(
+        "adamw", "adamw: torch's AdamW; muon: torch's Muon on the 2-D weights inside transformer layers, AdamW on the "
+        "rest (embeddings, head, norms, biases), one --lr for both; sgd: torch's SGD, momentum 0.9",
+        choices=OPTIMIZERS)
+    lr: float = option(2e-5, f"peak learning rate; with LoRA adapters {LORA_LR_FACTOR}x the task's default")
     head_lr: Optional[float] = option(
         None, "learning rate of parameters the checkpoint lacks (e.g. a fresh MLM head); default: --lr")
-    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norm weights)")
+    weight_decay: float = option(0.01, "weight decay (decoupled for AdamW and Muon, L2 for SGD; not applied to biases "
+                                 "and norm weights)")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_eps: float = option(1e-8, "AdamW epsilon")
@@ -130,6 +146,19 @@ class Config:
         "(1 <= N <= block size), each token scored once with the context its window gives (N = block size: the "
         "blocks); default: disjoint blocks")
     log_every: int = option(10, "log training loss every N optimizer steps")
+    log_layers: bool = option(
+        False, "also log, every --log-every steps, the gradient norm, weight norm and update/weight ratio of the "
+        "embeddings, each transformer layer and the head (TensorBoard: grad_norm/, weight_norm/, update_ratio/)")
+    skip_spikes: Optional[float] = option(
+        None, "don't apply a step whose loss or gradient norm is more than Z standard deviations above the mean of "
+        "the last 100 applied steps (judged from the 11th on): weights, optimizer state and schedule go on as if it "
+        "never ran; each is logged with its z-scores and counted in metrics.json (skipped_steps)")
+    sample_every: Optional[int] = option(
+        None, "clm only: every N optimizer steps, greedy-decode 32 tokens after each prompt, to the log and "
+        "TensorBoard's text tab")
+    sample_prompts: Optional[str] = option(
+        None, "prompts for --sample-every: a .txt file (one per line) or .csv/.json/.jsonl (--text-column); "
+        "default: the first 16 tokens of the first 3 validation texts")
     output_dir: Optional[str] = option(None, "where the run is written; default runs/<task>-<timestamp>")
     overwrite_output_dir: bool = option(
         False, "replace the run an --output-dir holds: delete its checkpoints, TensorBoard logs and metrics")
@@ -169,10 +198,10 @@ class Config:
         need(0 < self.mlm_prob < 1, f"--mlm-prob must be between 0 and 1 (exclusive), got {self.mlm_prob}")
         for name in ("batch_size", "eval_batch_size", "grad_accum_steps", "max_train_steps", "log_every", "ddp_timeout",
                      "eval_every", "save_total_limit", "max_train_samples", "max_eval_samples",
-                     "preprocessing_workers", "eval_stride"):
+                     "preprocessing_workers", "eval_stride", "sample_every"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{flag(name)} must be a positive integer, got {value}")
-        for name in ("lr", "head_lr", "epochs", "adam_eps"):
+        for name in ("lr", "head_lr", "epochs", "adam_eps", "skip_spikes"):
             value = getattr(self, name)
             need(value is None or value > 0, f"--{flag(name)} must be positive, got {value}")
         need(self.peak_flops == "auto" or (type(self.peak_flops) is float and self.peak_flops > 0),
@@ -211,6 +240,13 @@ class Config:
              "already")
         need(not (self.prepare_only and self.line_by_line),
              "--prepare-only caches concatenated blocks; --line-by-line examples are not cached")
+        self._check_scratch(need)
+        need(not (self.skip_spikes and self.precision == "fp16"), "--skip-spikes with --precision fp16: fp16's "
+             "gradient scaler skips the steps that overflow itself, and would count a skipped step as one that "
+             "didn't; use bf16 or fp32")
+        need(not (self.sample_prompts and not self.sample_every), "--sample-prompts are for --sample-every N: give it too")
+        need(not (self.sample_every and self.fsdp), "--sample-every decodes with the whole model on one process, "
+             "and --fsdp shards it over all of them: sample from the saved model instead")
         need(not (self.dataset and self.train_file), "give either --dataset or --train-file, not both")
         need(not (self.validation_file and not self.train_file), "--validation-file needs --train-file")
         need(not (self.dataset_config and not self.dataset), "--dataset-config needs --dataset")
@@ -221,6 +257,28 @@ class Config:
         if objective.check:
             objective.check(self)
         return self
+
+    def _check_scratch(self, need) -> None:
+        """The settings of a model from scratch (--model-type, --config-name, --config-overrides)."""
+        need(self.config_overrides is None or self.from_scratch, "--config-overrides sets the configuration of a "
+             "model from scratch: give --model-type or --config-name too")
+        if not self.from_scratch:
+            return
+        scratch = "--model-type" if self.model_type else "--config-name"
+        need(not (self.model_type and self.config_name), "--model-type and --config-name both name the configuration "
+             "of a model from scratch: give one")
+        need(not self.model, f"--model loads trained weights, {scratch} starts from fresh ones: give one")
+        split_overrides(self.config_overrides or "")  # its syntax; the values are typed once the configuration loads
+        need(not (self.model_type and not self.tokenizer), f"--model-type {self.model_type} brings no tokenizer: "
+             "name one with --tokenizer (a directory, a Hub name, or smollm2-135m-instruct)")
+        need(not self.lora_rank, f"{scratch} starts from fresh weights, and LoRA adapts a trained model: train every "
+             "weight (drop --lora-rank)")
+        need(not self.eval_only, f"{scratch} starts from fresh weights, and --eval-only evaluates a trained --model")
+
+    @property
+    def from_scratch(self) -> bool:
+        """Whether the run builds its model from a configuration, with fresh weights."""
+        return bool(self.model_type or self.config_name)
 
     @property
     def data_source(self) -> str:
@@ -239,6 +297,18 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def split_overrides(text: str) -> dict[str, str]:
+    """--config-overrides' KEY=VALUE,... as {KEY: VALUE} (the values typed later, by the configuration's fields)."""
+    overrides = {}
+    for item in text.split(",") if text else []:
+        key, equals, value = item.partition("=")
+        if not (equals and key.strip().isidentifier() and value.strip()):
+            raise UsageError(f"--config-overrides {text}: {item!r} is not KEY=VALUE (e.g. "
+                             "num_hidden_layers=4,hidden_size=256)")
+        overrides[key.strip()] = value.strip()
+    return overrides
 
 
 def is_adapter_dir(path) -> bool:
@@ -263,6 +333,9 @@ def flag(name: str) -> str:
 HF_ALIASES = {
     "model_name_or_path": "model",
     "tokenizer_name": "tokenizer",
+    "model_type": "model_type",
+    "config_name": "config_name",
+    "config_overrides": "config_overrides",
     "dataset_name": "dataset",
     "dataset_config_name": "dataset_config",
     "train_file": "train_file",
@@ -389,8 +462,8 @@ def from_trainer(theirs: dict, ours: dict) -> dict:
     wanted.update(_evaluation(theirs, theirs.get("logging_steps", ours.get("log_every", HF_INTERVAL))))
     wanted.update(_saving(theirs))
     if theirs.get("optim", "adamw_torch") not in ADAMW_NAMES:
-        raise UsageError(f"--optim {theirs['optim']}: lm trains with AdamW only (torch.optim.AdamW, fp32 state): "
-                         "leave --optim out or give adamw_torch")
+        raise UsageError(f"--optim {theirs['optim']}: lm trains with torch's AdamW, Muon or SGD (--optimizer "
+                         f"{'|'.join(OPTIMIZERS)}), or one given to train(); leave --optim out or give adamw_torch")
     for name in [name for value in theirs.get("report_to", ()) for name in value.split(",")]:
         if name not in ("tensorboard", "all", "none"):  # lm writes TensorBoard logs even with none: they're local
             raise UsageError(f"--report_to {name}: lm logs to TensorBoard only (OUTPUT_DIR/logs); leave --report_to "
@@ -446,8 +519,6 @@ HF_IGNORED = {
 }
 # Their options we don't implement, and what to do instead.
 HF_REFUSED = {
-    "config_name": "train from a saved model directory with --model DIR",
-    "model_type": "train from a saved model directory with --model DIR",
     "use_slow_tokenizer": "lm uses the tokenizer as saved: save the one you want and pass --tokenizer DIR",
     "trust_remote_code": "lm loads only architectures that transformers implements",
     "overwrite_cache": "the token cache is keyed by the tokenizer and the data, so it is never stale; "
@@ -464,7 +535,8 @@ HF_REFUSED = {
                               "checkpoints/step-N each saved model",
     "metric_for_best_model": "lm keeps the last model; OUTPUT_DIR/logs holds every evaluation",
     "lr_scheduler_kwargs": "lm's schedules take transformers' default settings; choose one with --lr-scheduler",
-    "optim_args": "lm's AdamW takes --adam-beta1, --adam-beta2, --adam-eps and --weight-decay",
+    "optim_args": "lm's AdamW takes --adam-beta1, --adam-beta2, --adam-eps and --weight-decay; another optimizer "
+                  "plugs into train(optimizer=...)",
     "torch_compile_backend": "lm compiles with Inductor; --compile on|off|auto",
     "torch_compile_mode": "lm chooses the mode (reduce-overhead on CUDA); --compile on|off|auto",
     "bf16_full_eval": "evaluation runs at the training's --precision, over fp32 weights",

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from lm.errors import UsageError
+from lm.modeling import transformer_layers
+from lm.optim import optimizers
 
 
 @dataclass(frozen=True)
@@ -121,18 +123,15 @@ def launcher() -> list[str]:
 def shard(module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: each transformer block its own shard group, the loss module (holding the rest) the root.
 
-    Blocks are the children of the model's ModuleLists (BERT's encoder.layer, GPT-2's h, Llama's
-    layers). A block that holds a parameter tied elsewhere stays in the root group, where both
-    users see it unsharded.
+    Blocks are lm.modeling.transformer_layers. A block that holds a parameter tied elsewhere stays in the root
+    group, where both users see it unsharded.
     """
     from torch.distributed.fsdp import fully_shard
-
-    from lm.modeling import repeated_blocks
 
     uses = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         uses[id(p)] = uses.get(id(p), 0) + 1
-    for block in repeated_blocks(model):
+    for _, block in transformer_layers(model):
         if all(uses[id(p)] == 1 for p in block.parameters()):
             fully_shard(block)
     fully_shard(module)
@@ -148,7 +147,8 @@ def full_state(model: torch.nn.Module, optimizer=None, sharded: bool = False):
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options) if optimizer is not None else None
+    optim_state = (get_optimizer_state_dict(model, optimizers(optimizer), options=options) if optimizer is not None
+                   else None)
     return model_state, optim_state
 
 
@@ -165,7 +165,7 @@ def load_full_state(model: torch.nn.Module, optimizer, model_state, optim_state,
 
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    set_optimizer_state_dict(model, optimizers(optimizer), optim_state, options=options)
 
 
 def no_sync(trained, world: World, fsdp: bool, sync: bool):

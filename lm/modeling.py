@@ -1,7 +1,9 @@
-"""Finding and loading the model and tokenizer: an embedded default, a directory, or a Hub name."""
+"""Finding and loading the model and tokenizer (an embedded default, a directory, or a Hub name), or building a
+model from scratch."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -21,8 +23,8 @@ def resolve_model(name: str | None, default: str, cache_dir: str | None = None, 
     if name in embedded.MODELS:
         return str(embedded.model_dir(name, cache_dir, say)), {}
     if Path(name).is_dir():
-        if what == "--model" and not (Path(name) / "config.json").is_file():
-            raise UsageError(f"--model {name}: the directory holds no config.json (is it a saved model?)")
+        if what != "--tokenizer" and not (Path(name) / "config.json").is_file():
+            raise UsageError(f"{what} {name}: the directory holds no config.json (is it a saved model?)")
         return name, {}
     if Path(name).exists() or name.startswith((".", "/")):
         raise UsageError(f"{what} {name}: no such directory")
@@ -31,11 +33,11 @@ def resolve_model(name: str | None, default: str, cache_dir: str | None = None, 
     from transformers import AutoConfig, AutoTokenizer
 
     try:  # a model or tokenizer cached by an earlier online run still loads offline
-        (AutoConfig if what == "--model" else AutoTokenizer).from_pretrained(name, local_files_only=True)
+        (AutoTokenizer if what == "--tokenizer" else AutoConfig).from_pretrained(name, local_files_only=True)
         return name, {"local_files_only": True}
     except (OSError, ValueError):
-        instead = ("use the embedded default (drop --model: {default}) or --model DIR, and --train-file for your "
-                   "own text" if what == "--model" else "use --tokenizer DIR").format(default=default)
+        instead = {"--model": f"use the embedded default (drop --model: {default}) or --model DIR, and --train-file "
+                              "for your own text"}.get(what, f"use {what} DIR")
         raise UsageError(f"{what} {name}: not a directory, and the Hugging Face Hub is unreachable; {instead}") from None
 
 
@@ -45,9 +47,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
                    "spiece.model", "sentencepiece.bpe.model")
 
 
-def resolve_tokenizer(requested: str | None, model_path: tuple[str, dict], model_name: str,
+def resolve_tokenizer(requested: str | None, model_path: tuple[str, dict], owner: str,
                       cache_dir: str | None = None, say=print) -> tuple[str, dict]:
-    """(path or Hub name, from_pretrained kwargs) of the tokenizer: --tokenizer, else the model's own.
+    """(path or Hub name, from_pretrained kwargs) of the tokenizer: --tokenizer, else the one saved with the model
+    (`owner` names the option that gave `model_path`, for messages: "--model DIR").
 
     A directory must hold tokenizer files: without them transformers builds an empty tokenizer for
     some models (every text becomes 0 tokens) and fails with an unrelated message for others.
@@ -56,7 +59,7 @@ def resolve_tokenizer(requested: str | None, model_path: tuple[str, dict], model
         path, extra = resolve_model(requested, requested, cache_dir, say, what="--tokenizer")
         flag = f"--tokenizer {requested}"
     else:
-        (path, extra), flag = model_path, f"--model {model_name}"
+        (path, extra), flag = model_path, owner
     if Path(path).is_dir() and not holds_tokenizer(path):
         raise UsageError(f"{flag}: the directory {path} holds no tokenizer ({', '.join(TOKENIZER_FILES[:4])}, ...); "
                          + ("save one there with tokenizer.save_pretrained, or " if requested is None else "")
@@ -84,23 +87,15 @@ def load_tokenizer(path: str, extra: dict):
     return tokenizer
 
 
-def check_model_class(config, model_class: str, model_name: str, default: str) -> None:
-    """Refuse a model the task's Auto class can't load (e.g. GPT-2 for masked LM) before any data is tokenized."""
+def check_model_class(config, model_class: str, owner: str, default: str) -> None:
+    """Refuse a model the task's Auto class can't load (e.g. GPT-2 for masked LM) before any data is tokenized.
+    `owner` names the option that gave the model, for the message: "--model DIR"."""
     import transformers
 
     mapping = getattr(getattr(transformers, model_class), "_model_mapping", None)
     if mapping is not None and type(config) not in mapping:
-        raise UsageError(f"--model {model_name} is a {config.model_type} model, which {model_class} cannot load: "
+        raise UsageError(f"{owner} is a {config.model_type} model, which {model_class} cannot load: "
                          f"this task needs another kind of model, such as the default ({default})")
-
-
-def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks: the members of its ModuleLists (BERT's encoder.layer, GPT-2's h, Llama's
-    layers), what regional compilation compiles once and FSDP shards one by one. Lists inside a block (an MoE
-    layer's experts) are the block's."""
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
-    return [block for name, lst in lists if not any(name.startswith(f"{outer}.") for outer, _ in lists)
-            for block in lst]
 
 
 def max_positions(config, tokenizer) -> int | None:
@@ -173,3 +168,90 @@ def load_model(path: str, extra: dict, model_class: str, attention: str | None =
     missing = set(info.get("missing_keys", ()))
     fresh = frozenset(n for n, _ in model.named_parameters() if n in missing)
     return model, fresh
+
+
+def transformer_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of the model's transformer layers, in order: the children of its outermost ModuleLists
+    (BERT's encoder.layer, GPT-2's h, Llama's layers)."""
+    layers, lists = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and not any(name.startswith(f"{outer}.") for outer in lists):
+            lists.append(name)
+            layers += [(f"{name}.{child}" if name else child, block) for child, block in module.named_children()]
+    return layers
+
+# ---------------------------------------------------------------- a model from scratch
+
+def scratch_config(model_type: str | None, config_path: tuple[str, dict] | None, overrides: dict[str, str]):
+    """The configuration of a model from scratch: `model_type`'s defaults, or the configuration at `config_path`,
+    with `overrides` (--config-overrides: {KEY: text}) typed as the fields they set.
+
+    A model type's configuration is built with the overrides, so fields derived from others (e.g. Llama's head_dim,
+    hidden_size / num_attention_heads) follow them; a saved configuration keeps what its file states."""
+    from transformers import AutoConfig
+
+    if model_type:
+        try:
+            base = AutoConfig.for_model(model_type)
+        except ValueError:
+            raise UsageError(f"--model-type {model_type}: not a transformers model type (e.g. llama, gpt2, bert)"
+                             ) from None
+    else:
+        base = load_config(*config_path)
+    aliases = getattr(base, "attribute_map", {})  # e.g. GPT-2's hidden_size is n_embd
+    typed = {aliases.get(key, key): override_value(base, key, text) for key, text in overrides.items()}
+    try:
+        if model_type:
+            return AutoConfig.for_model(model_type, **typed)
+        return type(base).from_dict({**base.to_dict(), **typed})
+    except Exception as e:  # the configuration's own checks, e.g. heads that don't divide the hidden size
+        raise UsageError(f"--config-overrides {format_overrides(overrides)}: {short_message(e)}") from None
+
+
+def override_value(config, key: str, text: str):
+    """`text` as a value of `config`'s field `key`: of that field's type (bool, int, float, str), or for a field
+    that is None, a JSON number or true/false, else the text."""
+    if not hasattr(config, key):
+        raise UsageError(f"--config-overrides {key}={text}: {type(config).__name__} has no field {key!r}")
+    current = getattr(config, key)
+    if isinstance(current, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise UsageError(f"--config-overrides {key}={text}: {key} is true or false")
+        return text.lower() in ("true", "1")
+    if isinstance(current, (int, float, str)):
+        try:
+            return type(current)(text)
+        except ValueError:
+            raise UsageError(f"--config-overrides {key}={text}: {key} is "
+                             + ("an integer" if isinstance(current, int) else "a number")) from None
+    if current is None:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return text
+        return value if isinstance(value, (bool, int, float)) else text
+    raise UsageError(f"--config-overrides {key}={text}: {key} is a {type(current).__name__}, which KEY=VALUE can't "
+                     "set; save a config.json with it and give its directory as --config-name")
+
+
+def format_overrides(overrides: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def fit_to_tokenizer(config, tokenizer, overrides: dict[str, str]) -> None:
+    """Give a configuration from scratch the tokenizer's vocabulary, all of it and no more, and its special tokens
+    (bos, eos, pad), unless --config-overrides set them."""
+    ids = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+           "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    for key, value in ids.items():
+        if key not in overrides and hasattr(config, key):
+            setattr(config, key, value)
+
+
+def new_model(config, model_class: str, attention: str | None = None) -> torch.nn.Module:
+    """A model of `config` in fp32, initialised by its architecture's own _init_weights (under the caller's seed).
+    `model_class` and `attention` as for load_model."""
+    import transformers
+
+    auto = getattr(transformers, model_class)
+    return auto.from_config(config, dtype=torch.float32, **({"attn_implementation": attention} if attention else {}))

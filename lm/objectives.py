@@ -80,9 +80,11 @@ def _causal_blocks(cfg) -> None:
         raise UsageError("--block-size 1 leaves a causal LM nothing to predict; use 2 or more")
 
 
-def _no_sliding_windows(cfg) -> None:
+def _causal_options(cfg) -> None:
     if cfg.eval_stride:
         raise UsageError("--eval-stride is for causal LM only: a masked LM sees the whole block in both directions")
+    if cfg.sample_every:
+        raise UsageError("--sample-every is for causal LM only: a masked LM fills in masks, it doesn't continue a text")
 
 
 def needs_mask_token(tokenizer) -> None:
@@ -97,6 +99,6 @@ def needs_mask_token(tokenizer) -> None:
 CLM = Objective("clm", "causal language model", "AutoModelForCausalLM", embedded.SMOLLM2, causal_batches,
                 token_loss, defaults=dict(epochs=0.5), check=_causal_blocks)
 MLM = Objective("mlm", "masked language model", "AutoModelForMaskedLM", embedded.MINILM, masked_batches,
-                token_loss, defaults=dict(lr=1e-4, head_lr=1e-3, epochs=3.0), check=_no_sliding_windows,
+                token_loss, defaults=dict(lr=1e-4, head_lr=1e-3, epochs=3.0), check=_causal_options,
                 check_tokenizer=needs_mask_token)
 _BUILT_IN.update((CLM.name, MLM.name))

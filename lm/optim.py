@@ -1,4 +1,5 @@
-"""AdamW parameter groups and the learning-rate schedule as a function of the step."""
+"""The optimizer (its parameter groups, the built-in choices of --optimizer) and the learning-rate schedule as a
+function of the step."""
 
 from __future__ import annotations
 
@@ -8,21 +9,30 @@ import math
 import torch
 from torch import nn
 
+from lm.errors import UsageError
+from lm.modeling import transformer_layers
+
+SGD_MOMENTUM = 0.9  # torch's SGD has none by default; 0.9 is what SGD for transformers is usually given
+
 
 def parameter_groups(model: nn.Module, lr: float, weight_decay: float,
                      new_params: frozenset[str] = frozenset(), new_lr: float | None = None) -> list[dict]:
-    """AdamW groups: no weight decay on 1-D tensors (biases, norm weights); `new_params` get `new_lr`."""
+    """The trainable parameters in groups: no weight decay on 1-D tensors (biases, norm weights); `new_params` get
+    `new_lr`. Each group also lists its parameters' `names`, and in `hidden` which of them are 2-D weights inside
+    a transformer layer: the hidden matrices Muon is for (not the embeddings, the head, norms or biases)."""
+    layers = tuple(f"{name}." for name, _ in transformer_layers(model))
     groups: dict[tuple[bool, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         decay, new = p.ndim >= 2, name in new_params
         group = groups.setdefault((decay, new), {
-            "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
+            "params": [], "names": [], "hidden": [], "weight_decay": weight_decay if decay else 0.0,
             "base_lr": new_lr if new and new_lr is not None else lr})
         group["lr"] = group["base_lr"]
         group["params"].append(p)
         group["names"].append(name)
+        group["hidden"].append(p.ndim == 2 and name.startswith(layers))
     return [groups[k] for k in sorted(groups)]
 
 
@@ -56,11 +66,90 @@ def lr_factor(step: int, total: int, warmup: int, kind: str, lr: float = 1.0) ->
     raise ValueError(kind)
 
 
-def build_optimizer(groups: list[dict], cfg, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over the groups; the fused kernel where the device has one (CUDA, CPU) unless fused=False."""
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+def build_optimizer(groups: list[dict], cfg) -> torch.optim.Optimizer:
+    """The optimizer --optimizer names, over parameter_groups' groups: torch's AdamW (the fused kernel where the device
+    has one, unless under --fsdp), SGD with momentum, or Muon on the hidden matrices with AdamW on the rest. The
+    signature of train()'s `optimizer` argument, of which this is the default."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(plain(groups), lr=cfg.lr, momentum=SGD_MOMENTUM)
+    if cfg.optimizer == "adamw":
+        return adamw(plain(groups), cfg)
+    if not hasattr(torch.optim, "Muon"):
+        raise UsageError(f"--optimizer muon needs torch.optim.Muon, which torch {torch.__version__} lacks: "
+                         "upgrade torch")
+    hidden, rest = split_hidden(groups)
+    if not hidden:
+        raise UsageError("--optimizer muon trains the 2-D weights inside transformer layers, and this model has none "
+                         "that train: use --optimizer adamw")
+    # Moonshot's scaling of each matrix's step (0.2 x sqrt(its larger side)) gives Muon's updates AdamW's RMS, so
+    # one --lr (and --weight-decay) serves both
+    muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return Combined(muon, adamw(rest, cfg)) if rest else muon
+
+
+def split_hidden(groups: list[dict]) -> tuple[list[dict], list[dict]]:
+    """parameter_groups' groups cut in two by their `hidden` flags: (the hidden matrices' groups, the others'), as
+    plain groups with their settings; empty ones left out."""
+    hidden, rest = [], []
+    for group, settings in zip(groups, plain(groups)):
+        for wanted, cut in ((True, hidden), (False, rest)):
+            params = [p for p, h in zip(group["params"], group["hidden"]) if h == wanted]
+            if params:
+                cut.append(dict(settings, params=params))
+    return hidden, rest
+
+
+def plain(groups: list[dict]) -> list[dict]:
+    """Groups as torch's optimizers take them: without parameter_groups' per-parameter lists."""
+    return [{k: v for k, v in g.items() if k not in ("names", "hidden")} for g in groups]
+
+
+def adamw(groups: list[dict], cfg) -> torch.optim.AdamW:
+    device = groups[0]["params"][0].device.type if groups else "cpu"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                             weight_decay=cfg.weight_decay, fused=fused and device.type in ("cuda", "cpu"))
+                             weight_decay=cfg.weight_decay, fused=not cfg.fsdp and device in ("cuda", "cpu"))
+
+
+class Combined:
+    """Optimizers over disjoint parameter groups, stepped as one (Muon on the hidden matrices, AdamW on the rest):
+    the loop, the schedule, the fp16 gradient scaler and checkpoints see one optimizer."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:  # read afresh: load_state_dict replaces an optimizer's list
+        return [group for o in self.optimizers for group in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for o, saved in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(saved)
+
+
+def optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers an optimizer is made of: itself, or a Combined one's."""
+    return list(optimizer.optimizers) if isinstance(optimizer, Combined) else [optimizer]
+
+
+def describe(optimizer) -> str:
+    """The optimizer's classes, as a checkpoint records them: 'AdamW', 'Muon+AdamW', 'Lion'."""
+    return "+".join(type(o).__name__ for o in optimizers(optimizer))
+
+
+def saved_groups(state: dict) -> list[dict]:
+    """The parameter groups of a saved optimizer state (of each optimizer, when combined)."""
+    return [group for saved in state.get("optimizers", [state]) for group in saved.get("param_groups", [])]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:

@@ -246,6 +246,20 @@ def load_sources(cfg) -> tuple[TextFile | TextList, TextFile | TextList]:
     return TextList(train), TextList(validation)
 
 
+def first_texts(source: TextFile | TextList, n: int) -> list[str]:
+    """The first `n` texts of a source that hold more than whitespace."""
+    if isinstance(source, TextList):
+        return [t for t in source.texts if t.strip()][:n]
+    found, (start, end) = [], source.byte_range()
+    with open(source.path, "rb") as f:
+        f.seek(start)
+        while len(found) < n and f.tell() < end:
+            line = f.readline().decode("utf-8", "replace")
+            if line.strip():
+                found.append(line)
+    return found
+
+
 def load_texts(cfg) -> tuple[list[str], list[str]]:
     """(train, validation) texts from --train-file/--validation-file, a Hub dataset, or the embedded corpus."""
     if cfg.data_source == "files":

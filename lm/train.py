@@ -24,23 +24,25 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lm import adapters, checkpoint, data, distributed, documents, memory
+from lm import adapters, checkpoint, data, distributed, documents, layer_stats, memory, samples, spikes
 from lm.checkpoint import Progress, Window
-from lm.config import LORA_LR_FACTOR, Config, find_objective, is_adapter_dir
+from lm.config import LORA_LR_FACTOR, Config, find_objective, is_adapter_dir, split_overrides
 from lm.embedded import cache_root
 from lm.data import IGNORE, StepSampler
 from lm.errors import UsageError
 from lm.compiling import COMPILE_AFTER, COMPILE_ERRORS, Compiling, check_compile, compile_key, inductor_cache
 from lm.hardware import (FlopCounts, autocast, choose_attention, choose_precision, configure, flop_counts, native_bf16,
                          probe_shapes, resolve_device, resolve_peak_flops, step_flops)
-from lm.modeling import (check_model_class, check_vocabulary, holds_tokenizer, load_config, load_model, load_tokenizer,
-                         max_positions, resolve_block_size, resolve_model, resolve_tokenizer)
+from lm.modeling import (check_model_class, check_vocabulary, fit_to_tokenizer, holds_tokenizer, load_config,
+                         load_model, load_tokenizer, max_positions, new_model, resolve_block_size, resolve_model,
+                         resolve_tokenizer, scratch_config)
 from lm.losses import loss_and_logs
 from lm.objectives import Objective
 from lm.evaluation import evaluate, perplexity
-from lm.optim import build_optimizer, lr_factor, parameter_groups, schedule, schedule_change, set_lr
+from lm.optim import (build_optimizer, describe, lr_factor, parameter_groups, saved_groups, schedule, schedule_change,
+                      set_lr)
 from lm.output import check_output_dir, clear_run, summary_writer, write_json, write_trainer_results
-from lm.texts import load_sources
+from lm.texts import first_texts, load_sources, read_texts
 
 
 @dataclass
@@ -56,10 +58,11 @@ class Run:
     model_name: str
     resume: Path | None = None
     sources: tuple = ()  # (train, validation) texts, checked
-    model_path: tuple | None = None  # (path or Hub name, from_pretrained kwargs) when cfg.model is loaded
+    model_path: tuple | None = None  # (path or Hub name, from_pretrained kwargs) of the model loaded, if one is
     adapter_dir: str | None = None  # --model names a LoRA adapter: its directory (model_path is its base)
     tokenizer_path: tuple | None = None  # the same for the tokenizer: --tokenizer, else the model's own
     loss: object = None  # (model) -> loss module: the objective's, or train()'s `loss` argument
+    make_optimizer: object = None  # (param_groups, cfg) -> optimizer: build_optimizer, or train()'s `optimizer`
     tokenizer: object = None
     model_config: object = None  # checked against the task, read for the longest block the model takes
     block_size: int = 0
@@ -70,6 +73,8 @@ class Run:
     optimizer: torch.optim.Optimizer = None
     scaler: torch.amp.GradScaler | None = None
     parameters: tuple[int, int] = (0, 0)  # the model's, and of those the ones that train
+    parts: layer_stats.Parts | None = None  # --log-layers: the parts of the model whose statistics are logged
+    prompts: list = field(default_factory=list)  # --sample-every: the texts decoded from
     flop_counts: FlopCounts | None = None  # what a step's FLOPs depend on, for MFU
     peak_flops: float = 0.0  # FLOP/s of one device at this precision: the GPU table, measured, or --peak-flops
     eval_world: distributed.World = distributed.World()  # who shares the evaluation
@@ -89,20 +94,24 @@ class Run:
             print(*args, **kwargs)
 
 
-def train(cfg: Config, *, objective: Objective | None = None, model=None, tokenizer=None, loss=None) -> dict:
+def train(cfg: Config, *, objective: Objective | None = None, model=None, tokenizer=None, loss=None,
+          optimizer=None) -> dict:
     """Fine-tune as `cfg` says and return the metrics also written to OUTPUT_DIR/metrics.json.
 
     `objective` defaults to the one cfg.task names. `model` and `tokenizer` replace what `cfg.model`
     names (either alone: the other comes from cfg.model). `loss` replaces the objective's loss module:
     (model) -> module whose forward(input_ids, attention_mask, labels) returns the summed loss over
-    labelled tokens. Under torchrun every process calls this; rank 0 alone writes and prints.
+    labelled tokens. `optimizer` replaces the one --optimizer names: (param_groups, cfg) -> optimizer, given the
+    groups of lm.optim.parameter_groups. Under torchrun every process calls this; rank 0 alone writes and prints.
     """
     cfg = cfg.validated()
     objective = objective or find_objective(cfg.task)
     if objective.name != cfg.task:
         raise UsageError(f"the config is for task {cfg.task!r}, the objective is {objective.name!r}")
+    if optimizer is not None and cfg.optimizer != Config.optimizer:
+        raise UsageError(f"train(optimizer=...) builds the optimizer: drop --optimizer {cfg.optimizer}")
     run, changes = setup(cfg, objective, model, tokenizer)
-    run.loss = loss or objective.loss
+    run.loss, run.make_optimizer = loss or objective.loss, optimizer or build_optimizer
     train_set, eval_set = prepare_data(run, tokenizer)
     if cfg.prepare_only:
         return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
@@ -124,6 +133,8 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     if model is not None and tokenizer is None and cfg.model is None:
         raise UsageError("train(model=...) needs tokenizer=... as well, or cfg.model naming the directory "
                          "that holds the model's tokenizer")
+    if model is not None and cfg.from_scratch:
+        raise UsageError("train(model=...) trains the model given: drop --model-type and --config-name")
     device = resolve_device(cfg.device)
     precision, precision_why = choose_precision(cfg.precision, device.type, native_bf16(device))
     # --eval-only evaluates eagerly (Run.stance): nothing would be compiled
@@ -136,7 +147,8 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     # ranks (their clocks may tick over a second apart)
     default_out = checkpoint.run_dir(cfg.resume_from) or f"runs/{objective.name}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(distributed.broadcast_from_main(world, cfg.output_dir or default_out))
-    model_name = cfg.model or ("custom" if model is not None else objective.embedded_model)
+    model_name = cfg.model or ("custom" if model is not None else scratch_name(cfg) if cfg.from_scratch
+                               else objective.embedded_model)
     run = Run(cfg, objective, world, device, precision, out, model_name, cannot_compile=cannot_compile)
     if cfg.lr_scheduler == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
         run.say("warning: --lr-scheduler constant has no warmup, as in transformers; "
@@ -148,18 +160,10 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     check_output_dir(out, cfg, run.resume)
     changes = checkpoint.check_resumable(run.resume, cfg, model_name, world.size) if run.resume else []
     run.sources = load_sources(cfg)  # checks the files before anything slow (e.g. converting the default model)
-    run.adapter_dir = cfg.model if is_adapter_dir(cfg.model) else None
-    if model is None or tokenizer is None:
-        base = adapters.adapter_base(run.adapter_dir) if run.adapter_dir else cfg.model
-        run.model_path = resolve_model(base, objective.embedded_model, cfg.cache_dir, run.say)
-    if tokenizer is None:
-        own = (run.adapter_dir, {}) if run.adapter_dir and holds_tokenizer(run.adapter_dir) else run.model_path
-        run.tokenizer_path = resolve_tokenizer(cfg.tokenizer, own, model_name, cfg.cache_dir, run.say)
-    if model is None:
-        run.model_config = load_config(*run.model_path)
-        check_model_class(run.model_config, objective.model_class, model_name, objective.embedded_model)
-    else:
-        run.model_config = model.config
+    if cfg.sample_every:
+        run.prompts = ([t.rstrip("\n") for t in read_texts(cfg.sample_prompts, cfg.text_column) if t.strip()]
+                       if cfg.sample_prompts else first_texts(run.sources[1], samples.PROMPTS))
+    locate_model(run, model, tokenizer)
     if cfg.document_boundaries:
         documents.check_architecture(run.model_config)
     if cfg.lora_targets:
@@ -175,14 +179,40 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     return run, changes
 
 
+def locate_model(run: Run, model, tokenizer) -> None:
+    """Where the model and the tokenizer come from (a model directory, an adapter's, a configuration from scratch),
+    and the model's configuration, checked against the task."""
+    cfg, objective = run.cfg, run.objective
+    run.adapter_dir = cfg.model if is_adapter_dir(cfg.model) else None
+    owner = f"--model {run.model_name}"  # the option that names the model (and its tokenizer), for messages
+    if cfg.from_scratch:  # a configuration, and the tokenizer saved beside it if there is one
+        owner = f"--model-type {cfg.model_type}" if cfg.model_type else f"--config-name {cfg.config_name}"
+        own = resolve_model(cfg.config_name, None, cfg.cache_dir, run.say, "--config-name") if cfg.config_name else None
+        run.model_config = scratch_config(cfg.model_type, own, split_overrides(cfg.config_overrides))
+    elif model is None or tokenizer is None:
+        base = adapters.adapter_base(run.adapter_dir) if run.adapter_dir else cfg.model
+        run.model_path = own = resolve_model(base, objective.embedded_model, cfg.cache_dir, run.say)
+        if run.adapter_dir and holds_tokenizer(run.adapter_dir):
+            own = (run.adapter_dir, {})
+    if tokenizer is None:
+        run.tokenizer_path = resolve_tokenizer(cfg.tokenizer, own, owner, cfg.cache_dir, run.say)
+    if model is not None:
+        run.model_config = model.config
+    else:
+        if not cfg.from_scratch:
+            run.model_config = load_config(*run.model_path)
+        check_model_class(run.model_config, objective.model_class, owner, objective.embedded_model)
+
+
 def plan_memory(run: Run) -> memory.Plan | None:
     """The run's memory plan from the model's config alone (lm.memory); a UsageError where it won't fit."""
     cfg = run.cfg
     if run.adapter_dir:  # plan with the adapter's rank
         rank = json.loads((Path(run.adapter_dir) / adapters.ADAPTER_CONFIG).read_text()).get("r", 8)
         cfg = dataclasses.replace(cfg, lora_rank=rank)
-    return memory.plan_run(cfg, run.model_config, run.objective.model_class, run.model_path[0], run.precision,
-                           run.device, run.world.size, cache_root(cfg.cache_dir))
+    path = run.model_path[0] if run.model_path else None  # (None: a model from scratch)
+    return memory.plan_run(cfg, run.model_config, run.objective.model_class, path, run.precision, run.device,
+                           run.world.size, cache_root(cfg.cache_dir))
 
 
 def prepare_data(run: Run, tokenizer) -> tuple:
@@ -191,6 +221,8 @@ def prepare_data(run: Run, tokenizer) -> tuple:
     run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.tokenizer_path)
     if run.objective.check_tokenizer:
         run.objective.check_tokenizer(run.tokenizer)
+    if cfg.from_scratch:
+        fit_to_tokenizer(run.model_config, run.tokenizer, split_overrides(cfg.config_overrides))
     check_vocabulary(run.tokenizer, run.model_config, run.tokenizer_path[0] if run.tokenizer_path else "given",
                      run.model_name)
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
@@ -210,7 +242,10 @@ def build_model(run: Run, model) -> None:
         seed_everything(cfg.seed)  # fresh parameters (e.g. a new head) from the seed, whatever ran before
         # under LoRA the base is frozen: in bf16 it needs no fp32 copy
         dtype = torch.bfloat16 if adapted(cfg) and run.precision == "bf16" else torch.float32
-        model, fresh = load_model(*run.model_path, run.objective.model_class, attention, dtype)
+        if cfg.from_scratch:
+            model = new_model(run.model_config, run.objective.model_class, attention)
+        else:
+            model, fresh = load_model(*run.model_path, run.objective.model_class, attention, dtype)
     if run.objective.adapt:
         run.objective.adapt(model, run.tokenizer)
     if cfg.document_boundaries:
@@ -230,9 +265,9 @@ def build_model(run: Run, model) -> None:
         run.trained = DistributedDataParallel(run.module, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         run.trained = run.module
-    groups = parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr)
-    run.optimizer = build_optimizer(groups, cfg, device, fused=not cfg.fsdp)
+    run.optimizer = run.make_optimizer(parameter_groups(model, cfg.lr, cfg.weight_decay, fresh, cfg.head_lr), cfg)
     run.scaler = torch.amp.GradScaler("cuda") if run.precision == "fp16" else None
+    run.parts = layer_stats.model_parts(model) if cfg.log_layers else None
     run.parameters = n_params, n_trained = (sum(p.numel() for p in model.parameters()),
                                             sum(p.numel() for p in model.parameters() if p.requires_grad))
     run.flop_counts = flop_counts(model)
@@ -301,7 +336,7 @@ def start(run: Run, changes: list[str], train_set) -> Progress:
         state = checkpoint.read_state(run.resume)
         checkpoint.check_same_data(run.resume, state, run.train_data)
         snapshot = checkpoint.load(run.resume)
-        last_group = snapshot.optimizer.get("param_groups", [{}])[0]  # the learning rate of its last step
+        last_group = (saved_groups(snapshot.optimizer) or [{}])[0]  # the learning rate of its last step
         progress = checkpoint.restore(snapshot, run.model, run.optimizer, run.scaler, world, cfg.fsdp, run.say,
                                       partial=run.adapted is not None)
         run.say(f"resuming from {run.resume} at step {progress.step}")
@@ -344,7 +379,10 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
             run.trained.train()
             while progress.step < run.total_steps:  # one epoch, or what is left of it, per pass
                 for micro in epoch_batches(run, train_set, collate, sampler, progress.epoch, progress.examples_done):
+                    done = progress.step
                     loss_sum, tokens, seconds = step_or_eager(run, progress, micro)
+                    if progress.step == done:
+                        continue  # a spike, not applied (--skip-spikes): no step to count, evaluate or save
                     run.compiling.after_step(run.model, progress.step, seconds, run.total_steps - progress.step,
                                              world, run.say)
                     bar.update(1)
@@ -353,6 +391,8 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
                         evaluate_at(run, eval_loader, progress.step, stop)
                     if cfg.save_steps and progress.step % cfg.save_steps == 0:
                         save_checkpoint(run, progress)
+                    if cfg.sample_every and progress.step % cfg.sample_every == 0:
+                        write_samples(run, progress.step)
                     if stop():
                         raise checkpoint.Stopped
                     if progress.step == run.total_steps:
@@ -399,6 +439,7 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     and this rank's seconds."""
     cfg, world, device, optimizer = run.cfg, run.world, run.device, run.optimizer
     started = time.perf_counter()
+    log_now = (progress.step + 1) % cfg.log_every == 0 or progress.step + 1 == run.total_steps
     lr = set_lr(optimizer, lr_factor(progress.step, run.total_steps, run.warmup_steps, cfg.lr_scheduler, cfg.lr))
     # Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks,
     # so every token weighs the same however the step is split into micro-batches and processes
@@ -421,15 +462,20 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
         for name, value in extra.items():
             logs[name] = logs.get(name, 0.0) + value.detach()
     step_loss, *sums = distributed.all_sum(world, step_loss.item(), *(float(v) for v in logs.values()), device=device)
-    if not math.isfinite(step_loss):
+    if not math.isfinite(step_loss) and not cfg.skip_spikes:  # --skip-spikes skips it as a spike
         last = checkpoint.latest(run.out)
         raise UsageError(f"the training loss became {step_loss} at step {progress.step + 1}; "
                          + (f"the last good checkpoint is {last}; " if last else "")
                          + "try a lower --lr or --precision fp32")
     if run.scaler:
         run.scaler.unscale_(optimizer)
+    before = layer_stats.before_step(run.parts) if run.parts and log_now else None
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+    if cfg.skip_spikes and (spike := progress.spikes.judge(step_loss / max(n_tokens, 1), float(grad_norm),
+                                                           cfg.skip_spikes)):
+        skip_step(run, progress, spike, int(examples))
+        return step_loss, n_tokens, time.perf_counter() - started
     if run.scaler:
         run.scaler.step(optimizer)
         run.scaler.update()
@@ -439,9 +485,30 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
 
     seconds = time.perf_counter() - started
     progress.record(step_loss, int(n_tokens), int(n_inputs), int(examples), seconds, flops, dict(zip(logs, sums)))
-    if progress.step % cfg.log_every == 0 or progress.step == run.total_steps:
+    if log_now:
         log_window(run, progress.step, lr, float(grad_norm), progress.take_window())
+    if before is not None:
+        log_layers(run, progress.step, layer_stats.after_step(run.parts, before, sharded=cfg.fsdp))
     return step_loss, n_tokens, seconds
+
+
+def skip_step(run: Run, progress: Progress, scores: dict[str, float], examples: int) -> None:
+    """--skip-spikes: a step not applied. Its gradients are dropped and its examples used up; the weights, the
+    optimizer and the schedule stay where they were. Its z-scores are logged at the step it would have been;
+    spikes.MAX_IN_A_ROW of them in a row end the run."""
+    run.optimizer.zero_grad(set_to_none=True)
+    progress.skip(examples)
+    step = progress.step + 1
+    for name, z in scores.items():
+        run.writer.add_scalar(f"spikes/{name}_z", z, step)
+    run.say(f"step {step} not applied: a spike (z-scores: loss {scores['loss']:.1f}, gradient norm "
+            f"{scores['grad_norm']:.1f}; --skip-spikes {run.cfg.skip_spikes:g})", file=sys.stderr)
+    if progress.spikes.in_a_row >= spikes.MAX_IN_A_ROW:
+        last = checkpoint.latest(run.out)
+        raise UsageError(f"{spikes.MAX_IN_A_ROW} steps in a row were spikes (the last would have been step {step}): "
+                         f"the loss or the gradient norm has left the range of the last {spikes.WINDOW} steps for "
+                         "good; " + (f"resume from {last} " if last else "start again ")
+                         + "with a higher --skip-spikes, a lower --lr, or without --skip-spikes")
 
 
 def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window) -> None:
@@ -456,6 +523,25 @@ def log_window(run: Run, step: int, lr: float, grad_norm: float, window: Window)
     run.writer.add_scalar("train/peak_memory_gib", memory.peak_memory(run.device) / memory.GIB, step)
     for name, value in window.logs.items():
         run.writer.add_scalar(f"train/{name}", window.per_token(value), step)
+
+
+def log_layers(run: Run, step: int, stats: dict[str, dict[str, float]]) -> None:
+    """--log-layers: layer_stats.after_step's statistics, one TensorBoard tag per statistic and part."""
+    for stat, values in stats.items():
+        for part, value in values.items():
+            run.writer.add_scalar(f"{stat}/{part}", value, step)
+
+
+def write_samples(run: Run, step: int) -> None:
+    """--sample-every: the greedy continuation of each prompt, to the log and TensorBoard's text tab (rank 0)."""
+    if not run.world.main:
+        return
+    tokenizer, written = run.tokenizer, []
+    for ids in samples.prompt_ids(tokenizer, run.prompts, cut=not run.cfg.sample_prompts):
+        new = samples.greedy(run.model, ids, run.device, run.precision, run.block_size, tokenizer.eos_token_id)
+        written.append((tokenizer.decode(ids), tokenizer.decode(new)))
+        run.say(f"sample at step {step}: {written[-1][0]!r} -> {written[-1][1]!r}")
+    run.writer.add_text("samples", samples.as_markdown(written), step)
 
 
 def evaluate_at(run: Run, loader: DataLoader, step: int, stop=None) -> float:
@@ -477,7 +563,7 @@ def evaluate_at(run: Run, loader: DataLoader, step: int, stop=None) -> float:
 def save_checkpoint(run: Run, progress: Progress) -> Path | None:
     """Write a checkpoint of the run as it stands (rank 0 writes; every rank takes part in the gathering)."""
     info = {"task": run.cfg.task, "model": run.model_name, "world_size": run.world.size, "config": run.cfg.to_dict(),
-            "train_data": run.train_data, "compile": run.compiling.state()}
+            "train_data": run.train_data, "compile": run.compiling.state(), "optimizer": describe(run.optimizer)}
     snapshot = checkpoint.capture(progress, info, run.model, run.optimizer, run.scaler, run.world, run.cfg.fsdp,
                                   partial=run.adapted is not None)
     # rank 0 writes while the others wait: a failed write is the same one-line error on every rank
@@ -508,6 +594,7 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
     else:
         seconds = max(progress.train_seconds, 1e-9)
         metrics.update(perplexity_before=progress.perplexity_before, train_steps=step,
+                       skipped_steps=progress.spikes.skipped,
                        train_tokens=progress.train_tokens, train_seconds=progress.train_seconds,
                        tokens_per_second=progress.train_tokens / seconds,
                        mfu=model_flops_utilization(run, progress.train_flops, progress.train_seconds))
@@ -529,6 +616,12 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
         run.say(f"perplexity: {metrics['perplexity_before']:.3f} -> {metrics['perplexity']:.3f}"
                 + f" (MFU {metrics['mfu']:.1%})")
     return metrics
+
+
+def scratch_name(cfg: Config) -> str:
+    """How a model from scratch is named in metrics and checkpoints: its configuration and overrides."""
+    return (f"{cfg.model_type or cfg.config_name} from scratch"
+            + (f" ({cfg.config_overrides})" if cfg.config_overrides else ""))
 
 
 def adapted(cfg: Config) -> bool:

@@ -11,7 +11,7 @@ import sys
 
 from conftest import ENV, ROOT
 from lm.cache import measured, recalled, remember
-from lm.compiling import COMPILE_CACHE, compile_estimate, record_compile
+from lm.compiling import COMPILE_CACHE, COMPILE_GAIN, COMPILE_SECONDS, compile_estimate, record_compile
 
 
 def test_an_entry_that_cannot_be_read_is_measured_again(tmp_path):

@@ -85,6 +85,12 @@ CASES = [
     ("model-dir-without-weights", "clm", "--model {broken}/weightless --train-file {corpus} --block-size 32 "
      "--output-dir {out}",
      "the model in {broken}/weightless could not be loaded (OSError: Error no file named model.safetensors"),
+    # a model from scratch: its configuration checked before anything is tokenized
+    ("model-type-the-task-cannot-load", "mlm", "--model-type gpt2 --tokenizer {mlm} --train-file {corpus} "
+     "--cache-dir {out}/cache --output-dir {out}", "--model-type gpt2 is a gpt2 model, which AutoModelForMaskedLM "
+     "cannot load"),
+    ("config-override-of-no-field", "clm", "--config-name {clm} --config-overrides n_layers=1 --train-file {corpus} "
+     "--cache-dir {out}/cache --output-dir {out}", "--config-overrides n_layers=1: GPT2Config has no field 'n_layers'"),
     # LoRA's settings
     ("lora-alpha-without-rank", "clm", BASE + " --lora-alpha 32", "--lora-alpha is a setting of LoRA adapters: give "
      "--lora-rank R too"),

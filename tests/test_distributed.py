@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-from conftest import ENV, ROOT, metrics, scalars
+from conftest import ENV, NEEDS_MUON, ROOT, metrics, scalars
 from test_resume import signalled_at
 
 AUTO = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM}
@@ -117,16 +117,43 @@ def test_fsdp_trains_like_one_process_and_saves_a_whole_model(task, no_dropout_m
     assert_same_training(single(task), tmp_path / "fsdp", task)  # from_pretrained loads the gathered model
 
 
+def assert_resumes_from_step_3(run: list, out):
+    """Throw away the model a finished torchrun `run` saved in `out` and resume from its step 3: the last 3 steps
+    again, the same weights."""
+    final = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    finish(torchrun("--standalone", "--nproc_per_node", "2",
+                    script_args=[*run, "--resume-from", out / "checkpoints" / "step-3"]))
+    again = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name in final:
+        torch.testing.assert_close(again[name], final[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_fsdp_checkpoint_resumes(no_dropout_models, corpus, tmp_path):
     run = [*args("clm", no_dropout_models["clm"], corpus, tmp_path / "fsdp", 2), "--fsdp", "--save-every", "3"]
     finish(torchrun("--standalone", "--nproc_per_node", "2", script_args=run))
-    # throw away the finished model and resume from step 3: the last 3 steps again, the same result
-    final = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").state_dict()
+    assert_resumes_from_step_3(run, tmp_path / "fsdp")
+
+
+@NEEDS_MUON
+def test_muon_on_two_processes_and_under_fsdp_trains_like_one_process_and_resumes(no_dropout_models, corpus,
+                                                                                  tmp_path):
+    # torch's Muon orthogonalises in bf16: fp32 sums added up in another order on 2 processes (DDP's all-reduce,
+    # FSDP's sharded matmuls on DTensors) move its updates by up to ~10% of one step, so weights agree to 5e-4
+    model, muon = no_dropout_models["clm"], ["--optimizer", "muon"]
+    one_process("clm", model, corpus, tmp_path / "one", *muon)
     finish(torchrun("--standalone", "--nproc_per_node", "2",
-                    script_args=[*run, "--resume-from", tmp_path / "fsdp" / "checkpoints" / "step-3"]))
-    again = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp").state_dict()
-    for name in final:
-        torch.testing.assert_close(again[name], final[name], rtol=1e-5, atol=1e-7, msg=name)
+                    script_args=[*args("clm", model, corpus, tmp_path / "ddp", 2), *muon]))
+    fsdp = [*args("clm", model, corpus, tmp_path / "fsdp", 2), *muon, "--fsdp", "--save-every", "3"]
+    finish(torchrun("--standalone", "--nproc_per_node", "2", script_args=fsdp))
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    for run in ("ddp", "fsdp"):
+        for (_, x), (_, y) in zip(scalars(tmp_path / "one", "train/loss"), scalars(tmp_path / run, "train/loss"),
+                                  strict=True):
+            assert y == pytest.approx(x, rel=1e-5)
+        two = AutoModelForCausalLM.from_pretrained(tmp_path / run).state_dict()
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-4, msg=name)
+    assert_resumes_from_step_3(fsdp, tmp_path / "fsdp")  # Muon's and AdamW's state gathered and scattered back
 
 
 def test_fsdp_needs_torchrun(no_dropout_models, corpus, tmp_path):

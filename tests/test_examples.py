@@ -1,6 +1,7 @@
 """The objectives in examples/: their collators, and each script run end to end from the command line."""
 
 import importlib.util
+import json
 import math
 import random
 import subprocess
@@ -51,6 +52,18 @@ def test_example_trains(name, task, extra, model_dirs, corpus, tmp_path):
         vocab = AutoTokenizer.from_pretrained(out).get_vocab()
         assert all(t in vocab for t in fim.FIM_TOKENS) and len(vocab) == 30522 + 3
         assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().num_embeddings == 30522 + 3
+
+
+def test_lion_plugs_in_from_examples_and_checkpoints_as_lion(model_dirs, corpus, tmp_path):
+    out = tmp_path / "out"
+    r = run_example("lion", "--model", model_dirs["clm"], "--train-file", corpus, "--max-train-steps", 3,
+                    "--block-size", 32, "--precision", "fp32", "--lr", 3e-4, "--save-every", 3, "--output-dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = metrics(out)
+    assert m["train_steps"] == 3 and m["perplexity"] < m["perplexity_before"]
+    assert json.loads((out / "checkpoints" / "step-3" / "state.json").read_text())["optimizer"] == "Lion"
+    r = run_example("lion", "--model", model_dirs["clm"], "--train-file", corpus, "--optimizer", "sgd")
+    assert r.returncode == 2 and r.stderr == "error: train(optimizer=...) builds the optimizer: drop --optimizer sgd\n"
 
 
 def test_whole_word_masking_help():

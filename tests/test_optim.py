@@ -1,9 +1,20 @@
+import importlib.util
+import shutil
+
 import pytest
 import torch
-from transformers import get_scheduler
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, get_scheduler
 
-from lm.optim import build_optimizer, lr_factor, parameter_groups
+from conftest import NEEDS_MUON, ROOT
+from lm.checkpoint import read_state
 from lm.config import SCHEDULES, Config
+from lm.errors import UsageError
+from lm.optim import Combined, build_optimizer, lr_factor, parameter_groups, set_lr
+from lm.train import train
+
+spec = importlib.util.spec_from_file_location("lion", ROOT / "examples" / "lion.py")
+lion = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(lion)  # its optimizer; main() runs only as a script
 
 
 def test_no_weight_decay_on_biases_and_norm_weights_and_fresh_params_get_their_lr():
@@ -13,8 +24,88 @@ def test_no_weight_decay_on_biases_and_norm_weights_and_fresh_params_get_their_l
     by_name = {n: (g["weight_decay"], g["lr"]) for g in groups for n in g["names"]}
     assert by_name == {"0.weight": (0.1, 1e-5), "0.bias": (0.0, 1e-5), "1.weight": (0.0, 1e-5),
                        "1.bias": (0.0, 1e-5), "2.weight": (0.1, 1e-3), "2.bias": (0.0, 1e-3)}
-    optimizer = build_optimizer(groups, Config.for_task("clm"), torch.device("cpu"))
+    optimizer = build_optimizer(groups, Config.for_task("clm"))
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 6
+
+
+def small_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+
+
+@NEEDS_MUON
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = small_gpt2()
+    groups = parameter_groups(model, lr=1e-3, weight_decay=0.1)
+    optimizer = build_optimizer(groups, Config.for_task("clm", optimizer="muon"))
+    assert isinstance(optimizer, Combined)
+    muon, adamw = optimizer.optimizers
+    assert (type(muon), type(adamw)) == (torch.optim.Muon, torch.optim.AdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_muon = sorted(names[id(p)] for g in muon.param_groups for p in g["params"])
+    # GPT-2's Conv1D weights inside the blocks; not the token and position embeddings (the head is tied to them),
+    # nor norms and biases
+    assert in_muon == sorted(f"transformer.h.{i}.{m}.weight" for i in (0, 1)
+                             for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    in_adamw = {names[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert in_adamw == set(names.values()) - set(in_muon)
+    assert {g["weight_decay"] for g in muon.param_groups} == {0.1} and muon.param_groups[0]["adjust_lr_fn"] == (
+        "match_rms_adamw")
+    # one schedule for both: every group's learning rate from its base_lr
+    assert set_lr(optimizer, 0.5) == 5e-4 and {g["lr"] for g in optimizer.param_groups} == {5e-4}
+
+
+@pytest.mark.parametrize("kind, cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+def test_adamw_and_sgd_are_torchs_over_the_same_groups(kind, cls):
+    groups = parameter_groups(small_gpt2(), lr=1e-3, weight_decay=0.1)
+    optimizer = build_optimizer(groups, Config.for_task("clm", optimizer=kind))
+    assert type(optimizer) is cls and len(optimizer.param_groups) == len(groups)
+    assert optimizer.param_groups[0].get("momentum", 0.9) == 0.9  # SGD's: lm.optim.SGD_MOMENTUM
+
+
+@NEEDS_MUON
+def test_muon_refuses_a_model_without_hidden_matrices():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
+    with pytest.raises(UsageError, match="--optimizer muon trains the 2-D weights inside transformer layers"):
+        build_optimizer(parameter_groups(model, 1e-3, 0.0), Config.for_task("clm", optimizer="muon"))
+
+
+def run_settings(model_dir, corpus, out, **extra) -> Config:
+    """6 fp32 steps of the tiny GPT-2 without dropout, a checkpoint at step 3."""
+    return Config.for_task("clm", model=str(model_dir), train_file=str(corpus), block_size=32, batch_size=2,
+                           max_train_steps=6, lr=1e-3, weight_decay=0.1, precision="fp32", compile="off",
+                           save_every=3, output_dir=str(out), **extra)
+
+
+@pytest.mark.parametrize("optimizer", [pytest.param("muon", marks=NEEDS_MUON), "sgd", "lion"])
+def test_every_optimizer_resumes_bitwise(optimizer, no_dropout_models, corpus, tmp_path):
+    extra, factory = ({}, lion.lion) if optimizer == "lion" else ({"optimizer": optimizer}, None)
+    model = no_dropout_models["clm"]
+    whole = train(run_settings(model, corpus, tmp_path / "whole", **extra), optimizer=factory)
+    assert read_state(tmp_path / "whole" / "checkpoints" / "step-3")["optimizer"] == {
+        "muon": "Muon+AdamW", "sgd": "SGD", "lion": "Lion"}[optimizer]
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-3", tmp_path / "resumed" / "checkpoints" / "step-3")
+    resumed = train(run_settings(model, corpus, tmp_path / "resumed", resume_from="latest", **extra),
+                    optimizer=factory)
+    assert resumed["eval_loss"] == whole["eval_loss"] and whole["perplexity"] < whole["perplexity_before"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the optimizer state the resumed run saved at step 6 is the uninterrupted run's, to the bit
+    sa, sb = (torch.load(run / "checkpoints" / "step-6" / "optimizer.pt") for run in (tmp_path / "whole",
+                                                                                       tmp_path / "resumed"))
+    flat = lambda state: [t for saved in state.get("optimizers", [state]) for s in saved["state"].values()
+                          for t in s.values() if isinstance(t, torch.Tensor)]
+    assert len(flat(sa)) > 0 and all(torch.equal(x, y) for x, y in zip(flat(sa), flat(sb), strict=True))
+    if optimizer == "lion":  # its state can't go to another optimizer: refused, not silently reused
+        shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-3", tmp_path / "other" / "checkpoints" / "step-3")
+        with pytest.raises(UsageError, match="the checkpoint's optimizer is Lion, this run's AdamW"):
+            train(run_settings(model, corpus, tmp_path / "other", resume_from="latest"))
+
+
+def test_a_factory_and_optimizer_are_one_choice(tiny_gpt2, corpus, tmp_path):
+    with pytest.raises(UsageError, match="train\\(optimizer=...\\) builds the optimizer: drop --optimizer muon"):
+        train(run_settings(tiny_gpt2, corpus, tmp_path, optimizer="muon"), optimizer=lion.lion)
 
 
 @pytest.mark.parametrize("warmup", [0, 5])

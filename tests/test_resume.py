@@ -205,9 +205,11 @@ def test_progress_loads_from_a_checkpoint_written_before_its_newer_fields():
 # A valid value other than the base's, for every option: a new option without one fails the walk below,
 # so whoever adds it decides how a resumed run treats it.
 OTHER_VALUE = dict(
-    task="mlm", model="other-model", tokenizer="other-tokenizer", dataset="wikitext", dataset_config="wikitext-2-raw-v1", train_file="other.txt",
+    task="mlm", model="other-model", tokenizer="other-tokenizer", model_type="llama", config_name="other-config",
+    config_overrides="num_hidden_layers=2", dataset="wikitext", dataset_config="wikitext-2-raw-v1", train_file="other.txt",
     validation_file="other-valid.txt", text_column="body", validation_split_percentage=10.0, block_size=64,
     line_by_line=True, document_boundaries=True, mlm_prob=0.2, eval_stride=8, max_train_samples=4,
+    optimizer="muon", log_layers=True, skip_spikes=3.0, sample_every=5, sample_prompts="prompts.txt",
     max_eval_samples=3, lr=5e-4, head_lr=1e-2,
     weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.99, adam_eps=1e-6, lr_scheduler="cosine", warmup_steps=2,
     warmup_ratio=0.1, grad_accum_steps=2, max_grad_norm=0.5, epochs=2.0, max_train_steps=20, batch_size=4,
