@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -48,11 +47,12 @@ def parse_args(argv=None):
 
 
 def child(args) -> None:
-    """Run the task's script here, then report this process's peak RSS (ru_maxrss, KiB on Linux)."""
+    """Run the task's script here, then report this process's peak RSS."""
     from lm.cli import main
+    from lm.memory import peak_rss
 
     code = main(args.task, json.loads(args.child))
-    print("BENCH " + json.dumps({"code": code, "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print("BENCH " + json.dumps({"code": code, "max_rss": peak_rss()}))
 
 
 def run_side(args, side: str, out: Path) -> dict:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -171,6 +170,7 @@ def run_side(args) -> dict:
 
     from lm.config import Config, find_objective
     from lm.embedded import model_dir
+    from lm.memory import peak_rss
 
     clock = StepClock(args.device)
     total = MAX_WARMUP + args.steps  # the run is stopped once its steps are timed
@@ -206,7 +206,7 @@ def run_side(args) -> dict:
             except Timed:
                 pass
     return {**clock.window(timed["warmup"]), "tokens_per_step": args.batch * args.block, "peak_rss": timed["rss"],
-            "max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "max_rss": peak_rss()}
 
 
 def train_with_trainer(cfg, path: str, out: str, clock: StepClock, torch, trainer_compile: bool = False) -> None:

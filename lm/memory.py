@@ -401,13 +401,8 @@ def planner(config, model_class: str, model_path: str | None, cfg, precision: st
 
 def resident_bytes() -> int:
     """This process's resident memory now (Linux; elsewhere its peak so far)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss()
+    rss = status_kib("VmRSS")
+    return rss * 1024 if rss is not None else peak_rss()
 
 
 def free_memory() -> int:
@@ -462,13 +457,30 @@ def read_lines(path: Path) -> list[str]:
 
 
 def peak_rss() -> int:
-    """The process's peak resident memory in bytes (ru_maxrss: KiB on Linux, bytes on macOS; 0 on Windows)."""
+    """The process's peak resident memory in bytes: Linux's VmHWM, else ru_maxrss (bytes on macOS; 0 on Windows).
+
+    Not ru_maxrss on Linux: a process started by fork (or vfork) and exec inherits its parent's peak there,
+    so a run launched from a large process (a test runner, a notebook) would report the launcher's memory."""
+    hwm = status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     try:
         import resource
     except ImportError:
         return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
+
+
+def status_kib(field: str) -> int | None:
+    """A memory field of /proc/self/status in KiB (VmRSS, VmHWM), or None where there is none (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def peak_memory(device: torch.device) -> int:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig
 
-from conftest import metrics, run_script, scalars
+from conftest import ENV, ROOT, metrics, run_script, scalars
 from lm import adapters, memory
 from lm.config import Config
 from lm.modeling import load_config
@@ -156,3 +159,13 @@ def test_the_peak_is_in_metrics_and_tensorboard_beside_the_plan(tiny_gpt2, corpu
     logged = scalars(out, "train/peak_memory_gib")
     assert [s for s, _ in logged] == [1, 2]
     assert 0.2 < logged[0][1] <= logged[1][1] <= m["peak_memory_gib"] < m["planned_memory_gib"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's /proc")
+def test_a_run_started_from_a_big_process_measures_its_own_peak():
+    # Linux's ru_maxrss carries the parent's peak across fork and exec: a run launched by a 1 GiB test runner or
+    # notebook would report 1 GiB, above any plan of a small model
+    held = torch.ones(2 ** 28)  # 1 GiB resident in this process
+    child = subprocess.run([sys.executable, "-c", "from lm.memory import peak_rss; print(peak_rss())"], cwd=ROOT,
+                           env=ENV, capture_output=True, text=True, check=True)
+    assert int(child.stdout) < 0.6 * held.numel() * held.element_size()
