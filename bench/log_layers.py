@@ -2,7 +2,7 @@
 one process on the same model and batch.
 
     python bench/log_layers.py                  # SmolLM2-135M (30 layers), batch 8 x 128: ~3 min on 2 cores (bf16)
-    python bench/log_layers.py --scratch        # the README's 4-layer SmolLM2 from scratch
+    python bench/log_layers.py --scratch        # the 4-layer SmolLM2 from scratch of docs/research.md
     python bench/log_layers.py --precision fp32 --steps 10
 
 A step is lm.train's: forward under the run's autocast, backward, gradient clipping, the optimizer step, zeroing the

@@ -1,4 +1,4 @@
-"""The README's commands work offline, or fail the way it says they do."""
+"""The commands of the README and of docs/ work offline, or fail the way they say they do; the pages link up."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from lm.errors import UsageError
 from test_cli_errors import snapshot
 from test_train import METRICS, TAGS
 
+WATCHING = {"--log-layers", "--skip-spikes", "--sample-every", "--sample-prompts"}  # they watch a run: see TRAINED
 NOT_CHECKED = ("bash install.sh", "pip ", "tensorboard ", "python -m pytest")  # setup, a viewer, the tests themselves
 SCRIPT = re.compile(r"train_(clm|mlm)\.py")
 EXAMPLE = re.compile(r"examples/(\w+)\.py")
@@ -69,8 +70,22 @@ def torchrun_script_args(command: str) -> tuple[str, list[str]]:
     return SCRIPT.fullmatch(parsed.training_script).group(1), parsed.training_script_args
 
 
-COMMANDS = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
+def watches(command: str, other: str) -> bool:
+    """Whether `command` is `other` with only flags that watch a run added (docs/research.md's "Watching a run")."""
+    if not command.startswith(other + " "):
+        return False
+    return all(token in WATCHING for token in command[len(other):].split() if token.startswith("--"))
+
+
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+README_COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+# every page's commands, each once: a command shown on two pages is run once
+COMMANDS = list(dict.fromkeys(c for p in PAGES for c in readme_commands(p.read_text(encoding="utf-8"))))
 LOCAL, HUB, TORCHRUN, EXAMPLES = ([c for c in COMMANDS if kind(c) == k] for k in ("local", "hub", "torchrun", "example"))
+# A local command that adds only watching flags to another is parsed, not trained again: the run it watches is
+# trained, and the flags have tests of their own (test_layer_stats.py, test_spikes.py, test_samples.py).
+TRAINED = [c for c in LOCAL if not any(watches(c, other) for other in LOCAL if other != c)]
 
 
 def test_readme_commands_come_from_bash_blocks_only():
@@ -113,15 +128,28 @@ def test_a_misspelled_flag_in_a_torchrun_command_is_caught():
         parse_args(*torchrun_script_args(command.replace("--fsdp", "--fsdq")))
 
 
-def test_every_readme_command_is_checked():
+def test_watches():
+    quick = "python train_clm.py --block-size 128"
+    assert watches(quick + " --log-layers --skip-spikes 5 --sample-every 50", quick)
+    assert not watches(quick + " --lora-rank 16 --merge-lora", quick)  # trains something else: trained too
+    assert not watches(quick, quick) and not watches("python train_clm.py --block-size 1280", quick)
+
+
+def test_every_documented_command_is_checked():
     assert [c for c in COMMANDS if kind(c) is None] == []
-    # Both quick starts and both tutorial commands: a README rewrite that drops one is noticed.
-    assert sorted({script_args(c)[0] for c in LOCAL}) == ["clm", "mlm"]
+    # Both quick starts and both tutorial commands on the front page: a rewrite that drops one is noticed.
+    assert sorted({script_args(c)[0] for c in README_COMMANDS if kind(c) == "local"}) == ["clm", "mlm"]
+    assert sorted(script_args(c)[0] for c in README_COMMANDS if kind(c) == "hub") == ["clm", "mlm"]
     assert sorted(script_args(c)[0] for c in HUB) == ["clm", "mlm"]
     assert len(TORCHRUN) >= 3
 
 
 @pytest.mark.parametrize("command", LOCAL)
+def test_local_command_parses(command):
+    parse_args(*script_args(command))
+
+
+@pytest.mark.parametrize("command", TRAINED)
 def test_quick_start_trains_offline(command, tmp_path):
     task, args = script_args(command)
     out = tmp_path / "run"
@@ -172,7 +200,40 @@ def test_example_command_parses(command):
 
 
 def test_the_options_table_is_the_one_the_cli_is_made_from():
-    # the help texts and defaults live in lm/config.py; the README shows them, so it must show them as they are
+    # the help texts and defaults live in lm/config.py; docs/options.md shows them, so it must show them as they are
     from lm.config import options_table
 
-    assert options_table() in (ROOT / "README.md").read_text(), "regenerate the README's table with lm.config.options_table()"
+    assert options_table() in (ROOT / "docs" / "options.md").read_text(encoding="utf-8"), \
+        "regenerate the table of docs/options.md with lm.config.options_table()"
+
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")  # [text](target)
+
+
+def anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_anchors():
+    assert anchors("# Checkpoints and resuming\n## `TrainingArguments`\n```bash\n# a comment\n```\n") == {
+        "checkpoints-and-resuming", "trainingarguments"}
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    linked = {(ROOT / target.split("#")[0]).resolve() for target in LINK.findall(README.read_text(encoding="utf-8"))}
+    assert len(PAGES) > 1 and [p.name for p in PAGES[1:] if p.resolve() not in linked] == []
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_resolve(page):
+    broken = []
+    for target in LINK.findall(page.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target):  # https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists() or anchor and file.suffix == ".md" and anchor not in anchors(file.read_text("utf-8")):
+            broken.append(target)
+    assert broken == []
