@@ -111,7 +111,7 @@ COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.In
 
 
 # The share of a training step's time that compiling the layers saves, by kind of device and precision, as
-# measured for the causal default (SmolLM2, 8 x 128; README "Compiling"): the estimate until this machine
+# measured for the causal default (SmolLM2, 8 x 128; docs/precision-and-compile.md): the estimate until this machine
 # has measured it for the model at hand. Absent: not measured to save anything, so auto stays eager.
 COMPILE_GAIN = {("cpu-amx", "bf16"): 0.25, ("cpu-avx512_bf16", "bf16"): 0.15, ("cuda", "bf16"): 0.8}
 # Seconds a cold compile of one layer's graph takes (regional compilation compiles one, whatever the

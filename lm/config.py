@@ -328,7 +328,7 @@ def flag(name: str) -> str:
 
 
 # Command lines of Hugging Face's scripts run here unchanged: the flags of run_{clm,mlm}_no_trainer.py and
-# the TrainingArguments of run_{clm,mlm}.py. Hidden from --help; the README lists them. --seed is spelled alike.
+# the TrainingArguments of run_{clm,mlm}.py. Hidden from --help; docs/huggingface.md lists them. --seed is spelled alike.
 # Their flags that are other spellings of our fields:
 HF_ALIASES = {
     "model_name_or_path": "model",
@@ -612,7 +612,7 @@ def build_parser(task, defaults: bool = True) -> argparse.ArgumentParser:
 
 
 def options_table() -> str:
-    """The README's table of options, made from the Config fields: flag, default (and the tasks' own), help."""
+    """The table of options in docs/options.md, made from the Config fields: flag, default (and the tasks' own), help."""
     from lm import objectives
 
     def shown(value):
