@@ -79,7 +79,7 @@ class Progress:
     train_tokens: int = 0  # input tokens of all processes
     train_seconds: float = 0.0  # training steps only: no loading, no evaluation
     train_flops: float = 0.0  # model FLOPs of those steps, all processes (lm.hardware.step_flops)
-    # Trainer's train_loss, the mean over the steps of each step's loss per token, as a sum and its steps: a
+    # run_clm.py's train_loss, the mean over the steps of each step's loss per token, as a sum and its steps: a
     # checkpoint written before these fields has steps that are in `step` but not in the sum
     train_loss_sum: float = 0.0
     train_loss_steps: int = 0

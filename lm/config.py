@@ -441,14 +441,14 @@ def from_trainer(theirs: dict, ours: dict) -> dict:
         if theirs.get("bf16") and theirs.get("fp16"):
             raise UsageError("--bf16 and --fp16 ask for two precisions: give one")
         asked = next((name for name in ("bf16", "fp16") if theirs.get(name)), None)
-        # without either, Trainer trains in fp32
+        # without either, run_clm.py trains in fp32
         wanted["precision"] = (asked or "fp32", f"--{asked}" if asked else "--bf16/--fp16 False")
     if theirs.get("tf32") is False:
         raise UsageError("--tf32 False: lm always lets CUDA GPUs run fp32 matmuls in TF32, and has no switch to "
                          "turn that off; leave --tf32 out")
     if "torch_compile" in theirs:
         wanted["compile"] = ("on" if theirs["torch_compile"] else "off", f"--torch_compile {theirs['torch_compile']}")
-    if theirs.get("max_steps", -1) > 0:  # Trainer's -1 (or 0): as many as the epochs take
+    if theirs.get("max_steps", -1) > 0:  # TrainingArguments' -1 (or 0): as many as the epochs take
         wanted["max_train_steps"] = (theirs["max_steps"], f"--max_steps {theirs['max_steps']}")
     if "warmup_steps" in theirs:
         value = theirs["warmup_steps"]
@@ -481,15 +481,15 @@ def _evaluation(theirs: dict, logging_steps: int) -> dict:
     if strategy not in (None, "no", "steps", "epoch"):
         raise UsageError(f"--eval_strategy {strategy}: lm evaluates every --eval-every steps and at each epoch's "
                          "end; give no, steps or epoch")
-    if strategy is None:  # Trainer's "no": --eval_steps alone evaluates nothing there either
+    if strategy is None:  # TrainingArguments' "no": --eval_steps alone evaluates nothing there either
         return {}
-    steps = theirs.get("eval_steps", logging_steps)  # Trainer falls back to the logging interval
+    steps = theirs.get("eval_steps", logging_steps)  # run_clm.py falls back to the logging interval
     return {"eval_every": (steps if strategy == "steps" else None, f"--eval_strategy {strategy}")}
 
 
 def _saving(theirs: dict) -> dict:
     """save_strategy and save_steps as from_trainer() wants them. Without either lm saves no checkpoints
-    (Trainer every 500 steps)."""
+    (run_clm.py every 500 steps)."""
     strategy = theirs.get("save_strategy", "steps" if "save_steps" in theirs else None)
     if strategy == "best":
         raise UsageError("--save_strategy best: lm keeps no best model; --save_total_limit keeps the newest "

@@ -28,7 +28,7 @@ def check_output_dir(out: Path, cfg, resume: Path | None) -> None:
         raise UsageError(f"--output-dir {out}: {parent} is not writable")
 
 
-# Trainer's result files, which run_clm.py and run_mlm.py write: each split's, and their union.
+# The result files run_clm.py and run_mlm.py write: each split's, and their union.
 TRAINER_RESULTS = ("train_results.json", "eval_results.json", "all_results.json")
 # What a run leaves in its directory besides the saved model, which the next run's overwrites.
 RUN_FILES = ("checkpoints", "logs", "metrics.json", *TRAINER_RESULTS)

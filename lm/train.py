@@ -581,7 +581,7 @@ def stop_here(run: Run, progress: Progress, signum: int) -> None:
 
 
 def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train: int) -> dict:
-    """The final evaluation, metrics.json and Trainer's result files and, after training, the model and tokenizer."""
+    """The final evaluation, metrics.json and run_clm.py's result files and, after training, the model and tokenizer."""
     step = progress.step if progress else 0
     eval_loss = evaluate_at(run, eval_loader, step)
     metrics = {"eval_loss": eval_loss, "perplexity": perplexity(eval_loss), "eval_stride": run.cfg.eval_stride,
@@ -655,7 +655,7 @@ def base_name(run: Run) -> str:
 
 
 def trainer_results(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train: int) -> tuple:
-    """(train, eval) results under the keys that run_clm.py and run_mlm.py save with Trainer (train: None after
+    """(train, eval) results under the keys that run_clm.py and run_mlm.py save (train: None after
     --eval-only). Runtimes count the training steps (and the final evaluation) alone; a resumed run's cover
     the whole run, as metrics.json's do."""
     step = progress.step if progress else 0
