@@ -5,8 +5,8 @@ import shlex
 import pytest
 
 from lm.cli import main
-from lm.config import (ADAMW_NAMES, HF_ALIASES, HF_IGNORED, HF_REFUSED, TRAINER_FLAGS, TRAINER_OLD_NAMES, Config,
-                       build_parser, flag, parse_args)
+from lm.config import Config, build_parser, flag, parse_args
+from lm.hf_flags import ADAMW_NAMES, HF_ALIASES, HF_IGNORED, HF_REFUSED, TRAINER_FLAGS, TRAINER_OLD_NAMES
 from lm.errors import UsageError
 
 # A value, not the default, for each field an alias sets; and the flags some of them need.
@@ -62,7 +62,7 @@ def changes(cfg: Config) -> dict:
     return {name: value for name, value in dataclasses.asdict(cfg).items() if getattr(default, name) != value}
 
 
-# TrainingArguments (run_clm.py, run_mlm.py) that lm.config.from_trainer() translates, and what they set.
+# TrainingArguments (run_clm.py, run_mlm.py) that lm.hf_flags.from_trainer() translates, and what they set.
 TRAINER_CASES = [
     ("--do_train", {}),  # lm trains, then evaluates: without --do_train or --do_eval too
     ("--do_train --do_eval", {}),
