@@ -15,20 +15,26 @@ import torch
 from torch import nn
 
 from lm.errors import UsageError
+from lm.modeling import meta_model
 
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def adapter_base(path: str | Path) -> str:
-    """The base model an adapter directory was trained on (its adapter_config.json's base_model_name_or_path)."""
+def adapter_config(path: str | Path) -> dict:
+    """An adapter directory's adapter_config.json, checked to be a LoRA adapter that names its base model."""
     try:
         config = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {path}: {ADAPTER_CONFIG} could not be read ({e})") from None
-    if config.get("peft_type") != "LORA" or not config.get("base_model_name_or_path"):
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA" or not config.get("base_model_name_or_path"):
         raise UsageError(f"--model {path}: {ADAPTER_CONFIG} is not a LoRA adapter that names its base model "
                          "(peft_type LORA, base_model_name_or_path)")
-    return config["base_model_name_or_path"]
+    return config
+
+
+def adapter_base(path: str | Path) -> str:
+    """The base model an adapter directory was trained on (its adapter_config.json's base_model_name_or_path)."""
+    return adapter_config(path)["base_model_name_or_path"]
 
 
 def body_prefix(model: nn.Module) -> str:
@@ -75,14 +81,6 @@ def fresh_modules(model: nn.Module, fresh: frozenset[str]) -> list[str]:
 def check_targets(config, model_class: str, cfg) -> None:
     """Refuse --lora-targets that name no layer of the model's body, from its config alone (before any loading)."""
     lora_config(meta_model(config, model_class), cfg, frozenset())
-
-
-def meta_model(config, model_class: str) -> nn.Module:
-    """The model `config` describes, on the meta device: its modules and shapes, no memory, no weights."""
-    import transformers
-
-    with torch.device("meta"):
-        return getattr(transformers, model_class).from_config(config)
 
 
 def add_adapters(model: nn.Module, cfg, fresh: frozenset[str]) -> tuple[object, frozenset[str]]:

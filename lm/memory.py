@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.errors import UsageError
+from lm.modeling import meta_model
 
 GIB = 2 ** 30
 # What a CPU process allocates after the plan beyond the terms: the tokenizer and the tokenized data, oneDNN's
@@ -138,21 +139,6 @@ def fresh_parameters(model: nn.Module, keys: set[str] | None) -> frozenset[str]:
     prefix = f"{model.base_model_prefix}."
     return frozenset(name for name, _ in model.named_parameters()
                      if name not in keys and name.removeprefix(prefix) not in keys)
-
-
-def meta_model(config, model_class: str, attention: str | None, dtype: torch.dtype) -> nn.Module:
-    """The model as from_config builds it, on the meta device: shapes and dtypes, no memory, no weights read."""
-    import transformers
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with torch.device("meta"):
-            return getattr(transformers, model_class).from_config(
-                config, dtype=dtype, **({"attn_implementation": attention} if attention else {}))
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def faked(model: nn.Module, mode, device: torch.device) -> nn.Module:

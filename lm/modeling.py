@@ -248,10 +248,27 @@ def fit_to_tokenizer(config, tokenizer, overrides: dict[str, str]) -> None:
             setattr(config, key, value)
 
 
-def new_model(config, model_class: str, attention: str | None = None) -> torch.nn.Module:
-    """A model of `config` in fp32, initialised by its architecture's own _init_weights (under the caller's seed).
-    `model_class` and `attention` as for load_model."""
+def new_model(config, model_class: str, attention: str | None = None,
+              dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A model of `config`, initialised by its architecture's own _init_weights (under the caller's seed), in
+    `dtype`. `model_class` and `attention` as for load_model. Under `with torch.device("meta")`: shapes and dtypes
+    alone, no memory (meta_model)."""
     import transformers
 
     auto = getattr(transformers, model_class)
-    return auto.from_config(config, dtype=torch.float32, **({"attn_implementation": attention} if attention else {}))
+    return auto.from_config(config, dtype=dtype, **({"attn_implementation": attention} if attention else {}))
+
+
+def meta_model(config, model_class: str, attention: str | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The model `config` describes on the meta device: its modules, shapes and dtypes, no memory, no weights read
+    (transformers' warnings about it silenced)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            return new_model(config, model_class, attention, dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)

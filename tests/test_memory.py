@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig
 from conftest import ENV, ROOT, metrics, run_script, scalars
 from lm import adapters, memory
 from lm.config import Config
-from lm.modeling import load_config
+from lm.modeling import load_config, meta_model
 
 CPU = torch.device("cpu")
 
@@ -64,7 +64,7 @@ def test_fresh_parameters_are_read_from_the_checkpoint_header(tiny_bert, tmp_pat
     AutoModelForMaskedLM.from_pretrained(tiny_bert).bert.save_pretrained(tmp_path)
     config = load_config(tiny_bert, {})
     expected = load_model(str(tmp_path), {}, "AutoModelForMaskedLM")[1]
-    model = memory.meta_model(config, "AutoModelForMaskedLM", None, torch.float32)
+    model = meta_model(config, "AutoModelForMaskedLM")
     assert expected and memory.fresh_parameters(model, memory.checkpoint_keys(tmp_path)) == expected
     assert memory.fresh_parameters(model, memory.checkpoint_keys(tiny_bert)) == frozenset()
 
