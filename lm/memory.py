@@ -11,6 +11,7 @@ torch and this transformers make them, for any architecture transformers builds.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -166,90 +167,125 @@ def count_kept(config, model_class: str, cfg, fresh: frozenset[str], precision: 
     """Run one training forward of `batch` x `block` tokens on a fake model built from `config` as the run builds
     it (LoRA adapters too), and count what autograd keeps, by layer, and what the head keeps."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from lm import adapters
     from lm.hardware import autocast
-    from lm.losses import TokenLoss, Workspace, chunkable, fused_head_loss
+
+    mode = FakeTensorMode()
+    model = faked(planned_model(config, model_class, cfg, fresh, precision, attention), mode, device).train()
+    params = list({id(p): p for p in model.parameters()}.values())
+    trained = [p for p in params if p.requires_grad]
+    layers = outermost_layers(model)
+    saved = SavedTensors(params, layers)
+    rows = max(1, round(batch * block * labelled_share))
+    with mode, saved.counting(), autocast(device, precision):
+        loss, workspace = training_forward(model, saved, device, precision, batch, block, rows)
+    del loss  # it held the graph, and so every kept storage, while they were counted (a freed address is reused)
+    low = 2 if precision != "fp32" else 0  # evaluation's logits: in the autocast dtype, in fp32, their log-softmax
+    return Kept(
+        parameters=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trained),
+        weight_bytes=sum(p.nbytes for p in params), trained_bytes=sum(p.nbytes for p in trained),
+        largest_layer_bytes=max((sum(p.nbytes for p in layer.parameters()) for layer in layers), default=0),
+        outside=saved.kept.get("outside", 0), layers=tuple(saved.kept.get(i, 0) for i in range(len(layers))),
+        layer_inputs=tuple(saved.inputs), head=saved.kept.get("head", 0) + workspace,
+        logits_row=config.vocab_size * (low + 4 + 4))
+
+
+def planned_model(config, model_class: str, cfg, fresh: frozenset[str], precision: str,
+                  attention: str | None) -> nn.Module:
+    """The model of `config` on the meta device as the run builds it: under LoRA, peft's layers added and the frozen
+    base in bf16 when the precision is (lm.train.build_model)."""
+    from lm import adapters
 
     lora = cfg.lora_rank > 0
-    # under LoRA the frozen base is kept in bf16 when the precision is (lm.train.build_model)
     model = meta_model(config, model_class, attention, torch.bfloat16 if lora and precision == "bf16" else
                        torch.float32)
     if lora:
         with warnings.catch_warnings():  # peft's, about transformers' names: the run itself shows them
             warnings.simplefilter("ignore")
             model = adapters.add_adapters(model, cfg, fresh)[0].get_base_model()
-    mode = FakeTensorMode()
-    model = faked(model, mode, device).train()
-    params = {id(p): p for p in model.parameters()}.values()
-    param_storages = {p.untyped_storage()._cdata for p in params}
-    trained = [p for p in params if p.requires_grad]
+    return model
+
+
+def outermost_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer layers, as gradient checkpointing sees them: its outermost
+    GradientCheckpointingLayers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    layers = [m for m in layers if not any(m is not other and m in other.modules() for other in layers)]
+    return [m for m in layers if not any(m is not other and m in other.modules() for other in layers)]
 
-    kept: dict = {}  # bytes of the storages autograd keeps, by where each was first kept: a layer's index,
-    seen: set[int] = set()  # "outside" or "head"; each storage counted once, parameters never
-    where = ["outside"]
-    inputs = [0] * len(layers)
 
-    def pack(t):
+class SavedTensors:
+    """Adds up the bytes of the storages autograd keeps for backward, by where each was first kept: a layer's index,
+    "outside" the layers, or "head" (set by the forward); each storage counted once, parameters never. Also records
+    each layer's input hidden states (what gradient checkpointing keeps)."""
+
+    def __init__(self, params: list[nn.Parameter], layers: list[nn.Module]):
+        self.params = {p.untyped_storage()._cdata for p in params}
+        self.layers = layers
+        self.kept: dict = {}
+        self.seen: set[int] = set()
+        self.where = "outside"
+        self.inputs = [0] * len(layers)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
-        if storage._cdata not in seen and storage._cdata not in param_storages:
-            seen.add(storage._cdata)
-            kept[where[0]] = kept.get(where[0], 0) + storage.nbytes()
+        if storage._cdata not in self.seen and storage._cdata not in self.params:
+            self.seen.add(storage._cdata)
+            self.kept[self.where] = self.kept.get(self.where, 0) + storage.nbytes()
         return t
 
-    def enter(i):
+    def enter(self, i: int):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
-            inputs[i] = hidden.untyped_storage().nbytes()
-            where[0] = i
+            self.inputs[i] = hidden.untyped_storage().nbytes()
+            self.where = i
         return hook
 
-    def leave(module, args, output):
-        where[0] = "outside"
+    def leave(self, module, args, output) -> None:
+        self.where = "outside"
 
-    handles = [h for i, layer in enumerate(layers) for h in (
-        layer.register_forward_pre_hook(enter(i), with_kwargs=True), layer.register_forward_hook(leave))]
+    @contextlib.contextmanager
+    def counting(self):
+        """Count what autograd keeps inside this block, by layer."""
+        handles = [h for i, layer in enumerate(self.layers) for h in (
+            layer.register_forward_pre_hook(self.enter(i), with_kwargs=True), layer.register_forward_hook(self.leave))]
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t):
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def training_forward(model: nn.Module, saved: SavedTensors, device: torch.device, precision: str, batch: int,
+                     block: int, rows: int) -> tuple[torch.Tensor, int]:
+    """TokenLoss.forward of `batch` x `block` tokens, `rows` of them labelled, with what the head keeps counted as
+    "head": (the loss, the bytes of the fused head's workspace). The labelled positions are given in number: a boolean
+    mask's selection has no size until it runs."""
+    from lm.losses import TokenLoss, Workspace, chunkable, fused_head_loss
+
     module = TokenLoss(model)
     module.texts = False
-    rows = max(1, round(batch * block * labelled_share))
     workspace = Workspace()
-    try:
-        with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, precision):
-            input_ids = torch.zeros(batch, block, dtype=torch.long, device=device)
-            attention_mask = torch.ones(batch, block, dtype=torch.long, device=device)
-            labels = torch.zeros(rows, dtype=torch.long, device=device)
-            index = torch.arange(rows, device=device)  # the labelled positions, as TokenLoss selects them
-            # TokenLoss.forward, with the labelled positions known in number (a boolean mask's selection has
-            # no size until it runs)
-            if module.split is None:
-                logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-                where[0] = "head"
-                loss = F.cross_entropy(logits.flatten(0, 1)[index].float(), labels, reduction="sum")
-            else:
-                hidden = module.hidden_states(input_ids, attention_mask).flatten(0, 1)[index]
-                where[0] = "head"
-                head = getattr(model, module.split[1])
-                if chunkable(head):
-                    dtype = torch.get_autocast_dtype(device.type) if precision != "fp32" else head.weight.dtype
-                    loss = fused_head_loss(hidden, head.weight, head.bias, labels, dtype, workspace)
-                else:
-                    loss = F.cross_entropy(head(hidden).float(), labels, reduction="sum")
-    finally:
-        for h in handles:
-            h.remove()
-    del loss
-    low = 2 if precision != "fp32" else 0  # evaluation's logits: in the autocast dtype, in fp32, their log-softmax
-    workspace_bytes = sum(b.untyped_storage().nbytes() for b in workspace.buffers.values())
-    return Kept(
-        parameters=sum(p.numel() for p in params), trainable=sum(p.numel() for p in trained),
-        weight_bytes=sum(p.nbytes for p in params), trained_bytes=sum(p.nbytes for p in trained),
-        largest_layer_bytes=max((sum(p.nbytes for p in layer.parameters()) for layer in layers), default=0),
-        outside=kept.get("outside", 0), layers=tuple(kept.get(i, 0) for i in range(len(layers))),
-        layer_inputs=tuple(inputs), head=kept.get("head", 0) + workspace_bytes,
-        logits_row=config.vocab_size * (low + 4 + 4))
+    input_ids = torch.zeros(batch, block, dtype=torch.long, device=device)
+    attention_mask = torch.ones(batch, block, dtype=torch.long, device=device)
+    labels = torch.zeros(rows, dtype=torch.long, device=device)
+    index = torch.arange(rows, device=device)  # the labelled positions, as TokenLoss selects them
+    if module.split is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        saved.where = "head"
+        loss = F.cross_entropy(logits.flatten(0, 1)[index].float(), labels, reduction="sum")
+    else:
+        hidden = module.hidden_states(input_ids, attention_mask).flatten(0, 1)[index]
+        saved.where = "head"
+        head = getattr(model, module.split[1])
+        if chunkable(head):
+            dtype = torch.get_autocast_dtype(device.type) if precision != "fp32" else head.weight.dtype
+            loss = fused_head_loss(hidden, head.weight, head.bias, labels, dtype, workspace)
+        else:
+            loss = F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+    return loss, sum(b.untyped_storage().nbytes() for b in workspace.buffers.values())
 
 
 @dataclasses.dataclass
