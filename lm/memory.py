@@ -105,6 +105,7 @@ class Kept:
     layer_inputs: tuple[int, ...]  # each layer's input hidden states: what gradient checkpointing keeps
     head: int  # kept by the head and its loss, with the fused head's workspace
     logits_row: int  # bytes of one row of evaluation logits (autocast dtype, fp32 copy, log-softmax)
+    optimizer: int  # what the run's optimizer keeps after a step
 
     def activations(self, checkpointing: bool) -> int:
         """Kept by the body: every layer's saves, or with checkpointing every layer's input and one layer's
@@ -163,9 +164,10 @@ def faked(model: nn.Module, mode, device: torch.device) -> nn.Module:
 
 
 def count_kept(config, model_class: str, cfg, fresh: frozenset[str], precision: str, device: torch.device,
-               attention: str | None, batch: int, block: int, labelled_share: float) -> Kept:
+               attention: str | None, batch: int, block: int, labelled_share: float, make_optimizer) -> Kept:
     """Run one training forward of `batch` x `block` tokens on a fake model built from `config` as the run builds
-    it (LoRA adapters too), and count what autograd keeps, by layer, and what the head keeps."""
+    it (LoRA adapters too), and count what autograd keeps, by layer, and what the head keeps; then one step of the
+    optimizer `make_optimizer` builds (lm.optim.build_optimizer's signature), and count what it keeps."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lm.hardware import autocast
@@ -187,7 +189,24 @@ def count_kept(config, model_class: str, cfg, fresh: frozenset[str], precision: 
         largest_layer_bytes=max((sum(p.nbytes for p in layer.parameters()) for layer in layers), default=0),
         outside=saved.kept.get("outside", 0), layers=tuple(saved.kept.get(i, 0) for i in range(len(layers))),
         layer_inputs=tuple(saved.inputs), head=saved.kept.get("head", 0) + workspace,
-        logits_row=config.vocab_size * (low + 4 + 4))
+        logits_row=config.vocab_size * (low + 4 + 4), optimizer=optimizer_state(model, cfg, make_optimizer, mode))
+
+
+def optimizer_state(model: nn.Module, cfg, make_optimizer, mode) -> int:
+    """Bytes of the state the optimizer keeps after a step over the fake model's trained parameters, as it really
+    allocates it: AdamW's two moments, SGD's momentum, Muon's on the hidden matrices and AdamW's on the rest, or
+    whatever a factory's optimizer keeps."""
+    from lm.optim import optimizers, parameter_groups
+
+    with mode:
+        optimizer = make_optimizer(parameter_groups(model, cfg.lr, cfg.weight_decay), cfg)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        optimizer.step()
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for o in optimizers(optimizer)
+                for state in o.state.values() for t in state.values() if isinstance(t, torch.Tensor)}
+    return sum(storages.values())
 
 
 def planned_model(config, model_class: str, cfg, fresh: frozenset[str], precision: str,
@@ -299,18 +318,22 @@ class Planner:
     attention: str | None
     fresh: frozenset[str]
     local: int = 1  # processes on this machine: on a CPU they share its memory
+    make_optimizer: object = None  # (param_groups, cfg) -> optimizer, as train() takes it; None: build_optimizer
     counted: dict = dataclasses.field(default_factory=dict)
 
     def plan(self, cfg, block: int, processes: int = 1, distributed: bool = False) -> Plan:
         """The peak of one process of a run with these settings (`processes` in all: FSDP shards over them)."""
         masked = self.model_class.endswith("MaskedLM")  # the head runs on the masked positions alone
         share = cfg.mlm_prob if masked else (block - 1) / block
-        key = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout, cfg.batch_size, block)
+        key = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout, cfg.batch_size, block, cfg.optimizer)
         if key not in self.counted:
+            from lm.optim import build_optimizer
+
             self.counted[key] = count_kept(self.config, self.model_class, cfg, self.fresh, self.precision,
-                                           self.device, self.attention, cfg.batch_size, block, share)
+                                           self.device, self.attention, cfg.batch_size, block, share,
+                                           self.make_optimizer or build_optimizer)
         kept = self.counted[key]
-        weights, gradients, optimizer = kept.weight_bytes, kept.trained_bytes, 2 * kept.trained_bytes  # AdamW
+        weights, gradients, optimizer = kept.weight_bytes, kept.trained_bytes, kept.optimizer
         if cfg.fsdp:  # each process keeps its shard, and gathers a layer (and prefetches the next) to run it
             weights, gradients, optimizer = (-(-n // processes) for n in (weights, gradients, optimizer))
             weights += 2 * kept.largest_layer_bytes
@@ -383,7 +406,7 @@ class Planner:
 
 
 def plan_run(cfg, config, model_class: str, model_path: str | None, precision: str, device: torch.device,
-             processes: int, cache_dir) -> Plan | None:
+             processes: int, cache_dir, make_optimizer=None) -> Plan | None:
     """The memory plan of a run, from the model's config and the settings alone (nothing is loaded); a UsageError
     naming the changes that would fit where it does not, unless --ignore-memory-plan; None (and a warning) where
     the model's forward can't be counted."""
@@ -393,7 +416,8 @@ def plan_run(cfg, config, model_class: str, model_path: str | None, precision: s
     block = resolve_block_size(cfg.block_size, max_positions(config, None))[0]
     attention = planned_attention(device, precision, config, cfg.batch_size, block, cache_dir)
     try:
-        planned = planner(config, model_class, model_path, cfg, precision, device, attention, local_processes())
+        planned = planner(config, model_class, model_path, cfg, precision, device, attention, local_processes(),
+                          make_optimizer)
         plan = planned.plan(cfg, block, processes, processes > 1)
     except UsageError:  # e.g. --lora-targets naming no layer of the model
         raise
@@ -412,13 +436,13 @@ def plan_run(cfg, config, model_class: str, model_path: str | None, precision: s
 
 
 def planner(config, model_class: str, model_path: str | None, cfg, precision: str, device: torch.device,
-            attention: str | None, local: int = 1) -> Planner:
+            attention: str | None, local: int = 1, make_optimizer=None) -> Planner:
     """A Planner for a run whose model is read from `model_path`: the checkpoint's fresh parameters (named by
     its header) are those LoRA trains in full."""
     fresh = frozenset()
     if cfg.lora_rank > 0 and model_path is not None:
         fresh = fresh_parameters(meta_model(config, model_class, attention, torch.float32), checkpoint_keys(model_path))
-    return Planner(config, model_class, precision, device, attention, fresh, local)
+    return Planner(config, model_class, precision, device, attention, fresh, local, make_optimizer)
 
 
 def resident_bytes() -> int:

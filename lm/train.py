@@ -110,8 +110,8 @@ def train(cfg: Config, *, objective: Objective | None = None, model=None, tokeni
         raise UsageError(f"the config is for task {cfg.task!r}, the objective is {objective.name!r}")
     if optimizer is not None and cfg.optimizer != Config.optimizer:
         raise UsageError(f"train(optimizer=...) builds the optimizer: drop --optimizer {cfg.optimizer}")
-    run, changes = setup(cfg, objective, model, tokenizer)
-    run.loss, run.make_optimizer = loss or objective.loss, optimizer or build_optimizer
+    run, changes = setup(cfg, objective, model, tokenizer, optimizer or build_optimizer)
+    run.loss = loss or objective.loss
     train_set, eval_set = prepare_data(run, tokenizer)
     if cfg.prepare_only:
         return {"train_blocks": len(train_set), "validation_blocks": len(eval_set)}
@@ -125,7 +125,7 @@ def train(cfg: Config, *, objective: Objective | None = None, model=None, tokeni
         return finish(run, progress, eval_loader, len(train_set))
 
 
-def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, list[str]]:
+def setup(cfg: Config, objective: Objective, model, tokenizer, make_optimizer) -> tuple[Run, list[str]]:
     """Everything that needs no model: device, processes, output dir, the checkpoint to resume, the data files.
 
     Mistakes found here cost seconds. Returns the run and the options a resumed run changes.
@@ -149,7 +149,8 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
     out = Path(distributed.broadcast_from_main(world, cfg.output_dir or default_out))
     model_name = cfg.model or ("custom" if model is not None else scratch_name(cfg) if cfg.from_scratch
                                else objective.embedded_model)
-    run = Run(cfg, objective, world, device, precision, out, model_name, cannot_compile=cannot_compile)
+    run = Run(cfg, objective, world, device, precision, out, model_name, cannot_compile=cannot_compile,
+              make_optimizer=make_optimizer)
     if cfg.lr_scheduler == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
         run.say("warning: --lr-scheduler constant has no warmup, as in transformers; "
                 "constant_with_warmup warms up", file=sys.stderr)
@@ -211,7 +212,7 @@ def plan_memory(run: Run) -> memory.Plan | None:
         cfg = dataclasses.replace(cfg, lora_rank=adapters.adapter_config(run.adapter_dir).get("r", 8))
     path = run.model_path[0] if run.model_path else None  # (None: a model from scratch)
     return memory.plan_run(cfg, run.model_config, run.objective.model_class, path, run.precision, run.device,
-                           run.world.size, cache_root(cfg.cache_dir))
+                           run.world.size, cache_root(cfg.cache_dir), run.make_optimizer)
 
 
 def prepare_data(run: Run, tokenizer) -> tuple:

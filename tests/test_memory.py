@@ -14,28 +14,31 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig
 
-from conftest import ENV, ROOT, metrics, run_script, scalars
+from conftest import ENV, NEEDS_MUON, ROOT, metrics, run_script, scalars
 from lm import adapters, memory
 from lm.config import Config
 from lm.modeling import load_config, meta_model
+from lm.optim import build_optimizer, optimizers, parameter_groups
 
 CPU = torch.device("cpu")
 
 
-def planner(path, task: str, precision: str = "fp32", **settings) -> tuple[memory.Planner, Config]:
+def planner(path, task: str, precision: str = "fp32", make_optimizer=None, **settings
+            ) -> tuple[memory.Planner, Config]:
     cfg = Config.for_task(task, **settings)
     model_class = "AutoModelForCausalLM" if task == "clm" else "AutoModelForMaskedLM"
-    return memory.planner(load_config(str(path), {}), model_class, str(path), cfg, precision, CPU, None), cfg
+    return memory.planner(load_config(str(path), {}), model_class, str(path), cfg, precision, CPU, None,
+                          make_optimizer=make_optimizer), cfg
 
 
 @pytest.mark.parametrize("task", ["clm", "mlm"])
-def test_weights_gradients_and_adamw_state_are_the_parameters_bytes(model_dirs, task):
+def test_weights_and_gradients_are_the_parameters_bytes(model_dirs, task):
     planned, cfg = planner(model_dirs[task], task, batch_size=2, block_size=16)
     plan = planned.plan(cfg, 16)
     auto = AutoModelForCausalLM if task == "clm" else AutoModelForMaskedLM
     n = sum(p.numel() for p in auto.from_pretrained(model_dirs[task]).parameters())  # tied weights once
     assert (plan.parameters, plan.trainable) == (n, n)
-    assert (plan.weights, plan.gradients, plan.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert (plan.weights, plan.gradients) == (4 * n, 4 * n)
     assert plan.activations > 0 and plan.head > 0 and plan.baseline > 0
     # the line's terms add up to its total
     terms = re.fullmatch(r"memory: ~([\d.]+) GiB planned \((.*)\) of [\d.]+ GiB available", plan.line())
@@ -54,7 +57,45 @@ def test_lora_trains_what_the_plan_counts_and_keeps_the_frozen_base_in_bf16(mode
     trained = sum(p.numel() for p in params if p.requires_grad)
     assert 0 < plan.trainable == trained < plan.parameters == sum(p.numel() for p in params)
     assert plan.weights == 2 * (plan.parameters - trained) + 4 * trained
-    assert (plan.gradients, plan.optimizer) == (4 * trained, 8 * trained)
+    assert plan.gradients == 4 * trained
+
+
+def lion():
+    """examples/lion.py's optimizer factory: an optimizer from outside lm (one momentum per parameter)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lion_example", ROOT / "examples" / "lion.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.lion
+
+
+def state_bytes(optimizer) -> int:
+    """What a real optimizer holds: the storages of its state's tensors, each once."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for o in optimizers(optimizer)
+                for state in o.state.values() for t in state.values() if torch.is_tensor(t)}.values())
+
+
+@pytest.mark.parametrize("optimizer, lora_rank", [
+    ("adamw", 0), ("sgd", 0), pytest.param("muon", 0, marks=NEEDS_MUON), pytest.param("muon", 4, marks=NEEDS_MUON),
+    ("lion", 0)])
+def test_the_optimizer_term_is_what_the_real_optimizer_holds_after_a_step(model_dirs, optimizer, lora_rank):
+    # AdamW keeps two moments (and a step count) per parameter, SGD one momentum, Muon one on the hidden matrices
+    # beside AdamW's two on the rest, an optimizer given to train() whatever it keeps
+    factory = lion() if optimizer == "lion" else None
+    settings = dict(lora_rank=lora_rank, batch_size=2, block_size=16) | ({} if factory else {"optimizer": optimizer})
+    planned, cfg = planner(model_dirs["clm"], "clm", make_optimizer=factory, **settings)
+    plan = planned.plan(cfg, 16)
+    model = AutoModelForCausalLM.from_pretrained(model_dirs["clm"])
+    if lora_rank:
+        model = adapters.add_adapters(model, cfg, frozenset())[0].get_base_model()
+    real = (factory or build_optimizer)(parameter_groups(model, cfg.lr, cfg.weight_decay), cfg)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    real.step()
+    trained = sum(p.nbytes for p in model.parameters() if p.requires_grad)
+    assert plan.optimizer == state_bytes(real) > 0
+    assert plan.optimizer < (1.2 if optimizer in ("sgd", "lion") else 2.1) * trained
 
 
 def test_fresh_parameters_are_read_from_the_checkpoint_header(tiny_bert, tmp_path):
