@@ -182,7 +182,7 @@ def setup(cfg: Config, objective: Objective, model, tokenizer, make_optimizer) -
 
 def locate_model(run: Run, model, tokenizer) -> None:
     """Where the model and the tokenizer come from (a model directory, an adapter's, a configuration from scratch),
-    and the model's configuration, checked against the task."""
+    and the model's configuration, checked against the task; from scratch, fitted to the tokenizer, loaded here."""
     cfg, objective = run.cfg, run.objective
     run.adapter_dir = cfg.model if is_adapter_dir(cfg.model) else None
     owner = f"--model {run.model_name}"  # the option that names the model (and its tokenizer), for messages
@@ -203,6 +203,9 @@ def locate_model(run: Run, model, tokenizer) -> None:
         if not cfg.from_scratch:
             run.model_config = load_config(*run.model_path)
         check_model_class(run.model_config, objective.model_class, owner, objective.embedded_model)
+    if cfg.from_scratch:  # the model takes the tokenizer's vocabulary: known before the memory plan sizes it
+        run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.tokenizer_path)
+        fit_to_tokenizer(run.model_config, run.tokenizer, split_overrides(cfg.config_overrides))
 
 
 def plan_memory(run: Run) -> memory.Plan | None:
@@ -218,11 +221,10 @@ def plan_memory(run: Run) -> memory.Plan | None:
 def prepare_data(run: Run, tokenizer) -> tuple:
     """The tokenizer and the (train, validation) examples: rank 0 tokenizes, the other ranks read its result."""
     cfg, world = run.cfg, run.world
-    run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.tokenizer_path)
+    if run.tokenizer is None:  # (a model from scratch has it already)
+        run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.tokenizer_path)
     if run.objective.check_tokenizer:
         run.objective.check_tokenizer(run.tokenizer)
-    if cfg.from_scratch:
-        fit_to_tokenizer(run.model_config, run.tokenizer, split_overrides(cfg.config_overrides))
     check_vocabulary(run.tokenizer, run.model_config, run.tokenizer_path[0] if run.tokenizer_path else "given",
                      run.model_name)
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))

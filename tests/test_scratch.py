@@ -14,7 +14,9 @@ from lm import embedded
 from lm.config import Config, parse_args
 from lm.errors import UsageError
 from lm.modeling import new_model, scratch_config
-from lm.train import train
+from lm.objectives import CLM
+from lm.optim import build_optimizer
+from lm.train import setup, train
 
 # A 2-layer SmolLM2 (Llama) 64 wide: the embedded default's configuration, made small
 TINY_SMOLLM2 = "num_hidden_layers=2,hidden_size=64,num_attention_heads=4,num_key_value_heads=2,intermediate_size=128"
@@ -102,6 +104,19 @@ def test_config_name_trains_from_scratch_saves_and_reloads_to_the_same_perplexit
                         "--precision", "fp32", "--output-dir", again)
     assert result.returncode == 0, result.stderr[-3000:]
     assert metrics(again)["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-5)
+
+
+def test_the_memory_plan_sizes_the_model_the_run_builds_with_the_tokenizers_vocabulary(tiny_gpt2, corpus, tmp_path):
+    # GPT-2's configuration embeds 50,257 tokens; the run resizes it to MiniLM's 30,522, and so must the plan
+    settings = dict(model_type="gpt2", config_overrides="n_layer=2,n_embd=32,n_head=2,n_positions=64",
+                    tokenizer=tiny_gpt2, train_file=str(corpus), block_size=32, batch_size=2, max_train_steps=1,
+                    precision="fp32", compile="off")
+    cfg = Config.for_task("clm", **settings, output_dir=str(tmp_path / "planned")).validated()
+    run, _ = setup(cfg, CLM, None, None, build_optimizer)
+    train(Config.for_task("clm", **settings, output_dir=str(tmp_path / "run")))
+    params = list(AutoModelForCausalLM.from_pretrained(tmp_path / "run").parameters())  # tied weights once
+    assert params[0].shape[0] == 30522
+    assert (run.plan.parameters, run.plan.weights) == (sum(p.numel() for p in params), sum(p.nbytes for p in params))
 
 
 def test_model_type_trains_with_the_tokenizers_vocabulary_and_resumes_exactly(tiny_gpt2, corpus, tmp_path):
