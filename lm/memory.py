@@ -400,7 +400,7 @@ class Planner:
         if self.device.type == "cuda" and not cfg.fsdp and cfg.lora_rank == 0:
             options += [(f"--fsdp over {n} GPUs (torchrun --nproc_per_node {n})", {"fsdp": True}, n)
                         for n in (2, 4, 8, 16, 32, 64)]
-        if cfg.lora_rank == 0:
+        if cfg.lora_rank == 0 and not cfg.from_scratch:  # (LoRA adapts a trained model)
             options.append((f"--lora-rank {LORA_RANK}", {"lora_rank": LORA_RANK}, processes))
         return options
 
@@ -429,9 +429,10 @@ def plan_run(cfg, config, model_class: str, model_path: str | None, precision: s
         return plan
     remedies = planned.remedies(cfg, block, processes, processes > 1)
     fixes = ", or ".join(f"{flags} (~{gib(p.total)} GiB)" for flags, p in remedies)
+    tried = ", ".join(dict.fromkeys(flags.split()[0] for flags, _, _ in planned.changes(cfg, processes)))
     raise UsageError(f"{plan.line()}: the run would not fit. "
-                     + (f"It would with {fixes}" if fixes else "None of --gradient-checkpointing, a smaller "
-                        "--batch-size with more --grad-accum-steps, LoRA makes it fit")
+                     + (f"It would with {fixes}" if fixes else f"It would not with {tried} either" if tried
+                        else "No setting lowers it")
                      + "; --ignore-memory-plan starts it anyway")
 
 

@@ -177,6 +177,17 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_before_anything_is_loaded(
     assert not (cache / "tokens").exists() and not out.exists()
 
 
+def test_a_model_from_scratch_that_cannot_fit_is_not_offered_lora(tokenizer, corpus, tmp_path):
+    # LoRA adapts a trained model: offered to a model from scratch, it would be refused in turn
+    config = tmp_path / "big"
+    too_big_for_this_machine(config, tokenizer)
+    r = run_script("clm", "--config-name", config, "--train-file", corpus, "--cache-dir", tmp_path / "cache",
+                   "--output-dir", tmp_path / "out", "--precision", "fp32", "--batch-size", "1", timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: memory: ~") and r.stderr.count("\n") == 1, r.stderr
+    assert "the run would not fit. It would not with --gradient-checkpointing either; --ignore-memory-plan" in r.stderr
+    assert "lora" not in r.stderr.lower()
+
+
 def test_ignore_memory_plan_goes_past_the_plan(tokenizer, corpus, tmp_path):
     model = tmp_path / "big"
     too_big_for_this_machine(model, tokenizer)
