@@ -164,16 +164,18 @@ def faked(model: nn.Module, mode, device: torch.device) -> nn.Module:
 
 
 def count_kept(config, model_class: str, cfg, fresh: frozenset[str], precision: str, device: torch.device,
-               attention: str | None, batch: int, block: int, labelled_share: float, make_optimizer) -> Kept:
+               attention: str | None, batch: int, block: int, labelled_share: float, make_optimizer,
+               adapter: str | None = None) -> Kept:
     """Run one training forward of `batch` x `block` tokens on a fake model built from `config` as the run builds
-    it (LoRA adapters too), and count what autograd keeps, by layer, and what the head keeps; then one step of the
-    optimizer `make_optimizer` builds (lm.optim.build_optimizer's signature), and count what it keeps."""
+    it (LoRA adapters too: new, or the `adapter` directory's), and count what autograd keeps, by layer, and what the
+    head keeps; then one step of the optimizer `make_optimizer` builds (lm.optim.build_optimizer's signature), and
+    count what it keeps."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from lm.hardware import autocast
 
     mode = FakeTensorMode()
-    model = faked(planned_model(config, model_class, cfg, fresh, precision, attention), mode, device).train()
+    model = faked(planned_model(config, model_class, cfg, fresh, precision, attention, adapter), mode, device).train()
     params = list({id(p): p for p in model.parameters()}.values())
     trained = [p for p in params if p.requires_grad]
     layers = outermost_layers(model)
@@ -209,20 +211,26 @@ def optimizer_state(model: nn.Module, cfg, make_optimizer, mode) -> int:
     return sum(storages.values())
 
 
-def planned_model(config, model_class: str, cfg, fresh: frozenset[str], precision: str,
-                  attention: str | None) -> nn.Module:
-    """The model of `config` on the meta device as the run builds it: under LoRA, peft's layers added and the frozen
-    base in bf16 when the precision is (lm.train.build_model)."""
+def planned_model(config, model_class: str, cfg, fresh: frozenset[str], precision: str, attention: str | None,
+                  adapter: str | None = None) -> nn.Module:
+    """The model of `config` on the meta device as the run builds it: under LoRA, peft's layers added (new ones, or
+    those `adapter`'s config describes) and the frozen base in bf16 when the precision is (lm.train.build_model)."""
+    from peft import LoraConfig, get_peft_model
+
     from lm import adapters
 
-    lora = cfg.lora_rank > 0
+    lora = cfg.lora_rank > 0 or adapter is not None
     model = meta_model(config, model_class, attention, torch.bfloat16 if lora and precision == "bf16" else
                        torch.float32)
-    if lora:
-        with warnings.catch_warnings():  # peft's, about transformers' names: the run itself shows them
-            warnings.simplefilter("ignore")
-            model = adapters.add_adapters(model, cfg, fresh)[0].get_base_model()
-    return model
+    with warnings.catch_warnings():  # peft's, about transformers' names: the run itself shows them
+        warnings.simplefilter("ignore")
+        if adapter is not None:  # as adapters.load_adapters wraps the model, from the adapter's config alone
+            settings = LoraConfig.from_pretrained(adapter)
+            settings.inference_mode = False  # (trainable, as load_adapters loads it)
+            model = adapters.trained(get_peft_model(model, settings, autocast_adapter_dtype=True), fresh)[0]
+        elif lora:
+            model = adapters.add_adapters(model, cfg, fresh)[0]
+    return model.get_base_model() if lora else model
 
 
 def outermost_layers(model: nn.Module) -> list[nn.Module]:
@@ -319,6 +327,7 @@ class Planner:
     fresh: frozenset[str]
     local: int = 1  # processes on this machine: on a CPU they share its memory
     make_optimizer: object = None  # (param_groups, cfg) -> optimizer, as train() takes it; None: build_optimizer
+    adapter: str | None = None  # --model ADAPTER_DIR: the adapter's directory, whose LoRA layers the run trains
     counted: dict = dataclasses.field(default_factory=dict)
 
     def plan(self, cfg, block: int, processes: int = 1, distributed: bool = False) -> Plan:
@@ -331,7 +340,7 @@ class Planner:
 
             self.counted[key] = count_kept(self.config, self.model_class, cfg, self.fresh, self.precision,
                                            self.device, self.attention, cfg.batch_size, block, share,
-                                           self.make_optimizer or build_optimizer)
+                                           self.make_optimizer or build_optimizer, self.adapter)
         kept = self.counted[key]
         weights, gradients, optimizer = kept.weight_bytes, kept.trained_bytes, kept.optimizer
         if cfg.fsdp:  # each process keeps its shard, and gathers a layer (and prefetches the next) to run it
@@ -406,7 +415,7 @@ class Planner:
 
 
 def plan_run(cfg, config, model_class: str, model_path: str | None, precision: str, device: torch.device,
-             processes: int, cache_dir, make_optimizer=None) -> Plan | None:
+             processes: int, cache_dir, make_optimizer=None, adapter: str | None = None) -> Plan | None:
     """The memory plan of a run, from the model's config and the settings alone (nothing is loaded); a UsageError
     naming the changes that would fit where it does not, unless --ignore-memory-plan; None (and a warning) where
     the model's forward can't be counted."""
@@ -417,7 +426,7 @@ def plan_run(cfg, config, model_class: str, model_path: str | None, precision: s
     attention = planned_attention(device, precision, config, cfg.batch_size, block, cache_dir)
     try:
         planned = planner(config, model_class, model_path, cfg, precision, device, attention, local_processes(),
-                          make_optimizer)
+                          make_optimizer, adapter)
         plan = planned.plan(cfg, block, processes, processes > 1)
     except UsageError:  # e.g. --lora-targets naming no layer of the model
         raise
@@ -437,13 +446,13 @@ def plan_run(cfg, config, model_class: str, model_path: str | None, precision: s
 
 
 def planner(config, model_class: str, model_path: str | None, cfg, precision: str, device: torch.device,
-            attention: str | None, local: int = 1, make_optimizer=None) -> Planner:
+            attention: str | None, local: int = 1, make_optimizer=None, adapter: str | None = None) -> Planner:
     """A Planner for a run whose model is read from `model_path`: the checkpoint's fresh parameters (named by
     its header) are those LoRA trains in full."""
     fresh = frozenset()
     if cfg.lora_rank > 0 and model_path is not None:
         fresh = fresh_parameters(meta_model(config, model_class, attention, torch.float32), checkpoint_keys(model_path))
-    return Planner(config, model_class, precision, device, attention, fresh, local, make_optimizer)
+    return Planner(config, model_class, precision, device, attention, fresh, local, make_optimizer, adapter)
 
 
 def resident_bytes() -> int:

@@ -211,11 +211,11 @@ def locate_model(run: Run, model, tokenizer) -> None:
 def plan_memory(run: Run) -> memory.Plan | None:
     """The run's memory plan from the model's config alone (lm.memory); a UsageError where it won't fit."""
     cfg = run.cfg
-    if run.adapter_dir:  # plan with the adapter's rank
+    if run.adapter_dir:  # plan as LoRA (the adapter's own layers: memory.planned_model)
         cfg = dataclasses.replace(cfg, lora_rank=adapters.adapter_config(run.adapter_dir).get("r", 8))
     path = run.model_path[0] if run.model_path else None  # (None: a model from scratch)
     return memory.plan_run(cfg, run.model_config, run.objective.model_class, path, run.precision, run.device,
-                           run.world.size, cache_root(cfg.cache_dir), run.make_optimizer)
+                           run.world.size, cache_root(cfg.cache_dir), run.make_optimizer, run.adapter_dir)
 
 
 def prepare_data(run: Run, tokenizer) -> tuple:

@@ -18,7 +18,9 @@ from conftest import ENV, NEEDS_MUON, ROOT, metrics, run_script, scalars
 from lm import adapters, memory
 from lm.config import Config
 from lm.modeling import load_config, meta_model
+from lm.objectives import CLM
 from lm.optim import build_optimizer, optimizers, parameter_groups
+from lm.train import setup
 
 CPU = torch.device("cpu")
 
@@ -96,6 +98,23 @@ def test_the_optimizer_term_is_what_the_real_optimizer_holds_after_a_step(model_
     trained = sum(p.nbytes for p in model.parameters() if p.requires_grad)
     assert plan.optimizer == state_bytes(real) > 0
     assert plan.optimizer < (1.2 if optimizer in ("sgd", "lion") else 2.1) * trained
+
+
+def test_an_adapter_directory_is_planned_with_its_own_layers(tiny_gpt2, corpus, tmp_path):
+    # an adapter of the attention's c_attn alone: the run trains those, not every linear layer of the body
+    adapter = tmp_path / "adapter"
+    settings = Config.for_task("clm", lora_rank=4, lora_targets="c_attn", lora_dropout=0.1)
+    wrapped, _ = adapters.add_adapters(AutoModelForCausalLM.from_pretrained(tiny_gpt2), settings, frozenset())
+    wrapped.peft_config["default"].base_model_name_or_path = tiny_gpt2
+    wrapped.save_pretrained(adapter)
+    cfg = Config.for_task("clm", model=str(adapter), train_file=str(corpus), block_size=16, batch_size=2,
+                          precision="fp32", output_dir=str(tmp_path / "out")).validated()
+    run, _ = setup(cfg, CLM, None, None, build_optimizer)
+    base = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    loaded, _ = adapters.load_adapters(base, adapter, frozenset())  # as the run loads it
+    trained = [p for p in loaded.parameters() if p.requires_grad]
+    assert len(trained) == 4  # (two layers' c_attn, A and B)
+    assert (run.plan.trainable, run.plan.gradients) == (sum(p.numel() for p in trained), sum(p.nbytes for p in trained))
 
 
 def test_fresh_parameters_are_read_from_the_checkpoint_header(tiny_bert, tmp_path):
