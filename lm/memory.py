@@ -175,13 +175,15 @@ def count_kept(config, model_class: str, cfg, fresh: frozenset[str], precision: 
     from lm.hardware import autocast
 
     mode = FakeTensorMode()
-    model = faked(planned_model(config, model_class, cfg, fresh, precision, attention, adapter), mode, device).train()
+    with model_errors():
+        model = faked(planned_model(config, model_class, cfg, fresh, precision, attention, adapter), mode, device)
+    model.train()
     params = list({id(p): p for p in model.parameters()}.values())
     trained = [p for p in params if p.requires_grad]
     layers = outermost_layers(model)
     saved = SavedTensors(params, layers)
     rows = max(1, round(batch * block * labelled_share))
-    with mode, saved.counting(), autocast(device, precision):
+    with model_errors(), mode, saved.counting(), autocast(device, precision):
         loss, workspace = training_forward(model, saved, device, precision, batch, block, rows)
     del loss  # it held the graph, and so every kept storage, while they were counted (a freed address is reused)
     low = 2 if precision != "fp32" else 0  # evaluation's logits: in the autocast dtype, in fp32, their log-softmax
@@ -192,6 +194,34 @@ def count_kept(config, model_class: str, cfg, fresh: frozenset[str], precision: 
         outside=saved.kept.get("outside", 0), layers=tuple(saved.kept.get(i, 0) for i in range(len(layers))),
         layer_inputs=tuple(saved.inputs), head=saved.kept.get("head", 0) + workspace,
         logits_row=config.vocab_size * (low + 4 + 4), optimizer=optimizer_state(model, cfg, make_optimizer, mode))
+
+
+class CannotRun(Exception):
+    """The model can't be built or can't run its forward: its own error (short_message's line), not a limit of fake
+    tensors."""
+
+
+@contextlib.contextmanager
+def model_errors():
+    """Raise the model's own errors inside this block as CannotRun; a UsageError, and what fake tensors can't run
+    (a forward that reads values, an operator without a fake kernel), as they are."""
+    from torch._subclasses import fake_tensor
+    from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+
+    from lm.modeling import short_message
+
+    limits = (fake_tensor.DataDependentOutputException, fake_tensor.DynamicOutputShapeException,
+              fake_tensor.UnsupportedOperatorException, fake_tensor.UnsupportedFakeTensorException,
+              GuardOnDataDependentSymNode, NotImplementedError)
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as e:
+        # .numpy() and the like name what they refuse (a tensor subclass, a fake or meta tensor)
+        if isinstance(e, limits) or any(word in str(e).lower() for word in ("fake", "subclass", "meta")):
+            raise
+        raise CannotRun(short_message(e)) from e
 
 
 def optimizer_state(model: nn.Module, cfg, make_optimizer, mode) -> int:
@@ -430,9 +460,14 @@ def plan_run(cfg, config, model_class: str, model_path: str | None, precision: s
         plan = planned.plan(cfg, block, processes, processes > 1)
     except UsageError:  # e.g. --lora-targets naming no layer of the model
         raise
+    except CannotRun as e:  # a configuration from scratch is the user's: one that can't run is theirs to fix
+        if cfg.from_scratch:
+            raise UsageError(f"{scratch_flags(cfg)}: the model this configuration describes can't run ({str(e).rstrip('.')}); "
+                             "fix the configuration") from None
+        warn_unplanned(e.__cause__)
+        return None
     except Exception as e:  # a forward that fake tensors can't run (it reads a tensor's values): the run goes on
-        print(f"warning: no memory plan: the model's forward could not be counted ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200] if str(e) else ''})", file=sys.stderr)
+        warn_unplanned(e)
         return None
     if plan.fits or cfg.ignore_memory_plan:
         return plan
@@ -443,6 +478,17 @@ def plan_run(cfg, config, model_class: str, model_path: str | None, precision: s
                      + (f"It would with {fixes}" if fixes else f"It would not with {tried} either" if tried
                         else "No setting lowers it")
                      + "; --ignore-memory-plan starts it anyway")
+
+
+def warn_unplanned(e: BaseException) -> None:
+    print(f"warning: no memory plan: the model's forward could not be counted ({type(e).__name__}: "
+          f"{str(e).splitlines()[0][:200] if str(e) else ''})", file=sys.stderr)
+
+
+def scratch_flags(cfg) -> str:
+    """The options that describe a model from scratch, for messages."""
+    flags = f"--model-type {cfg.model_type}" if cfg.model_type else f"--config-name {cfg.config_name}"
+    return flags + (f" --config-overrides {cfg.config_overrides}" if cfg.config_overrides else "")
 
 
 def planner(config, model_class: str, model_path: str | None, cfg, precision: str, device: torch.device,

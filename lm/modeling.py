@@ -201,11 +201,18 @@ def scratch_config(model_type: str | None, config_path: tuple[str, dict] | None,
     aliases = getattr(base, "attribute_map", {})  # e.g. GPT-2's hidden_size is n_embd
     typed = {aliases.get(key, key): override_value(base, key, text) for key, text in overrides.items()}
     try:
-        if model_type:
-            return AutoConfig.for_model(model_type, **typed)
-        return type(base).from_dict({**base.to_dict(), **typed})
+        config = (AutoConfig.for_model(model_type, **typed) if model_type
+                  else type(base).from_dict({**base.to_dict(), **typed}))
     except Exception as e:  # the configuration's own checks, e.g. heads that don't divide the hidden size
         raise UsageError(f"--config-overrides {format_overrides(overrides)}: {short_message(e)}") from None
+    # a check transformers' configurations leave to the forward (a shape mismatch in attention)
+    heads, shared = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(shared, int) and shared > 0 and heads % shared:
+        where = (f"--config-overrides {format_overrides(overrides)}" if overrides
+                 else f"--model-type {model_type}" if model_type else f"--config-name {config_path[0]}")
+        raise UsageError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {shared} "
+                         "(each key/value head serves a whole group of query heads)")
+    return config
 
 
 def override_value(config, key: str, text: str):

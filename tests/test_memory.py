@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, LlamaConfig
 from conftest import ENV, NEEDS_MUON, ROOT, metrics, run_script, scalars
 from lm import adapters, memory
 from lm.config import Config
+from lm.errors import UsageError
 from lm.modeling import load_config, meta_model
 from lm.objectives import CLM
 from lm.optim import build_optimizer, optimizers, parameter_groups
@@ -205,6 +206,20 @@ def test_a_model_from_scratch_that_cannot_fit_is_not_offered_lora(tokenizer, cor
     assert r.returncode == 2 and r.stderr.startswith("error: memory: ~") and r.stderr.count("\n") == 1, r.stderr
     assert "the run would not fit. It would not with --gradient-checkpointing either; --ignore-memory-plan" in r.stderr
     assert "lora" not in r.stderr.lower()
+
+
+def test_a_configuration_from_scratch_whose_forward_fails_is_a_usage_error_naming_it(tmp_path):
+    # 4 query heads over 3 key/value heads: attention's shapes don't match (a check of lm.modeling.scratch_config
+    # refuses this one earlier; any other such failure of the counting forward ends here)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=3, vocab_size=100)
+    cfg = Config.for_task("clm", model_type="llama", config_overrides="num_key_value_heads=3", tokenizer="t",
+                          batch_size=2, block_size=16)
+    message = (r"^--model-type llama --config-overrides num_key_value_heads=3: the model this configuration "
+               r"describes can't run \(RuntimeError: The size of tensor a")
+    with pytest.raises(UsageError, match=message) as e:
+        memory.plan_run(cfg, config, "AutoModelForCausalLM", None, "fp32", CPU, 1, tmp_path)
+    assert "\n" not in str(e.value)
 
 
 def test_ignore_memory_plan_goes_past_the_plan(tokenizer, corpus, tmp_path):

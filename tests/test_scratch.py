@@ -44,6 +44,8 @@ def test_overrides_are_typed_by_the_fields_they_set():
     ("llama", {"num_hidden_layers": "two"}, "num_hidden_layers=two: num_hidden_layers is an integer$"),
     ("llama", {"tie_word_embeddings": "maybe"}, "tie_word_embeddings=maybe: tie_word_embeddings is true or false"),
     ("llama", {"hidden_size": "64", "num_attention_heads": "5"}, "not a multiple of the number of attention heads"),
+    ("llama", {"hidden_size": "64", "num_attention_heads": "4", "num_key_value_heads": "3"},
+     "num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
     ("llama", {"rope_parameters": "x"}, "rope_parameters is a dict, which KEY=VALUE can't set"),
     ("lama", {}, "--model-type lama: not a transformers model type"),
 ])
@@ -66,6 +68,24 @@ def test_a_bad_override_is_one_usage_error(model_type, overrides, message):
 def test_settings_from_scratch_that_cannot_work_are_refused_before_anything_loads(argv, message):
     with pytest.raises(UsageError, match=message):
         parse_args("clm", argv)
+
+
+@pytest.mark.parametrize("model_type, overrides, message", [
+    ("llama", "hidden_size=64,num_attention_heads=4,num_key_value_heads=3,num_hidden_layers=2,intermediate_size=128",
+     "--config-overrides hidden_size=64,num_attention_heads=4,num_key_value_heads=3,num_hidden_layers=2,"
+     "intermediate_size=128: num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+    # no check of the configuration's catches this one: building the model does, when the memory plan builds it
+    ("gpt2", "n_embd=10,n_head=3,n_layer=2", "--model-type gpt2 --config-overrides n_embd=10,n_head=3,n_layer=2: the "
+     "model this configuration describes can't run (ValueError: `embed_dim` must be divisible by num_heads"),
+])
+def test_a_configuration_that_cannot_run_is_one_error_before_anything_is_tokenized(model_type, overrides, message,
+                                                                                   tiny_gpt2, corpus, tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    r = run_script("clm", "--model-type", model_type, "--config-overrides", overrides, "--tokenizer", tiny_gpt2,
+                   "--train-file", corpus, "--block-size", 16, "--cache-dir", cache, "--output-dir", out, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith(f"error: {message}") and r.stderr.count("\n") == 1, r.stderr
+    assert "warning" not in r.stdout + r.stderr
+    assert not (cache / "tokens").exists() and not out.exists()  # nothing tokenized or written
 
 
 def test_hf_spellings_of_the_options_from_scratch():
