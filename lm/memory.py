@@ -447,8 +447,8 @@ class Planner:
 def plan_run(cfg, config, model_class: str, model_path: str | None, precision: str, device: torch.device,
              processes: int, cache_dir, make_optimizer=None, adapter: str | None = None) -> Plan | None:
     """The memory plan of a run, from the model's config and the settings alone (nothing is loaded); a UsageError
-    naming the changes that would fit where it does not, unless --ignore-memory-plan; None (and a warning) where
-    the model's forward can't be counted."""
+    naming the changes that would fit where it does not, unless --ignore-memory-plan, or where a model from scratch
+    can't be built or run; None (and a warning) where the model's forward can't be counted."""
     from lm.hardware import planned_attention
     from lm.modeling import max_positions, resolve_block_size
 
@@ -462,8 +462,9 @@ def plan_run(cfg, config, model_class: str, model_path: str | None, precision: s
         raise
     except CannotRun as e:  # a configuration from scratch is the user's: one that can't run is theirs to fix
         if cfg.from_scratch:
-            raise UsageError(f"{scratch_flags(cfg)}: the model this configuration describes can't run ({str(e).rstrip('.')}); "
-                             "fix the configuration") from None
+            said = str(e).rstrip(".")
+            raise UsageError(f"{scratch_flags(cfg)}: the model this configuration describes can't run ({said}); fix "
+                             "the configuration") from None
         warn_unplanned(e.__cause__)
         return None
     except Exception as e:  # a forward that fake tensors can't run (it reads a tensor's values): the run goes on
@@ -481,6 +482,7 @@ def plan_run(cfg, config, model_class: str, model_path: str | None, precision: s
 
 
 def warn_unplanned(e: BaseException) -> None:
+    """Say, on one line, that the run goes on without a plan, and why."""
     print(f"warning: no memory plan: the model's forward could not be counted ({type(e).__name__}: "
           f"{str(e).splitlines()[0][:200] if str(e) else ''})", file=sys.stderr)
 
