@@ -222,6 +222,23 @@ def test_a_configuration_from_scratch_whose_forward_fails_is_a_usage_error_namin
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("forward, cannot_run", [
+    (lambda x: bool(x.sum() > 0), False),  # reads a value: fake tensors have none, a real run would go on
+    (lambda x: x[x > 0], False),  # a size that depends on values
+    (lambda x: x.numpy(), False),
+    (lambda x: x.view(4, 3) @ x.view(4, 3), True),  # the model's own error: shapes that don't match
+])
+def test_only_the_models_own_errors_are_configuration_errors_not_what_fake_tensors_cannot_run(forward, cannot_run):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    with mode:
+        x = torch.zeros(3, 4)
+    with pytest.raises(Exception) as e, memory.model_errors(), mode:
+        forward(x)
+    assert isinstance(e.value, memory.CannotRun) == cannot_run, e.value
+
+
 def test_ignore_memory_plan_goes_past_the_plan(tokenizer, corpus, tmp_path):
     model = tmp_path / "big"
     too_big_for_this_machine(model, tokenizer)
