@@ -41,7 +41,7 @@ from lm.objectives import Objective
 from lm.evaluation import evaluate, perplexity
 from lm.optim import (build_optimizer, describe, lr_factor, parameter_groups, saved_groups, schedule, schedule_change,
                       set_lr)
-from lm.output import check_output_dir, clear_run, summary_writer, write_json, write_trainer_results
+from lm.output import check_output_dir, clear_run, earlier_run, summary_writer, write_json, write_trainer_results
 from lm.texts import first_texts, load_sources, read_texts
 
 
@@ -158,6 +158,11 @@ def setup(cfg: Config, objective: Objective, model, tokenizer) -> tuple[Run, lis
                 "from zero; --lr to choose)")
     run.resume = checkpoint.resolve(cfg.resume_from, out) if cfg.resume_from else None
     check_output_dir(out, cfg, run.resume)
+    if cfg.resume_from == "auto":  # which way the one command for every restart goes this time
+        left = earlier_run(out)
+        run.say(f"--resume-from auto: resuming from {run.resume}" if run.resume else
+                f"--resume-from auto: no checkpoint in {out / checkpoint.DIRNAME}: starting afresh"
+                + (f", replacing what a run without one left ({', '.join(left)})" if left else ""))
     changes = checkpoint.check_resumable(run.resume, cfg, model_name, world.size) if run.resume else []
     run.sources = load_sources(cfg)  # checks the files before anything slow (e.g. converting the default model)
     if cfg.sample_every:
@@ -346,7 +351,7 @@ def start(run: Run, changes: list[str], train_set) -> Progress:
                 run.say(line)
     else:
         run.compiling.begin(run.model, 0)
-        if cfg.overwrite_output_dir and world.main:  # the directory shows this run alone
+        if (cfg.overwrite_output_dir or cfg.resume_from == "auto") and world.main:  # the directory shows this run alone
             clear_run(run.out)
     global_batch = checkpoint.global_batch(cfg.batch_size, world.size, cfg.grad_accum_steps)[1]
     run.say(f"{run.total_steps} steps of {global_batch}, output {run.out}")
@@ -565,6 +570,7 @@ def save_checkpoint(run: Run, progress: Progress) -> Path | None:
             "train_data": run.train_data, "compile": run.compiling.state(), "optimizer": describe(run.optimizer)}
     snapshot = checkpoint.capture(progress, info, run.model, run.optimizer, run.scaler, run.world, run.cfg.fsdp,
                                   partial=run.adapted is not None)
+    run.writer.flush()  # the logs on disk reach the checkpoint's step: a run killed later resumes with no gap in them
     # rank 0 writes while the others wait: a failed write is the same one-line error on every rank
     return distributed.run_on_main(run.world, lambda: checkpoint.save(run.out, snapshot, run.cfg.save_total_limit))
 
