@@ -227,6 +227,7 @@ def prepare_data(run: Run, tokenizer) -> tuple:
         run.objective.check_tokenizer(run.tokenizer)
     if cfg.from_scratch:
         fit_to_tokenizer(run.model_config, run.tokenizer, split_overrides(cfg.config_overrides))
+        run.say(f"model configuration: {run.model_config}")  # as run_clm.py logs it ("New config: ...")
     check_vocabulary(run.tokenizer, run.model_config, run.tokenizer_path[0] if run.tokenizer_path else "given",
                      run.model_name)
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
