@@ -571,7 +571,6 @@ def save_checkpoint(run: Run, progress: Progress) -> Path | None:
             "train_data": run.train_data, "compile": run.compiling.state(), "optimizer": describe(run.optimizer)}
     snapshot = checkpoint.capture(progress, info, run.model, run.optimizer, run.scaler, run.world, run.cfg.fsdp,
                                   partial=run.adapted is not None)
-    run.writer.flush()  # the logs on disk reach the checkpoint's step: a run killed later resumes with no gap in them
     # rank 0 writes while the others wait: a failed write is the same one-line error on every rank
     return distributed.run_on_main(run.world, lambda: checkpoint.save(run.out, snapshot, run.cfg.save_total_limit))
 
