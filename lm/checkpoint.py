@@ -140,6 +140,8 @@ def save(output_dir: Path, snapshot: Snapshot, keep: int | None = None) -> Path:
     final = root / f"step-{snapshot.progress.step}"
     try:
         root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step-*"):  # the partial write of a killed run: one run writes here at a time
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=root))
     except OSError as e:
         raise UsageError(f"cannot write a checkpoint in {root}: {e.strerror}") from None
@@ -262,12 +264,14 @@ def is_checkpoint(path: Path) -> bool:
     return (Path(path) / "state.json").is_file() and (Path(path) / "model.pt").is_file()
 
 
-def resolve(resume_from: str, output_dir: Path) -> Path:
-    """The checkpoint directory that --resume-from names ('latest' looks in the output dir)."""
-    if resume_from == "latest":
+def resolve(resume_from: str, output_dir: Path) -> Path | None:
+    """The checkpoint directory that --resume-from names ('latest' and 'auto' look in the output dir); None where
+    'auto' finds none, and the run starts afresh."""
+    if resume_from in ("latest", "auto"):
         found = latest(output_dir)
-        if found is None:
-            raise UsageError(f"--resume-from latest: no checkpoint in {Path(output_dir) / DIRNAME}")
+        if found is None and resume_from == "latest":
+            raise UsageError(f"--resume-from latest: no checkpoint in {Path(output_dir) / DIRNAME} (--resume-from "
+                             "auto starts afresh where there is none)")
         return found
     path = Path(resume_from)
     if not is_checkpoint(path):
@@ -278,7 +282,7 @@ def resolve(resume_from: str, output_dir: Path) -> Path:
 
 def run_dir(resume_from: str | None) -> Path | None:
     """The run directory that holds the checkpoint `resume_from` names (OUT/checkpoints/step-N), or None."""
-    if resume_from is None or resume_from == "latest":
+    if resume_from in (None, "latest", "auto"):
         return None
     path = Path(resume_from)
     return path.parent.parent if path.parent.name == DIRNAME else None

@@ -168,7 +168,9 @@ class Config:
         "'epoch': at each epoch's end only",
         type=lambda text: int(text) if text.lstrip("-").isdigit() else text)  # validated() judges the rest
     save_total_limit: Optional[int] = option(None, "keep only the newest K checkpoints")
-    resume_from: Optional[str] = option(None, "checkpoint directory to resume from, or 'latest'")
+    resume_from: Optional[str] = option(
+        None, "checkpoint directory to resume from; 'latest': the newest in --output-dir; 'auto': that one if there "
+        "is one, else start afresh there (one command line for every restart of a preemptible job)")
     cache_dir: Optional[str] = option(
         None, "cache for converted embedded models and tokenized data; default $LM_CACHE_DIR or ~/.cache/lm")
     preprocessing_workers: Optional[int] = option(None, "processes that tokenize the data; default: the cores")
@@ -251,6 +253,8 @@ class Config:
         need(not (self.dataset and self.train_file), "give either --dataset or --train-file, not both")
         need(not (self.validation_file and not self.train_file), "--validation-file needs --train-file")
         need(not (self.dataset_config and not self.dataset), "--dataset-config needs --dataset")
+        need(self.resume_from != "auto" or self.output_dir, "--resume-from auto resumes the run of --output-dir, "
+             "or starts it there: give --output-dir (the default is a new directory each time)")
         need(not (self.eval_only and self.resume_from),
              "--eval-only evaluates --model and trains nothing; to evaluate a checkpoint's run, let it finish "
              "and pass its output dir as --model")

@@ -35,6 +35,14 @@ def blocks_of(ids: np.ndarray, block_size: int, split: str) -> np.ndarray:
     return sequences
 
 
+def short_block(ids: np.ndarray, block_size: int, split: str) -> np.ndarray:
+    """(1, len(ids)): a split shorter than one block as the one shorter block it is. It is evaluated as any block,
+    each labelled token weighing the same; only a split with nothing to predict is refused."""
+    if len(ids) < 2:
+        raise UsageError(f"the {split} text has {len(ids)} tokens: nothing to predict; add text")
+    return ids[None, :]
+
+
 def tokenize_lines(texts: list[str], tokenizer, max_length: int, desc: str = "tokenizing") -> list[np.ndarray]:
     """Line-by-line examples: every non-blank text on its own, truncated to max_length tokens."""
     lines = [t for t in texts if t.strip()]
@@ -286,9 +294,15 @@ def examples_of(cfg, source, split: str, limit: int | None, tokenizer, block_siz
         examples = Windows(ids, block_size, stride, prepared.starts())
         counts = f"{len(examples)} windows of {block_size}, stride {stride}"
     else:
-        sequences = blocks_of(prepared.tokens(), block_size, split)  # (n_blocks, block_size) view of the map
+        tokens = prepared.tokens()
+        if split == "validation" and len(tokens) < block_size:  # e.g. the 5% split of a short file
+            sequences = short_block(tokens, block_size, split)
+            say(f"validation: {len(tokens)} tokens, fewer than one block of {block_size}: evaluated as one block "
+                f"of {len(tokens)}")
+        else:
+            sequences = blocks_of(tokens, block_size, split)  # (n_blocks, block_size) view of the map
         examples = Examples(sequences[:limit] if limit else sequences, prepared.starts())
-        counts = f"{len(sequences)} blocks of {block_size}"
+        counts = f"{len(sequences)} blocks of {sequences.shape[1]}"
     if cfg.prepare_only:
         say(f"{split}: {prepared.path} {prepared.num_tokens} tokens {counts}")
     return examples

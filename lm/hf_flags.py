@@ -1,7 +1,7 @@
 """Command lines of Hugging Face's scripts, run here unchanged: the flags of run_{clm,mlm}_no_trainer.py and the
 TrainingArguments of run_{clm,mlm}.py, what each becomes in the Config (lm.config builds them into the CLI,
 hidden from --help), and the ones that change nothing here or are refused, with why. docs/huggingface.md lists
-them."""
+them. The Config's fields and values appear here by name only: lm.config depends on this module, not the reverse."""
 
 from __future__ import annotations
 
@@ -108,8 +108,6 @@ def from_trainer(theirs: dict, ours: dict) -> dict:
     `ours` holds the values our own flags and HF_ALIASES give; where one of them says otherwise, or the
     TrainingArguments contradict each other, the user gets a UsageError.
     """
-    from lm.config import OPTIMIZERS, flag
-
     wanted = {}  # Config field -> (value, the flags that ask for it)
     if "do_train" in theirs or "do_eval" in theirs:  # with neither: lm's run, which trains and evaluates
         train, evaluate = theirs.get("do_train", False), theirs.get("do_eval", False)
@@ -145,14 +143,14 @@ def from_trainer(theirs: dict, ours: dict) -> dict:
     wanted.update(_saving(theirs))
     if theirs.get("optim", "adamw_torch") not in ADAMW_NAMES:
         raise UsageError(f"--optim {theirs['optim']}: lm trains with torch's AdamW, Muon or SGD (--optimizer "
-                         f"{'|'.join(OPTIMIZERS)}), or one given to train(); leave --optim out or give adamw_torch")
+                         "adamw|muon|sgd), or one given to train(); leave --optim out or give adamw_torch")
     for name in [name for value in theirs.get("report_to", ()) for name in value.split(",")]:
         if name not in ("tensorboard", "all", "none"):  # lm writes TensorBoard logs even with none: they're local
             raise UsageError(f"--report_to {name}: lm logs to TensorBoard only (OUTPUT_DIR/logs); leave --report_to "
                              "out or give tensorboard")
     for name, (value, asked_by) in wanted.items():
         if name in ours and ours[name] != value:
-            ours_said = f"--{flag(name)}" + ("" if ours[name] is True else f" {ours[name]}")
+            ours_said = f"--{name.replace('_', '-')}" + ("" if ours[name] is True else f" {ours[name]}")
             raise UsageError(f"{asked_by} and {ours_said} disagree: give one")
     return {name: value for name, (value, _) in wanted.items()}
 

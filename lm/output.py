@@ -14,11 +14,12 @@ from lm.errors import UsageError
 
 
 def check_output_dir(out: Path, cfg, resume: Path | None) -> None:
-    """Refuse to mix runs: another run's checkpoints and logs stay untouched unless the user says otherwise."""
+    """Refuse to mix runs: another run's checkpoints and logs stay untouched unless the user says otherwise
+    (--overwrite-output-dir, or --resume-from auto where the run left no checkpoint: it is started again)."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir {out} is a file")
     found = earlier_run(out)
-    if resume is None and found and not cfg.overwrite_output_dir:
+    if resume is None and found and not (cfg.overwrite_output_dir or cfg.resume_from == "auto"):
         resumable = "checkpoints" in found
         raise UsageError(f"--output-dir {out} holds another run ({', '.join(found)}): "
                          + ("continue it with --resume-from latest, " if resumable else "")
@@ -41,7 +42,8 @@ def earlier_run(out: Path) -> list[str]:
 
 
 def clear_run(out: Path) -> None:
-    """Remove an earlier run's checkpoints, logs and metrics from `out` (--overwrite-output-dir)."""
+    """Remove an earlier run's checkpoints, logs and metrics from `out` (--overwrite-output-dir; --resume-from auto
+    where there is no complete checkpoint)."""
     for name in RUN_FILES:
         path = out / name
         if path.is_dir():

@@ -41,7 +41,7 @@ from lm.objectives import Objective
 from lm.evaluation import evaluate, perplexity
 from lm.optim import (build_optimizer, describe, lr_factor, parameter_groups, saved_groups, schedule, schedule_change,
                       set_lr)
-from lm.output import check_output_dir, clear_run, summary_writer, write_json, write_trainer_results
+from lm.output import check_output_dir, clear_run, earlier_run, summary_writer, write_json, write_trainer_results
 from lm.texts import first_texts, load_sources, read_texts
 
 
@@ -159,6 +159,11 @@ def setup(cfg: Config, objective: Objective, model, tokenizer, make_optimizer) -
                 "from zero; --lr to choose)")
     run.resume = checkpoint.resolve(cfg.resume_from, out) if cfg.resume_from else None
     check_output_dir(out, cfg, run.resume)
+    if cfg.resume_from == "auto":  # which way the one command for every restart goes this time
+        left = earlier_run(out)
+        run.say(f"--resume-from auto: resuming from {run.resume}" if run.resume else
+                f"--resume-from auto: no checkpoint in {out / checkpoint.DIRNAME}: starting afresh"
+                + (f", replacing what a run without one left ({', '.join(left)})" if left else ""))
     changes = checkpoint.check_resumable(run.resume, cfg, model_name, world.size) if run.resume else []
     run.sources = load_sources(cfg)  # checks the files before anything slow (e.g. converting the default model)
     if cfg.sample_every:
@@ -225,6 +230,8 @@ def prepare_data(run: Run, tokenizer) -> tuple:
         run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.tokenizer_path)
     if run.objective.check_tokenizer:
         run.objective.check_tokenizer(run.tokenizer)
+    if cfg.from_scratch:  # fitted to the tokenizer's vocabulary in locate_model
+        run.say(f"model configuration: {run.model_config}")  # as run_clm.py logs it ("New config: ...")
     check_vocabulary(run.tokenizer, run.model_config, run.tokenizer_path[0] if run.tokenizer_path else "given",
                      run.model_name)
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
@@ -349,7 +356,7 @@ def start(run: Run, changes: list[str], train_set) -> Progress:
                 run.say(line)
     else:
         run.compiling.begin(run.model, 0)
-        if cfg.overwrite_output_dir and world.main:  # the directory shows this run alone
+        if (cfg.overwrite_output_dir or cfg.resume_from == "auto") and world.main:  # the directory shows this run alone
             clear_run(run.out)
     global_batch = checkpoint.global_batch(cfg.batch_size, world.size, cfg.grad_accum_steps)[1]
     run.say(f"{run.total_steps} steps of {global_batch}, output {run.out}")

@@ -41,6 +41,25 @@ def test_a_stride_of_the_block_size_is_block_perplexity_exactly(tiny_gpt2, corpu
     assert (blocks["eval_stride"], strided["eval_stride"]) == (None, BLOCK)
 
 
+def test_a_validation_split_shorter_than_a_block_is_evaluated_as_that_one_block(tiny_gpt2, corpus, tmp_path, capsys):
+    # e.g. the 5% split of a short file (transformers' test_run_clm_config_overrides): scored as what it is
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    validation = tmp_path / "valid.txt"
+    validation.write_text("the model reads a line of text\n")
+    ids = stream_of([validation.read_text()], tokenizer)
+    assert 2 <= len(ids) < BLOCK
+    cfg = Config.for_task("clm", model=tiny_gpt2, train_file=str(corpus), validation_file=str(validation),
+                          block_size=BLOCK, eval_only=True, precision="fp32", output_dir=str(tmp_path / "out"))
+    result = train(cfg)
+    assert (f"validation: {len(ids)} tokens, fewer than one block of {BLOCK}: evaluated as one block of {len(ids)}"
+            in capsys.readouterr().out)
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    with torch.no_grad():  # HF's own mean over the block's len(ids) - 1 predictions
+        expected = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert result["eval_tokens"] == len(ids)
+    assert result["eval_loss"] == pytest.approx(expected, rel=1e-5)
+
+
 def sliding_window_perplexity(model, ids: list[int], block: int, stride: int) -> float:
     """Hugging Face's perplexity guide, verbatim in substance: one window at a time, HF's own loss."""
     ids = torch.tensor([ids])

@@ -69,6 +69,25 @@ def test_run_clm_command_line(tmp_path):
     assert results(out, "eval")["eval_steps_per_second"] == pytest.approx(2 / results(out, "eval")["eval_runtime"])
 
 
+def test_run_clm_config_overrides(smollm2_tokenizer, tmp_path):
+    # Their command line as written, the Hub's gpt2 tokenizer replaced by a local byte-level BPE one. Without
+    # --do_train or --do_eval lm does its run: it trains and evaluates, here on a 5% split shorter than a block.
+    tokenizer = tmp_path / "tokenizer"
+    smollm2_tokenizer.save_pretrained(tokenizer)
+    testargs = f"""
+        --model_type gpt2
+        --tokenizer_name {tokenizer}
+        --train_file {SAMPLE_TEXT}
+        --output_dir {tmp_path / "clm"}
+        --config_overrides n_embd=10,n_head=2
+        --use_cpu
+        """.split()
+    result = run_script("clm", *testargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"n_embd": 10' in result.stdout  # what their test checks in run_clm.py's log
+    assert '"n_head": 2' in result.stdout
+
+
 def test_run_mlm_command_line(tmp_path):
     # Their test checks perplexity < 42, reached by distilroberta-base, whose MLM head is pretrained. The
     # default MiniLM's head starts random (perplexity ~47000), and their command line trains one step: what

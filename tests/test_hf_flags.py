@@ -1,11 +1,14 @@
+import ast
 import dataclasses
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 
 from lm.cli import main
-from lm.config import Config, build_parser, flag, parse_args
+from lm import hf_flags
+from lm.config import OPTIMIZERS, Config, build_parser, flag, parse_args
 from lm.hf_flags import ADAMW_NAMES, HF_ALIASES, HF_IGNORED, HF_REFUSED, TRAINER_FLAGS, TRAINER_OLD_NAMES
 from lm.errors import UsageError
 
@@ -201,3 +204,14 @@ def test_prefixes_are_not_abbreviations():
     # --output would match both --output-dir and --output_dir; no flag is taken from a prefix
     with pytest.raises(UsageError, match="unrecognized arguments: --output"):
         parse_args("clm", ["--output", "x"])
+
+
+def test_hf_flags_depends_on_nothing_of_lm_config():
+    # lm.config builds the CLI from lm.hf_flags: one direction, no import inside a function to dodge a cycle
+    nodes = list(ast.walk(ast.parse(Path(hf_flags.__file__).read_text())))
+    imported = ({node.module for node in nodes if isinstance(node, ast.ImportFrom)}
+                | {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names})
+    assert imported == {"__future__", "argparse", "lm.errors"}
+    # the Config's values it names are the Config's
+    with pytest.raises(UsageError, match=re.escape(f"(--optimizer {'|'.join(OPTIMIZERS)})")):
+        hf_flags.from_trainer({"optim": "adafactor"}, {})

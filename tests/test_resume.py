@@ -9,6 +9,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,77 @@ def test_sigkilled_run_resumes_exactly(task, model_dirs, corpus, reference, tmp_
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))  # no duplicated points
     assert losses == logged_losses(reference(task))  # steps 6-12 recomputed identically
     assert train_loss(out) == train_loss(reference(task))  # Trainer's mean over the steps, carried in Progress
+
+
+def launch(args: list[str], env: dict | None = None, seconds: float | None = None) -> subprocess.CompletedProcess:
+    """train_clm.py as run_script runs it, sent SIGKILL after `seconds` if it is still running then."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_clm.py"), *args], cwd=ROOT, env={**ENV, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_one_command_with_resume_auto_survives_sigkills_anywhere(model_dirs, corpus, reference, tmp_path):
+    """--resume-from auto: the same command line, SIGKILLed before its first checkpoint, halfway through writing
+    one, at a step and at a moment drawn at random, and run again unchanged, ends as the uninterrupted run does."""
+    out = tmp_path / "run"
+    args = [*cli_args(model_dirs["clm"], corpus, out, save_every=1), "--resume-from", "auto"]
+    rng = random.Random(31)
+    half_written, at_step = rng.randint(2, STEPS // 2), rng.randint(STEPS // 2 + 1, STEPS)
+    hook = {"PYTHONPATH": f"{HOOK}{os.pathsep}{ROOT}"}
+
+    started = time.perf_counter()
+    first = launch(args, signalled_at(1, "SIGKILL"))  # step 1 trained and logged, its checkpoint not written
+    to_step_1 = time.perf_counter() - started  # this machine's start-up, now
+    assert first.returncode == -signal.SIGKILL, first.stderr[-3000:]
+    assert checkpoint.all_checkpoints(out) == [] and (out / "logs").is_dir()
+    second = launch(args, {**hook, "LM_TEST_KILL_SAVING": str(half_written)})
+    assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
+    assert (f"--resume-from auto: no checkpoint in {out / 'checkpoints'}: starting afresh, replacing what a run "
+            "without one left (logs)") in second.stdout
+    assert checkpoint.latest(out).name == f"step-{half_written - 1}"
+    assert [p.name for p in (out / "checkpoints").glob(f".step-{half_written}-*/*")] == ["model.pt"]
+    # then a step, and a moment about where training runs (a step, a checkpoint, the final save: wherever it lands)
+    for env, seconds in ((signalled_at(at_step, "SIGKILL"), None), (None, to_step_1 * rng.uniform(0.9, 1.3))):
+        killed = launch(args, env, seconds)
+        assert killed.returncode in (0, -signal.SIGKILL), killed.stderr[-3000:]
+        assert "--resume-from auto: resuming from" in killed.stdout or killed.returncode != 0
+    last = launch(args)
+    assert last.returncode == 0, last.stderr[-3000:]
+
+    assert_same_weights(out, reference("clm"))
+    assert logged_losses(out) == logged_losses(reference("clm"))  # each step once, the values of one run
+    assert train_loss(out) == train_loss(reference("clm"))
+    assert json.loads((out / "metrics.json").read_text())["eval_loss"] == \
+        json.loads((reference("clm") / "metrics.json").read_text())["eval_loss"]
+    assert list((out / "checkpoints").glob(".step-*")) == []  # a later save removed the half-written one
+
+
+def test_resume_auto_without_a_checkpoint_starts_afresh_over_the_logs_left(model_dirs, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    run = {**settings(model_dirs["clm"], corpus, out), "max_train_steps": 2}
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "events.out.tfevents.0.killed").write_bytes(b"")  # a run killed before its first checkpoint
+    (out / "checkpoints" / ".step-1-x").mkdir(parents=True)  # and halfway through writing it
+    with pytest.raises(UsageError, match="holds another run"):
+        train(Config.for_task("clm", **run))
+    with pytest.raises(UsageError, match="--resume-from latest: no checkpoint in"):  # latest stays strict
+        train(Config.for_task("clm", **run, resume_from="latest"))
+    train(Config.for_task("clm", **run, resume_from="auto"))
+    assert (f"--resume-from auto: no checkpoint in {out / 'checkpoints'}: starting afresh, replacing what a run "
+            "without one left (logs)\n") in capsys.readouterr().out
+    assert [p.name for p in (out / "logs").iterdir() if p.name.endswith("killed")] == []
+    assert [s for s, _ in logged_losses(out)] == [1, 2]
+    assert not (out / "checkpoints").exists()
+
+
+def test_resume_auto_needs_an_output_dir():
+    with pytest.raises(UsageError, match="--resume-from auto resumes the run of --output-dir"):
+        Config.for_task("clm", resume_from="auto")
 
 
 @pytest.mark.parametrize("task", ["clm", "mlm"])

@@ -6,6 +6,8 @@ events and then
   delivers them at an exact point of the loop;
 - or, with $LM_TEST_FILE_LIMIT set, limits the size of any file it writes to that many bytes
   (RLIMIT_FSIZE, SIGXFSZ ignored): later writes beyond it fail as on a full disk, with EFBIG.
+With $LM_TEST_KILL_SAVING=N instead, the process sends itself SIGKILL once the first file of checkpoint step-N is
+written into its temporary directory: a checkpoint half on disk.
 Python imports this module at start-up.
 """
 
@@ -33,3 +35,18 @@ if os.environ.get("LM_TEST_SIGNAL_STEP"):
                 os.kill(os.getpid(), signum)
 
     SummaryWriter.add_scalar = _add_scalar_then_signal
+
+if os.environ.get("LM_TEST_KILL_SAVING"):
+    import signal
+
+    from lm import checkpoint
+
+    _partial = f".step-{os.environ['LM_TEST_KILL_SAVING']}-"
+    _save_file = checkpoint.save_file
+
+    def _save_file_then_kill(obj, path):
+        _save_file(obj, path)
+        if path.parent.name.startswith(_partial):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    checkpoint.save_file = _save_file_then_kill
