@@ -291,13 +291,16 @@ def evaluation_batches(run: Run, eval_set) -> DataLoader:
     # Sharded too, except under FSDP, whose forwards are collectives that every rank must run
     # equally often: there each rank evaluates the whole split.
     run.eval_world = distributed.World() if cfg.fsdp else run.world
+    # Padded: a rank whose share ends a batch early gets None there (lm.evaluation skips it), so that
+    # every rank asks the stop check, a collective, as often as the others.
     sampler = StepSampler(len(eval_set), cfg.seed, cfg.eval_batch_size or cfg.batch_size, run.eval_world.size,
-                          run.eval_world.rank, shuffle=False)
+                          run.eval_world.rank, shuffle=False, pad=True)
     if cfg.eval_stride:
         collate = data.WindowCollator(run.tokenizer)
     else:
         collate = run.objective.collator(run.tokenizer, cfg, True)
-    return DataLoader(eval_set, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator())
+    return DataLoader(eval_set, batch_sampler=sampler, collate_fn=lambda items: collate(items) if items else None,
+                      generator=torch.Generator())
 
 
 def epoch_batches(run: Run, train_set, collate, sampler: StepSampler, epoch: int, start: int):

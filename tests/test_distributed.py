@@ -99,6 +99,22 @@ def test_document_boundaries_and_strided_evaluation_on_two_processes_equal_one(t
     assert metrics(two)["eval_stride"] == metrics(one)["eval_stride"] == (6 if task == "clm" else None)
 
 
+def test_a_validation_split_that_does_not_share_out_evenly_is_evaluated_whole_without_a_hang(no_dropout_models, corpus,
+                                                                                           tmp_path):
+    # 9 validation blocks in batches of 4 on 2 processes: rank 0 evaluates [0 2 4 6] and [8], rank 1 [1 3 5 7]
+    # alone. Both must still ask the stop check, a collective, as often: it used to hang in the evaluation
+    # before training until --ddp-timeout.
+    model = no_dropout_models["clm"]
+    extra = ["--validation-file", corpus, "--max-eval-samples", "9", "--max-train-steps", "1", "--peak-flops", "1e12"]
+    one_process("clm", model, corpus, tmp_path / "one", *extra, "--batch-size", "8")
+    finish(torchrun("--standalone", "--nproc_per_node", "2",
+                    script_args=[*args("clm", model, corpus, tmp_path / "two", 4), *extra, "--ddp-timeout", "60"]),
+           timeout=300)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert two["perplexity_before"] == pytest.approx(one["perplexity_before"], rel=1e-5)  # each block counted once
+    assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
+
+
 def test_two_nodes_by_rendezvous_equal_one_process(no_dropout_models, corpus, single, tmp_path):
     port = free_port()
     nodes = [torchrun("--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
