@@ -378,6 +378,8 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
             if progress.perplexity_before is None:
                 progress.perplexity_before = perplexity(evaluate_at(run, eval_loader, 0, stop))
                 run.say(f"perplexity before training: {progress.perplexity_before:.3f}")
+            if progress.evaluating:  # a signal cut the checkpoint's step's evaluation short: it is done here
+                scheduled_evaluation(run, progress, eval_loader, stop)
             run.trained.train()
             while progress.step < run.total_steps:  # one epoch, or what is left of it, per pass
                 for micro in epoch_batches(run, train_set, collate, sampler, progress.epoch, progress.examples_done):
@@ -390,7 +392,7 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}")
                     if cfg.eval_every and progress.step % cfg.eval_every == 0:
-                        evaluate_at(run, eval_loader, progress.step, stop)
+                        scheduled_evaluation(run, progress, eval_loader, stop)
                     if cfg.save_steps and progress.step % cfg.save_steps == 0:
                         save_checkpoint(run, progress)
                     if cfg.sample_every and progress.step % cfg.sample_every == 0:
@@ -410,6 +412,14 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
         except checkpoint.Stopped:
             bar.close()
             stop_here(run, progress, signals.signum or signal.SIGTERM)
+
+
+def scheduled_evaluation(run: Run, progress: Progress, eval_loader: DataLoader, stop) -> None:
+    """--eval-every's evaluation of this step, marked in `progress` while under way: a signal that stops it
+    checkpoints the step with the evaluation still to do, and the resumed run does it first."""
+    progress.evaluating = True
+    evaluate_at(run, eval_loader, progress.step, stop)
+    progress.evaluating = False
 
 
 def stop_requested(run: Run, signals: checkpoint.StopOnSignal) -> bool:
