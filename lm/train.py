@@ -118,7 +118,7 @@ def train(cfg: Config, *, objective: Objective | None = None, model=None, tokeni
     with inductor_cache(cache_root(cfg.cache_dir)):  # compiled code's files go there, for this run alone
         build_model(run, model)
         eval_loader = evaluation_batches(run, eval_set)
-        progress = start(run, changes, train_set)
+        progress = start(run, changes, train_set, eval_loader)
         if cfg.eval_only:
             return finish(run, None, eval_loader, len(train_set))
         fit(run, progress, train_set, eval_loader)
@@ -323,7 +323,7 @@ def epoch_batches(run: Run, train_set, collate, sampler: StepSampler, epoch: int
         yield [next(batches) for _ in micro] + [idle] * (most - len(micro))
 
 
-def start(run: Run, changes: list[str], train_set) -> Progress:
+def start(run: Run, changes: list[str], train_set, eval_loader: DataLoader) -> Progress:
     """Where the run starts: afresh, or exactly where a checkpoint left it, with the changed options announced."""
     cfg, world = run.cfg, run.world
     n_train = len(train_set)
@@ -337,14 +337,24 @@ def start(run: Run, changes: list[str], train_set) -> Progress:
     if run.resume is not None:
         state = checkpoint.read_state(run.resume)
         checkpoint.check_same_data(run.resume, state, run.train_data)
+        # Another --max-eval-samples is another validation set, which the checkpoint's perplexity_before was not
+        # measured on. The model is still as the run began (the checkpoint is not loaded yet): measure it here.
+        before, other_set = None, state["config"].get("max_eval_samples") != cfg.max_eval_samples
+        if other_set and state.get("perplexity_before") is not None:
+            before = perplexity(evaluate(run.module, eval_loader, run.device, run.precision, run.eval_world))
         snapshot = checkpoint.load(run.resume)
         last_group = (saved_groups(snapshot.optimizer) or [{}])[0]  # the learning rate of its last step
         progress = checkpoint.restore(snapshot, run.model, run.optimizer, run.scaler, world, cfg.fsdp, run.say,
                                       partial=run.adapted is not None)
         run.say(f"resuming from {run.resume} at step {progress.step}")
+        remeasured = None
+        if before is not None:
+            remeasured = (f"resume: perplexity before training {progress.perplexity_before:.3f} -> {before:.3f}, "
+                          "measured again on this run's validation set")
+            progress.perplexity_before = before
         run.compiling.begin(run.model, progress.step, state.get("compile"))
-        for line in changes + [schedule_change(state["config"], state["world_size"], cfg, world.size, n_train,
-                                               progress.step, last_group)]:
+        for line in changes + [remeasured, schedule_change(state["config"], state["world_size"], cfg, world.size,
+                                                           n_train, progress.step, last_group)]:
             if line:
                 run.say(line)
     else:

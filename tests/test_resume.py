@@ -278,6 +278,21 @@ def test_resumed_run_applies_new_optimizer_settings_and_schedule(model_dirs, cor
 
 
 
+def test_a_resumed_run_with_another_max_eval_samples_measures_perplexity_before_on_its_validation_set(
+        model_dirs, corpus, tmp_path, capsys):
+    first = dict(settings(model_dirs["clm"], corpus, tmp_path / "run"), validation_file=str(corpus),
+                 max_eval_samples=2, max_train_steps=3, save_every=2)
+    two_blocks = train(Config.for_task("clm", **first))["perplexity_before"]
+    initial = train(Config.for_task("clm", **dict(first, max_eval_samples=5, eval_only=True,
+                                                  output_dir=str(tmp_path / "initial"))))["perplexity"]
+    capsys.readouterr()
+    resumed = train(Config.for_task("clm", **dict(first, max_eval_samples=5,
+                                                  resume_from=str(tmp_path / "run" / "checkpoints" / "step-2"))))
+    assert resumed["perplexity_before"] == initial != two_blocks  # the model as it began, on the 5 blocks
+    assert (f"resume: perplexity before training {two_blocks:.3f} -> {initial:.3f}, measured again on this run's "
+            "validation set") in capsys.readouterr().out
+
+
 def test_the_printed_resume_command_continues_the_same_run_directory(model_dirs, corpus, reference, tmp_path):
     # no --output-dir: the run goes to runs/<task>-<time>, and the resumed run must go on there
     args = [a for a in cli_args(model_dirs["clm"], corpus, tmp_path / "unused") if "unused" not in a]
