@@ -23,10 +23,13 @@ def free_port() -> int:
 
 
 def args(task, model_dir, corpus, out, batch_size):
-    # 16 blocks, global batch 4 with 2 micro-batches per step: 2 steps an epoch, 6 steps in all
+    # 16 blocks, global batch 4 with 2 micro-batches per step: 2 steps an epoch, 6 steps in all. --compile off:
+    # auto decides after step 3 from what the machine's cache (~/.cache/lm/compile.json) holds for the run's
+    # shapes, which any run on the machine may have written: where it says compiling pays, a run compiles there
+    # and takes minutes longer on a busy machine.
     return [ROOT / f"train_{task}.py", "--model", model_dir, "--train-file", corpus, "--block-size", "16",
             "--max-train-samples", "16", "--batch-size", batch_size, "--grad-accum-steps", "2", "--epochs", "3",
-            "--log-every", "1", "--precision", "fp32", "--lr", "1e-3", "--warmup-steps", "2",
+            "--log-every", "1", "--precision", "fp32", "--lr", "1e-3", "--warmup-steps", "2", "--compile", "off",
             "--output-dir", out]
 
 
@@ -37,7 +40,19 @@ def torchrun(*extra, script_args, env=None):
 
 
 def finish(proc, timeout=600, returncode=0):
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # A run past its time must not outlive its test, slowing (or waiting on) the next ones. Its workers run in
+        # sessions of their own, which killing torchrun would leave behind: SIGTERM makes torchrun signal them and
+        # kill them 30 s later.
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s:\n{err[-3000:]}")
     assert proc.returncode == returncode, err[-3000:]
     return out if returncode == 0 else err
 
