@@ -339,8 +339,8 @@ def start(run: Run, changes: list[str], train_set, eval_loader: DataLoader) -> P
         checkpoint.check_same_data(run.resume, state, run.train_data)
         # Another --max-eval-samples is another validation set, which the checkpoint's perplexity_before was not
         # measured on. The model is still as the run began (the checkpoint is not loaded yet): measure it here.
-        before, other_set = None, state["config"].get("max_eval_samples") != cfg.max_eval_samples
-        if other_set and state.get("perplexity_before") is not None:
+        before = None
+        if state["config"].get("max_eval_samples") != cfg.max_eval_samples and state.get("perplexity_before"):
             before = perplexity(evaluate(run.module, eval_loader, run.device, run.precision, run.eval_world))
         snapshot = checkpoint.load(run.resume)
         last_group = (saved_groups(snapshot.optimizer) or [{}])[0]  # the learning rate of its last step
