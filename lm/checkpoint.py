@@ -76,6 +76,8 @@ class Progress:
     epoch: int = 0
     examples_done: int = 0  # examples of this epoch trained on, by all processes together
     perplexity_before: float | None = None
+    # this step's --eval-every evaluation is under way: a checkpoint a signal wrote meanwhile has it still to do
+    evaluating: bool = False
     train_tokens: int = 0  # input tokens of all processes
     train_seconds: float = 0.0  # training steps only: no loading, no evaluation
     train_flops: float = 0.0  # model FLOPs of those steps, all processes (lm.hardware.step_flops)

@@ -203,12 +203,15 @@ class StepSampler(Sampler):
     `batch_size`. So a step holds the same examples on any number of processes (a run resumes
     exactly on another one, with the same global batch), and no sampler state needs saving: a
     resumed run rebuilds the permutation and starts at an example count.
+
+    `pad` (evaluation): where a rank holds fewer micro-batches of a step than rank 0, it is given empty
+    ones (no index) in their place, so every rank iterates as many batches.
     """
 
     def __init__(self, n: int, seed: int, batch_size: int, world: int = 1, rank: int = 0, accumulation: int = 1,
-                 shuffle: bool = True):
+                 shuffle: bool = True, pad: bool = False):
         self.n, self.seed, self.batch_size, self.world, self.rank = n, seed, batch_size, world, rank
-        self.step_size, self.shuffle = batch_size * world * accumulation, shuffle
+        self.step_size, self.shuffle, self.pad = batch_size * world * accumulation, shuffle, pad
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -235,11 +238,13 @@ class StepSampler(Sampler):
             yield [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)], most
 
     def __iter__(self):
-        for micro, _ in self.steps():
+        for micro, most in self.steps():
             yield from micro
+            if self.pad:
+                yield from [[] for _ in range(most - len(micro))]
 
     def __len__(self):
-        return sum(len(micro) for micro, _ in self.steps())
+        return sum(most if self.pad else len(micro) for micro, most in self.steps())
 
 
 # ---------------------------------------------------------------- a run's data

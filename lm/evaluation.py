@@ -19,7 +19,7 @@ def evaluate(module, loader, device, precision: str, world=distributed.World(), 
     """Mean loss per labelled token over the whole split, on all ranks (token-weighted, not a mean of means).
 
     `stop`, if given, is asked before each batch (by every rank alike): when it answers yes, the evaluation
-    ends with checkpoint.Stopped."""
+    ends with checkpoint.Stopped. A batch may be None: this rank has none there, while others do."""
     was_training = module.training
     module.eval()
     loss_sum, tokens = 0.0, 0
@@ -28,6 +28,8 @@ def evaluate(module, loader, device, precision: str, world=distributed.World(), 
             if stop is not None and stop():
                 module.train(was_training)
                 raise Stopped
+            if batch is None:
+                continue
             labels = batch["labels"].to(device)
             with autocast(device, precision):
                 output = module(batch["input_ids"].to(device), batch["attention_mask"].to(device), labels)

@@ -118,7 +118,7 @@ def train(cfg: Config, *, objective: Objective | None = None, model=None, tokeni
     with inductor_cache(cache_root(cfg.cache_dir)):  # compiled code's files go there, for this run alone
         build_model(run, model)
         eval_loader = evaluation_batches(run, eval_set)
-        progress = start(run, changes, train_set)
+        progress = start(run, changes, train_set, eval_loader)
         if cfg.eval_only:
             return finish(run, None, eval_loader, len(train_set))
         fit(run, progress, train_set, eval_loader)
@@ -301,13 +301,16 @@ def evaluation_batches(run: Run, eval_set) -> DataLoader:
     # Sharded too, except under FSDP, whose forwards are collectives that every rank must run
     # equally often: there each rank evaluates the whole split.
     run.eval_world = distributed.World() if cfg.fsdp else run.world
+    # Padded: a rank whose share ends a batch early gets None there (lm.evaluation skips it), so that
+    # every rank asks the stop check, a collective, as often as the others.
     sampler = StepSampler(len(eval_set), cfg.seed, cfg.eval_batch_size or cfg.batch_size, run.eval_world.size,
-                          run.eval_world.rank, shuffle=False)
+                          run.eval_world.rank, shuffle=False, pad=True)
     if cfg.eval_stride:
         collate = data.WindowCollator(run.tokenizer)
     else:
         collate = run.objective.collator(run.tokenizer, cfg, True)
-    return DataLoader(eval_set, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator())
+    return DataLoader(eval_set, batch_sampler=sampler, collate_fn=lambda items: collate(items) if items else None,
+                      generator=torch.Generator())
 
 
 def epoch_batches(run: Run, train_set, collate, sampler: StepSampler, epoch: int, start: int):
@@ -330,7 +333,7 @@ def epoch_batches(run: Run, train_set, collate, sampler: StepSampler, epoch: int
         yield [next(batches) for _ in micro] + [idle] * (most - len(micro))
 
 
-def start(run: Run, changes: list[str], train_set) -> Progress:
+def start(run: Run, changes: list[str], train_set, eval_loader: DataLoader) -> Progress:
     """Where the run starts: afresh, or exactly where a checkpoint left it, with the changed options announced."""
     cfg, world = run.cfg, run.world
     n_train = len(train_set)
@@ -344,14 +347,24 @@ def start(run: Run, changes: list[str], train_set) -> Progress:
     if run.resume is not None:
         state = checkpoint.read_state(run.resume)
         checkpoint.check_same_data(run.resume, state, run.train_data)
+        # Another --max-eval-samples is another validation set, which the checkpoint's perplexity_before was not
+        # measured on. The model is still as the run began (the checkpoint is not loaded yet): measure it here.
+        before = None
+        if state["config"].get("max_eval_samples") != cfg.max_eval_samples and state.get("perplexity_before"):
+            before = perplexity(evaluate(run.module, eval_loader, run.device, run.precision, run.eval_world))
         snapshot = checkpoint.load(run.resume)
         last_group = (saved_groups(snapshot.optimizer) or [{}])[0]  # the learning rate of its last step
         progress = checkpoint.restore(snapshot, run.model, run.optimizer, run.scaler, world, cfg.fsdp, run.say,
                                       partial=run.adapted is not None)
         run.say(f"resuming from {run.resume} at step {progress.step}")
+        remeasured = None
+        if before is not None:
+            remeasured = (f"resume: perplexity before training {progress.perplexity_before:.3f} -> {before:.3f}, "
+                          "measured again on this run's validation set")
+            progress.perplexity_before = before
         run.compiling.begin(run.model, progress.step, state.get("compile"))
-        for line in changes + [schedule_change(state["config"], state["world_size"], cfg, world.size, n_train,
-                                               progress.step, last_group)]:
+        for line in changes + [remeasured, schedule_change(state["config"], state["world_size"], cfg, world.size,
+                                                           n_train, progress.step, last_group)]:
             if line:
                 run.say(line)
     else:
@@ -385,6 +398,8 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
             if progress.perplexity_before is None:
                 progress.perplexity_before = perplexity(evaluate_at(run, eval_loader, 0, stop))
                 run.say(f"perplexity before training: {progress.perplexity_before:.3f}")
+            if progress.evaluating:  # a signal cut the checkpoint's step's evaluation short: it is done here
+                scheduled_evaluation(run, progress, eval_loader, stop)
             run.trained.train()
             while progress.step < run.total_steps:  # one epoch, or what is left of it, per pass
                 for micro in epoch_batches(run, train_set, collate, sampler, progress.epoch, progress.examples_done):
@@ -397,7 +412,7 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_sum / max(tokens, 1):.4f}")
                     if cfg.eval_every and progress.step % cfg.eval_every == 0:
-                        evaluate_at(run, eval_loader, progress.step, stop)
+                        scheduled_evaluation(run, progress, eval_loader, stop)
                     if cfg.save_steps and progress.step % cfg.save_steps == 0:
                         save_checkpoint(run, progress)
                     if cfg.sample_every and progress.step % cfg.sample_every == 0:
@@ -417,6 +432,14 @@ def fit(run: Run, progress: Progress, train_set, eval_loader: DataLoader) -> Non
         except checkpoint.Stopped:
             bar.close()
             stop_here(run, progress, signals.signum or signal.SIGTERM)
+
+
+def scheduled_evaluation(run: Run, progress: Progress, eval_loader: DataLoader, stop) -> None:
+    """--eval-every's evaluation of this step, marked in `progress` while under way: a signal that stops it
+    checkpoints the step with the evaluation still to do, and the resumed run does it first."""
+    progress.evaluating = True
+    evaluate_at(run, eval_loader, progress.step, stop)
+    progress.evaluating = False
 
 
 def stop_requested(run: Run, signals: checkpoint.StopOnSignal) -> bool:

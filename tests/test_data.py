@@ -123,6 +123,14 @@ def test_a_short_last_step_tells_each_rank_how_many_micro_batches_rank_0_runs():
     assert [(len(micro), most) for micro, most in steps[1]] == [(2, 2), (0, 1)]
 
 
+def test_a_padded_sampler_gives_every_rank_as_many_batches_and_each_example_once():
+    # evaluation's: 9 examples, batch 4 on 2 ranks; the last example is rank 0's alone, rank 1 gets an empty batch
+    samplers = [StepSampler(9, seed=0, batch_size=4, world=2, rank=r, shuffle=False, pad=True) for r in (0, 1)]
+    assert [list(s) for s in samplers] == [[[0, 2, 4, 6], [8]], [[1, 3, 5, 7], []]]
+    assert [len(s) for s in samplers] == [2, 2]
+    assert len(StepSampler(9, seed=0, batch_size=4, world=2, rank=1, shuffle=False)) == 1  # unpadded: one fewer
+
+
 def test_blocks_number_the_texts_they_hold_from_the_stream_starts():
     starts = np.array([0, 3, 4, 9, 13])  # texts [0, 3), [3, 4), [4, 9), [9, 13), [13, ...)
     assert texts_in(starts, 0, 5).tolist() == [1, 1, 1, 2, 3]

@@ -23,10 +23,13 @@ def free_port() -> int:
 
 
 def args(task, model_dir, corpus, out, batch_size):
-    # 16 blocks, global batch 4 with 2 micro-batches per step: 2 steps an epoch, 6 steps in all
+    # 16 blocks, global batch 4 with 2 micro-batches per step: 2 steps an epoch, 6 steps in all. --compile off:
+    # auto decides after step 3 from what the machine's cache (~/.cache/lm/compile.json) holds for the run's
+    # shapes, which any run on the machine may have written: where it says compiling pays, a run compiles there
+    # and takes minutes longer on a busy machine.
     return [ROOT / f"train_{task}.py", "--model", model_dir, "--train-file", corpus, "--block-size", "16",
             "--max-train-samples", "16", "--batch-size", batch_size, "--grad-accum-steps", "2", "--epochs", "3",
-            "--log-every", "1", "--precision", "fp32", "--lr", "1e-3", "--warmup-steps", "2",
+            "--log-every", "1", "--precision", "fp32", "--lr", "1e-3", "--warmup-steps", "2", "--compile", "off",
             "--output-dir", out]
 
 
@@ -37,7 +40,19 @@ def torchrun(*extra, script_args, env=None):
 
 
 def finish(proc, timeout=600, returncode=0):
-    out, err = proc.communicate(timeout=timeout)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # A run past its time must not outlive its test, slowing (or waiting on) the next ones. Its workers run in
+        # sessions of their own, which killing torchrun would leave behind: SIGTERM makes torchrun signal them and
+        # kill them 30 s later.
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"torchrun still running after {timeout} s:\n{err[-3000:]}")
     assert proc.returncode == returncode, err[-3000:]
     return out if returncode == 0 else err
 
@@ -97,6 +112,22 @@ def test_document_boundaries_and_strided_evaluation_on_two_processes_equal_one(t
     assert_same_training(one, two, task)  # eval_loss too: the strided windows shared out, their sums all-reduced
     assert metrics(two)["perplexity_before"] == pytest.approx(metrics(one)["perplexity_before"], rel=1e-5)
     assert metrics(two)["eval_stride"] == metrics(one)["eval_stride"] == (6 if task == "clm" else None)
+
+
+def test_a_validation_split_that_does_not_share_out_evenly_is_evaluated_whole_without_a_hang(no_dropout_models, corpus,
+                                                                                           tmp_path):
+    # 9 validation blocks in batches of 4 on 2 processes: rank 0 evaluates [0 2 4 6] and [8], rank 1 [1 3 5 7]
+    # alone. Both must still ask the stop check, a collective, as often: it used to hang in the evaluation
+    # before training until --ddp-timeout.
+    model = no_dropout_models["clm"]
+    extra = ["--validation-file", corpus, "--max-eval-samples", "9", "--max-train-steps", "1", "--peak-flops", "1e12"]
+    one_process("clm", model, corpus, tmp_path / "one", *extra, "--batch-size", "8")
+    finish(torchrun("--standalone", "--nproc_per_node", "2",
+                    script_args=[*args("clm", model, corpus, tmp_path / "two", 4), *extra, "--ddp-timeout", "60"]),
+           timeout=300)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert two["perplexity_before"] == pytest.approx(one["perplexity_before"], rel=1e-5)  # each block counted once
+    assert two["perplexity"] == pytest.approx(one["perplexity"], rel=1e-5)
 
 
 def test_two_nodes_by_rendezvous_equal_one_process(no_dropout_models, corpus, single, tmp_path):

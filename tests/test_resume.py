@@ -350,6 +350,21 @@ def test_resumed_run_applies_new_optimizer_settings_and_schedule(model_dirs, cor
 
 
 
+def test_a_resumed_run_with_another_max_eval_samples_measures_perplexity_before_on_its_validation_set(
+        model_dirs, corpus, tmp_path, capsys):
+    first = dict(settings(model_dirs["clm"], corpus, tmp_path / "run"), validation_file=str(corpus),
+                 max_eval_samples=2, max_train_steps=3, save_every=2)
+    two_blocks = train(Config.for_task("clm", **first))["perplexity_before"]
+    initial = train(Config.for_task("clm", **dict(first, max_eval_samples=5, eval_only=True,
+                                                  output_dir=str(tmp_path / "initial"))))["perplexity"]
+    capsys.readouterr()
+    resumed = train(Config.for_task("clm", **dict(first, max_eval_samples=5,
+                                                  resume_from=str(tmp_path / "run" / "checkpoints" / "step-2"))))
+    assert resumed["perplexity_before"] == initial != two_blocks  # the model as it began, on the 5 blocks
+    assert (f"resume: perplexity before training {two_blocks:.3f} -> {initial:.3f}, measured again on this run's "
+            "validation set") in capsys.readouterr().out
+
+
 def test_the_printed_resume_command_continues_the_same_run_directory(model_dirs, corpus, reference, tmp_path):
     # no --output-dir: the run goes to runs/<task>-<time>, and the resumed run must go on there
     args = [a for a in cli_args(model_dirs["clm"], corpus, tmp_path / "unused") if "unused" not in a]
@@ -405,9 +420,11 @@ def test_a_train_file_that_changed_since_the_checkpoint_is_refused_not_spun(mode
     checkpoint.check_same_data(step_4, old, {"examples": 32, "digest": "any"})  # fits: resumes as before
 
 
-def test_a_signal_during_an_evaluation_stops_it_at_the_next_batch(model_dirs, corpus, tmp_path):
+def test_a_signal_during_an_evaluation_stops_it_at_the_next_batch_and_the_resumed_run_does_it(model_dirs, corpus,
+                                                                                              tmp_path):
     # SIGTERM right after step 2's loss is logged, before its evaluation of 20 batches: the run writes
-    # step 2's checkpoint and exits without finishing (or logging) that evaluation
+    # step 2's checkpoint and exits without finishing (or logging) that evaluation; resumed, it evaluates step 2
+    # first, as the uninterrupted run did
     out = tmp_path / "run"
     args = cli_args(model_dirs["mlm"], corpus, out, eval_every=2, eval_batch_size=1)
     stopped = run_script("mlm", *args, env=signalled_at(2, "SIGTERM"))
@@ -417,7 +434,10 @@ def test_a_signal_during_an_evaluation_stops_it_at_the_next_batch(model_dirs, co
     assert [p.name for p in checkpoint.all_checkpoints(out)] == ["step-2"]
     resumed = run_script("mlm", *args, "--resume-from", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [s for s, _ in logged(out, "eval/loss")] == [0, 4, 6, 8, 10, 12]
+    uninterrupted = run_script("mlm", *cli_args(model_dirs["mlm"], corpus, tmp_path / "whole", eval_every=2,
+                                                eval_batch_size=1))
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert logged(out, "eval/loss") == logged(tmp_path / "whole", "eval/loss")  # steps 0, 2, 4, ..., 12
 
 
 def test_a_checkpoint_whose_constant_schedule_warmed_up_says_so_on_resume(model_dirs, corpus, tmp_path, capsys):
