@@ -14,6 +14,7 @@ from lm import hf_flags
 from lm.errors import UsageError
 
 EMBEDDED_CORPUS = "python-docs"
+LOSS_RULES = ("assistant", "completion", "all")  # lm.chats: which tokens of a conversation carry the loss
 LORA_LR_FACTOR = 10  # LoRA learns its update from zero: ~10x full fine-tuning's step (LoRA's paper, torchtune, litgpt)
 OPTIMIZERS = ("adamw", "muon", "sgd")  # lm.optim.build_optimizer
 # transformers' learning-rate schedules (get_scheduler's names) that need no setting beyond warmup; lm.optim.lr_factor
@@ -73,6 +74,16 @@ class Config:
         False, "keep the texts packed into a block apart: each ends with the tokenizer's end-of-text token (where "
         "the tokenizer adds none), attends only to itself, counts its positions from its own first token, and no "
         "label crosses into the next text")
+    chat_template: Optional[str] = option(
+        None, "conversational data: a Jinja chat template file that renders each conversation; default: the "
+        "tokenizer's own")
+    loss_on: Optional[str] = option(
+        None, "conversational data: the tokens that carry the loss: the assistant's turns, the completion of "
+        "prompt/completion rows, or all; default: assistant for messages, completion for prompt/completion",
+        choices=LOSS_RULES)
+    no_packing: bool = option(
+        False, "conversational data: one conversation per row, padded to the batch's longest, instead of "
+        "conversations packed into blocks of --block-size, each attending to itself alone")
     mlm_prob: float = option(0.15, "mlm only: fraction of tokens masked in each batch")
     max_train_samples: Optional[int] = option(None, "use at most this many training blocks")
     max_eval_samples: Optional[int] = option(
@@ -192,7 +203,7 @@ class Config:
 
         for f in dataclasses.fields(self):  # the CLI checks these too; a Config built in Python is checked here
             choices = f.metadata.get("choices")
-            need(choices is None or getattr(self, f.name) in choices,
+            need(choices is None or getattr(self, f.name) in choices or getattr(self, f.name) is f.default is None,
                  f"--{flag(f.name)} must be one of {', '.join(choices or ())}, got {getattr(self, f.name)!r}")
         need(self.block_size is None or self.block_size > 0,
              f"--block-size must be positive, got {self.block_size}")
