@@ -235,3 +235,106 @@ def _token_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) ->
         if end > spans[s][0]:
             mask[t] = 1
     return mask
+
+
+# ---------------------------------------------------------------- the embedded conversations
+
+# Modules whose public functions answer "What does `module.name` do?" from their docstrings
+# (classes too: `itertools.chain`, `collections.Counter`)
+_DOC_MODULES = ("math", "os.path", "itertools", "functools", "collections", "json", "re", "random", "statistics",
+                "textwrap", "shutil", "heapq", "bisect", "string", "operator", "copy", "fnmatch", "glob")
+# Their methods: "What does the `str.split` method do?" (not bytes': near copies of str's, a leak across the split)
+_DOC_TYPES = (str, list, dict, set, int, float)
+_ANSWER_CHARS = 600  # one answer's budget: a two-exchange conversation stays within ~350 SmolLM2 tokens
+_VALIDATION_EVERY = 10  # a name whose digest is 0 mod this is validation: by name, so no answer leaks across
+
+
+def python_docs_conversations() -> tuple[list[list[dict]], list[list[dict]]]:
+    """(train, validation) questions about Python answered from its own documentation, split by name."""
+    train, validation = [], []
+    seen_answers = set()
+    for name, conversation in _docs_conversations():
+        answer = conversation[1]["content"]
+        if answer in seen_answers:  # aliases share a docstring ('if' and 'else' share a topic): keep the first
+            continue
+        seen_answers.add(answer)
+        digest = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+        (validation if digest % _VALIDATION_EVERY == 0 else train).append(conversation)
+    return train, validation
+
+
+def _docs_conversations():
+    """(name, conversation) pairs in a fixed order: reference-manual topics, built-ins, modules, methods."""
+    import builtins
+    import importlib
+    import inspect
+
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        title, _, body = topics[name].partition("\n")
+        statement = re.fullmatch(r'The "(\w+)" statement', title.strip())
+        title = title.strip()
+        if not any(c.isupper() for c in title[1:]):  # "Comparisons" -> "comparisons"; "Code Objects" stays
+            title = title[0].lower() + title[1:]
+        question = f"What does the `{statement[1]}` statement do?" if statement else f"Explain {title} in Python."
+        body = body.lstrip("*\n")
+        if conversation := _conversation_from(question, body, follow_up=True):
+            yield f"topic:{name}", conversation
+    for name in sorted(dir(builtins)):
+        obj = getattr(builtins, name)
+        if not name.startswith("_") and (inspect.isbuiltin(obj) or inspect.isfunction(obj)):
+            if conversation := _conversation_from(f"What does the built-in function `{name}` do?", _doc(obj)):
+                yield f"builtins.{name}", conversation
+    for module_name in _DOC_MODULES:
+        module = importlib.import_module(module_name)
+        for name in sorted(getattr(module, "__all__", None) or dir(module)):
+            obj = getattr(module, name, None)
+            own_class = inspect.isclass(obj) and obj.__module__ == module.__name__
+            # random's functions are methods of a hidden Random instance
+            if name.startswith("_") or not (inspect.isroutine(obj) or own_class):
+                continue
+            if conversation := _conversation_from(f"What does `{module_name}.{name}` do?", _doc(obj)):
+                yield f"{module_name}.{name}", conversation
+    for cls in _DOC_TYPES:
+        for name in sorted(vars(cls)):
+            if name.startswith("_") or not callable(getattr(cls, name)):
+                continue
+            question = f"What does the `{cls.__name__}.{name}` method do?"
+            if conversation := _conversation_from(question, _doc(getattr(cls, name))):
+                yield f"{cls.__name__}.{name}", conversation
+
+
+def _doc(obj) -> str:
+    """The object's own docstring (inspect.getdoc would give a class its base's: UserDict's is MutableMapping's)."""
+    import inspect
+
+    return inspect.cleandoc(obj.__doc__) if isinstance(obj.__doc__, str) else ""
+
+
+def _conversation_from(question: str, text: str, follow_up: bool = False) -> list[dict] | None:
+    """A question answered by the text's first paragraphs; with `follow_up`, "Tell me more." and the next ones."""
+    paragraphs = [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
+    answer, rest = _take(paragraphs)
+    if len(answer) < 40:  # "Return self==value." teaches nothing
+        return None
+    conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    if follow_up and rest:
+        more, _ = _take(rest)
+        if more:
+            conversation += [{"role": "user", "content": "Tell me more."}, {"role": "assistant", "content": more}]
+    return conversation
+
+
+def _take(paragraphs: list[str]) -> tuple[str, list[str]]:
+    """The leading paragraphs that fit the answer budget (a long first one cut at a sentence), and the rest."""
+    taken, size = [], 0
+    for i, p in enumerate(paragraphs):
+        if size + len(p) > _ANSWER_CHARS:
+            if not taken:  # the first paragraph alone is too long: cut it after its last full sentence that fits
+                cut = p.rfind(". ", 0, _ANSWER_CHARS)
+                return (p[:cut + 1] if cut > 0 else ""), paragraphs[i + 1:]
+            return "\n\n".join(taken), paragraphs[i:]
+        taken.append(p)
+        size += len(p) + 2
+    return "\n\n".join(taken), []
