@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 import pytest
@@ -207,3 +207,11 @@ def test_python_docs_conversations_are_valid_deterministic_and_split_by_name(smo
     lengths = [len(chats.encode_conversation(c, smollm2_tokenizer, template, "assistant")[0])
                for c in validation]
     assert max(lengths) <= 512, max(lengths)
+
+
+def test_the_docs_example_is_what_the_code_prints(capsys):
+    page = (Path(__file__).parents[1] / "docs" / "conversations.md").read_text(encoding="utf-8")
+    (snippet,) = re.findall(r"^```python\n(.*?)^```", page, flags=re.S | re.M)
+    exec(snippet, {})
+    printed = capsys.readouterr().out
+    assert printed.count("[<|im_end|>]") == 2 and f"```text\n{printed}```" in page
