@@ -130,9 +130,19 @@ def template_identity(template: str, loss_on: str) -> str:
 
 def encode_conversation(messages: list[dict], tokenizer, template: str, loss_on: str) -> tuple[list[int], list[int]]:
     """(token ids, loss mask): 1 on the tokens that carry loss under `loss_on`."""
+    from jinja2.exceptions import TemplateError
+
     if loss_on not in LOSS_RULES:
         raise ValueError(f"loss_on is one of {LOSS_RULES}, not {loss_on!r}")
     chat = [{k: v for k, v in m.items() if k != COMPLETION} for m in messages]
+    try:
+        return _encode(messages, chat, tokenizer, template, loss_on)
+    except TemplateError as e:  # the template's raise_exception: "Conversation roles must alternate ..."
+        roles = ", ".join(m["role"] for m in chat)
+        raise UsageError(f"the chat template can't render a conversation ({roles}): {e}") from None
+
+
+def _encode(messages, chat, tokenizer, template: str, loss_on: str) -> tuple[list[int], list[int]]:
     if loss_on == "assistant" and has_generation_markers(template):
         out = tokenizer.apply_chat_template(chat, chat_template=template, return_dict=True,
                                             return_assistant_tokens_mask=True)

@@ -171,6 +171,15 @@ def test_a_template_that_is_not_prefix_preserving_is_refused(turns, smollm2_toke
     assert len(learned(smollm2_tokenizer, ids, mask)) == turns // 2
 
 
+def test_a_conversation_the_template_rejects_is_one_line(smollm2_tokenizer):
+    template = trl_template("gemma.jinja")  # Gemma's raises for a system turn
+    with pytest.raises(UsageError, match=r"can't render a conversation \(system, user, assistant.*System role not"):
+        chats.encode_conversation([{"role": "system", "content": "Be brief."}, *CHAT], smollm2_tokenizer, template,
+                                  "assistant")
+    ids, mask = chats.encode_conversation(CHAT, smollm2_tokenizer, template, "assistant")
+    assert learned(smollm2_tokenizer, ids, mask)[0] == CHAT[1]["content"] + "<end_of_turn>\n"
+
+
 def test_loss_on_all_and_completion(smollm2_tokenizer):
     template = smollm2_tokenizer.chat_template
     (conversation,), _ = chats.read_conversations([{"prompt": CHAT[:3], "completion": [CHAT[3]]}], "pc.jsonl")
