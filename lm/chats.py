@@ -50,7 +50,7 @@ def read_conversations(rows: list[dict], where: str) -> tuple[list[list[dict]], 
 def _conversation(row, kind: str) -> list[dict]:
     """One row as messages; a ValueError says what is wrong with it."""
     if not isinstance(row, dict):
-        raise ValueError(f"a record is an object, not {type(row).__name__}")
+        raise ValueError(f"the record is a {type(row).__name__}, not an object")
     if kind == "messages":
         if "messages" not in row:
             raise ValueError("no 'messages' (the first record has them)")
@@ -101,8 +101,10 @@ def load_template(tokenizer, template_file: str | None) -> str:
         try:
             with open(template_file, encoding="utf-8") as f:
                 text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--chat-template {template_file}: cannot be read ({e})") from None
+        except OSError as e:
+            raise UsageError(f"--chat-template {template_file}: cannot be read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--chat-template {template_file}: not UTF-8 text (byte {e.start})") from None
         if not text.strip():
             raise UsageError(f"--chat-template {template_file}: the file is empty")
         return text

@@ -75,6 +75,7 @@ MALFORMED = {
     "assistant first": {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]},
     "not a list": {"messages": "hi"},
     "no messages column": {"text": "hi"},
+    "not an object": ["hi"],
 }
 
 
@@ -105,6 +106,8 @@ def test_the_template_is_the_file_given_else_the_tokenizers_else_an_error(smollm
     with pytest.raises(UsageError, match="--chat-template FILE") as e:
         chats.load_template(tokenizer, None)  # MiniLM's tokenizer (BERT's) has no chat template
     assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match=r"^--chat-template .*missing\.jinja: cannot be read \(No such file"):
+        chats.load_template(tokenizer, str(tmp_path / "missing.jinja"))
 
 
 # ---------------------------------------------------------------- which tokens learn
