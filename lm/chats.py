@@ -150,16 +150,17 @@ def _encode(messages, chat, tokenizer, template: str, loss_on: str) -> tuple[lis
                                             return_assistant_tokens_mask=True)
         return list(out["input_ids"]), list(out["assistant_masks"])
     text = _render(tokenizer, template, chat)
+    # The same call apply_chat_template makes, so the ids are those of the markers path
+    encoding = tokenizer(text, add_special_tokens=False)
+    ids = list(encoding["input_ids"])
     if loss_on == "all":
-        spans = [(0, len(text))]
-    elif loss_on == "completion":
+        return ids, [1] * len(ids)
+    if loss_on == "completion":
         spans = [_completion_span(tokenizer, template, messages, chat, text)]
     else:
         _check_prefix_preserving(tokenizer, template)
         spans = _assistant_spans(tokenizer, template, chat, text)
-    # The same call apply_chat_template makes, so the ids are those of the markers path
-    encoding = tokenizer(text, add_special_tokens=False)
-    return list(encoding["input_ids"]), _token_mask(_offsets(encoding), spans)
+    return ids, _token_mask(_offsets(encoding), spans)
 
 
 def _render(tokenizer, template: str, chat: list[dict], generation_prompt: bool = False) -> str:
@@ -199,7 +200,7 @@ def _completion_span(tokenizer, template: str, messages: list[dict], chat: list[
     return len(prompt), len(text)
 
 
-_CHECKED: dict[tuple, bool] = {}
+_PREFIX_PRESERVING: dict[tuple, bool] = {}  # (template, special tokens) -> the check's verdict, made once
 
 
 def _check_prefix_preserving(tokenizer, template: str) -> None:
@@ -209,16 +210,16 @@ def _check_prefix_preserving(tokenizer, template: str) -> None:
     template up front, whether or not the first conversations have two exchanges.
     """
     key = (template, tuple(sorted(map(str, tokenizer.special_tokens_map.items()))))
-    if key not in _CHECKED:
+    if key not in _PREFIX_PRESERVING:
         dummy = [{"role": "user", "content": "Question one?"}, {"role": "assistant", "content": "Answer one."},
                  {"role": "user", "content": "Question two?"}, {"role": "assistant", "content": "Answer two."}]
         text = _render(tokenizer, template, dummy)
         try:
             _assistant_spans(tokenizer, template, dummy, text)
-            _CHECKED[key] = True
+            _PREFIX_PRESERVING[key] = True
         except UsageError:
-            _CHECKED[key] = False
-    if not _CHECKED[key]:
+            _PREFIX_PRESERVING[key] = False
+    if not _PREFIX_PRESERVING[key]:
         raise _not_prefix_preserving()
 
 
@@ -257,7 +258,7 @@ _DOC_MODULES = ("math", "os.path", "itertools", "functools", "collections", "jso
                 "textwrap", "shutil", "heapq", "bisect", "string", "operator", "copy", "fnmatch", "glob")
 # Their methods: "What does the `str.split` method do?" (not bytes': near copies of str's, a leak across the split)
 _DOC_TYPES = (str, list, dict, set, int, float)
-_ANSWER_CHARS = 600  # one answer's budget: a two-exchange conversation stays within ~350 SmolLM2 tokens
+_ANSWER_CHARS = 600  # one answer's budget: a two-exchange conversation stays within ~400 SmolLM2 tokens
 _VALIDATION_EVERY = 10  # a name whose digest is 0 mod this is validation: by name, so no answer leaks across
 
 
