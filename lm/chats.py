@@ -50,7 +50,7 @@ def read_conversations(rows: list[dict], where: str) -> tuple[list[list[dict]], 
 def _conversation(row, kind: str) -> list[dict]:
     """One row as messages; a ValueError says what is wrong with it."""
     if not isinstance(row, dict):
-        raise ValueError(f"a record is an object, not {type(row).__name__}")
+        raise ValueError(f"the record is a {type(row).__name__}, not an object")
     if kind == "messages":
         if "messages" not in row:
             raise ValueError("no 'messages' (the first record has them)")
@@ -101,8 +101,10 @@ def load_template(tokenizer, template_file: str | None) -> str:
         try:
             with open(template_file, encoding="utf-8") as f:
                 text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"--chat-template {template_file}: cannot be read ({e})") from None
+        except OSError as e:
+            raise UsageError(f"--chat-template {template_file}: cannot be read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--chat-template {template_file}: not UTF-8 text (byte {e.start})") from None
         if not text.strip():
             raise UsageError(f"--chat-template {template_file}: the file is empty")
         return text
@@ -130,24 +132,35 @@ def template_identity(template: str, loss_on: str) -> str:
 
 def encode_conversation(messages: list[dict], tokenizer, template: str, loss_on: str) -> tuple[list[int], list[int]]:
     """(token ids, loss mask): 1 on the tokens that carry loss under `loss_on`."""
+    from jinja2.exceptions import TemplateError
+
     if loss_on not in LOSS_RULES:
         raise ValueError(f"loss_on is one of {LOSS_RULES}, not {loss_on!r}")
     chat = [{k: v for k, v in m.items() if k != COMPLETION} for m in messages]
+    try:
+        return _encode(messages, chat, tokenizer, template, loss_on)
+    except TemplateError as e:  # the template's raise_exception: "Conversation roles must alternate ..."
+        roles = ", ".join(m["role"] for m in chat)
+        raise UsageError(f"the chat template can't render a conversation ({roles}): {e}") from None
+
+
+def _encode(messages, chat, tokenizer, template: str, loss_on: str) -> tuple[list[int], list[int]]:
     if loss_on == "assistant" and has_generation_markers(template):
         out = tokenizer.apply_chat_template(chat, chat_template=template, return_dict=True,
                                             return_assistant_tokens_mask=True)
         return list(out["input_ids"]), list(out["assistant_masks"])
     text = _render(tokenizer, template, chat)
+    # The same call apply_chat_template makes, so the ids are those of the markers path
+    encoding = tokenizer(text, add_special_tokens=False)
+    ids = list(encoding["input_ids"])
     if loss_on == "all":
-        spans = [(0, len(text))]
-    elif loss_on == "completion":
+        return ids, [1] * len(ids)
+    if loss_on == "completion":
         spans = [_completion_span(tokenizer, template, messages, chat, text)]
     else:
         _check_prefix_preserving(tokenizer, template)
         spans = _assistant_spans(tokenizer, template, chat, text)
-    # The same call apply_chat_template makes, so the ids are those of the markers path
-    encoding = tokenizer(text, add_special_tokens=False)
-    return list(encoding["input_ids"]), _token_mask(_offsets(encoding), spans)
+    return ids, _token_mask(_offsets(encoding), spans)
 
 
 def _render(tokenizer, template: str, chat: list[dict], generation_prompt: bool = False) -> str:
@@ -187,7 +200,7 @@ def _completion_span(tokenizer, template: str, messages: list[dict], chat: list[
     return len(prompt), len(text)
 
 
-_CHECKED: dict[tuple, bool] = {}
+_PREFIX_PRESERVING: dict[tuple, bool] = {}  # (template, special tokens) -> the check's verdict, made once
 
 
 def _check_prefix_preserving(tokenizer, template: str) -> None:
@@ -197,16 +210,16 @@ def _check_prefix_preserving(tokenizer, template: str) -> None:
     template up front, whether or not the first conversations have two exchanges.
     """
     key = (template, tuple(sorted(map(str, tokenizer.special_tokens_map.items()))))
-    if key not in _CHECKED:
+    if key not in _PREFIX_PRESERVING:
         dummy = [{"role": "user", "content": "Question one?"}, {"role": "assistant", "content": "Answer one."},
                  {"role": "user", "content": "Question two?"}, {"role": "assistant", "content": "Answer two."}]
         text = _render(tokenizer, template, dummy)
         try:
             _assistant_spans(tokenizer, template, dummy, text)
-            _CHECKED[key] = True
+            _PREFIX_PRESERVING[key] = True
         except UsageError:
-            _CHECKED[key] = False
-    if not _CHECKED[key]:
+            _PREFIX_PRESERVING[key] = False
+    if not _PREFIX_PRESERVING[key]:
         raise _not_prefix_preserving()
 
 
@@ -245,7 +258,7 @@ _DOC_MODULES = ("math", "os.path", "itertools", "functools", "collections", "jso
                 "textwrap", "shutil", "heapq", "bisect", "string", "operator", "copy", "fnmatch", "glob")
 # Their methods: "What does the `str.split` method do?" (not bytes': near copies of str's, a leak across the split)
 _DOC_TYPES = (str, list, dict, set, int, float)
-_ANSWER_CHARS = 600  # one answer's budget: a two-exchange conversation stays within ~350 SmolLM2 tokens
+_ANSWER_CHARS = 600  # one answer's budget: a two-exchange conversation stays within ~400 SmolLM2 tokens
 _VALIDATION_EVERY = 10  # a name whose digest is 0 mod this is validation: by name, so no answer leaks across
 
 

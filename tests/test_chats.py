@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import re
 from pathlib import Path
 
 import pytest
@@ -75,6 +75,7 @@ MALFORMED = {
     "assistant first": {"messages": [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]},
     "not a list": {"messages": "hi"},
     "no messages column": {"text": "hi"},
+    "not an object": ["hi"],
 }
 
 
@@ -105,6 +106,8 @@ def test_the_template_is_the_file_given_else_the_tokenizers_else_an_error(smollm
     with pytest.raises(UsageError, match="--chat-template FILE") as e:
         chats.load_template(tokenizer, None)  # MiniLM's tokenizer (BERT's) has no chat template
     assert "\n" not in str(e.value)
+    with pytest.raises(UsageError, match=r"^--chat-template .*missing\.jinja: cannot be read \(No such file"):
+        chats.load_template(tokenizer, str(tmp_path / "missing.jinja"))
 
 
 # ---------------------------------------------------------------- which tokens learn
@@ -171,6 +174,15 @@ def test_a_template_that_is_not_prefix_preserving_is_refused(turns, smollm2_toke
     assert len(learned(smollm2_tokenizer, ids, mask)) == turns // 2
 
 
+def test_a_conversation_the_template_rejects_is_one_line(smollm2_tokenizer):
+    template = trl_template("gemma.jinja")  # Gemma's raises for a system turn
+    with pytest.raises(UsageError, match=r"can't render a conversation \(system, user, assistant.*System role not"):
+        chats.encode_conversation([{"role": "system", "content": "Be brief."}, *CHAT], smollm2_tokenizer, template,
+                                  "assistant")
+    ids, mask = chats.encode_conversation(CHAT, smollm2_tokenizer, template, "assistant")
+    assert learned(smollm2_tokenizer, ids, mask)[0] == CHAT[1]["content"] + "<end_of_turn>\n"
+
+
 def test_loss_on_all_and_completion(smollm2_tokenizer):
     template = smollm2_tokenizer.chat_template
     (conversation,), _ = chats.read_conversations([{"prompt": CHAT[:3], "completion": [CHAT[3]]}], "pc.jsonl")
@@ -207,3 +219,11 @@ def test_python_docs_conversations_are_valid_deterministic_and_split_by_name(smo
     lengths = [len(chats.encode_conversation(c, smollm2_tokenizer, template, "assistant")[0])
                for c in validation]
     assert max(lengths) <= 512, max(lengths)
+
+
+def test_the_docs_example_is_what_the_code_prints(capsys):
+    page = (Path(__file__).parents[1] / "docs" / "conversations.md").read_text(encoding="utf-8")
+    (snippet,) = re.findall(r"^```python\n(.*?)^```", page, flags=re.S | re.M)
+    exec(snippet, {})
+    printed = capsys.readouterr().out
+    assert printed.count("[<|im_end|>]") == 2 and f"```text\n{printed}```" in page
