@@ -395,7 +395,8 @@ def conversation_rows(cfg, sources, tokenizer, block_size: int, packed: bool, sa
             say(f"{split}: {prepared.path} {prepared.num_tokens} tokens {len(rows)} rows of <= {block_size}")
         sets.append(rows)
     train = sets[0]
-    which = f"--chat-template {cfg.chat_template}" if cfg.chat_template else "the tokenizer's chat template"
+    which = ((f"--chat-template {cfg.chat_template}" if cfg.chat_template else "the tokenizer's chat template")
+             + (" (generation markers)" if chats.has_generation_markers(template) else ""))
     truncated = sum(s.truncated for s in sets)
     say(f"conversations: {len(train.starts)} train / {len(sets[1].starts)} validation "
         f"({sources[0].format}), {which}, loss on {sources[0].loss_on}: "

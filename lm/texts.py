@@ -310,8 +310,8 @@ def conversational_sources(cfg) -> tuple[Conversations, Conversations] | None:
             raise UsageError(f"{given[0]} is for conversational data (a 'messages' or 'prompt'/'completion' column "
                              "in a .json/.jsonl file or a Hub dataset); this data is plain text")
         return None
-    check_conversational(cfg)
     (conversations, fmt), validation = train, validation
+    check_conversational(cfg, fmt)
     if validation is None:
         n = held_out_count(len(conversations), cfg.validation_split_percentage)
         conversations, validation = conversations[n:], (conversations[:n], fmt)
@@ -320,8 +320,8 @@ def conversational_sources(cfg) -> tuple[Conversations, Conversations] | None:
             Conversations(validation[0], validation[1], loss_on, cfg.chat_template))
 
 
-def check_conversational(cfg) -> None:
-    """Refuse the options that conversations can't train with."""
+def check_conversational(cfg, fmt: str) -> None:
+    """Refuse the options that conversations of format `fmt` can't train with."""
     from lm.objectives import find
 
     if not find(cfg.task).loss_mask:
@@ -332,6 +332,9 @@ def check_conversational(cfg) -> None:
     if cfg.eval_stride:
         raise UsageError("--eval-stride slides windows over a stream of text; conversations are scored one by one, "
                          "each whole: drop --eval-stride")
+    if cfg.loss_on == "completion" and fmt != "prompt-completion":
+        raise UsageError("--loss-on completion needs prompt/completion records; these are 'messages' "
+                         "conversations: use --loss-on assistant")
     if cfg.chat_template and not Path(cfg.chat_template).is_file():
         raise UsageError(f"--chat-template {cfg.chat_template}: no such file")
 

@@ -266,3 +266,33 @@ def test_lora_adapters_train_on_conversations_and_sample_the_reply(chat_files, t
     first = json.loads(open(chat_files[1]).readline())["messages"][0]["content"]
     assert samples and samples[0].startswith("sample at step 4: '<|im_start|>system\\n")
     assert f"<|im_start|>user\\n{first}<|im_end|>\\n<|im_start|>assistant\\n' -> " in samples[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(task="mlm"), "the mlm objective has no per-token loss mask"),
+    (dict(eval_stride=8), "--eval-stride slides windows over a stream of text"),
+    (dict(loss_on="completion"), "--loss-on completion needs prompt/completion records"),
+    (dict(chat_template="missing.jinja"), "--chat-template missing.jinja: no such file"),
+])
+def test_what_conversations_cannot_train_with_is_one_line_before_anything_loads(chat_files, extra, message):
+    task = extra.pop("task", "clm")
+    cfg = Config.for_task(task, train_file=chat_files[0], validation_file=chat_files[1], **extra)
+    with pytest.raises(UsageError, match=message):
+        load_sources(cfg)
+
+
+def test_the_loop_does_not_know_about_conversations():
+    # they enter through the data path and the objective's collator: fit and train_step stay as they are
+    import re
+
+    assert not re.search(r"chats?|conversations?|chat_template|loss_on", (ROOT / "lm" / "train.py").read_text())
+
+
+def test_prompt_completion_rows_learn_the_completion_by_default(smollm2_tokenizer, tmp_path):
+    rows = [{"prompt": f"What is {i} + {i}?", "completion": f"It is {2 * i}."} for i in range(20)]
+    cfg = Config.for_task("clm", train_file=write_jsonl(tmp_path / "pc.jsonl", rows), block_size=128,
+                          cache_dir=str(tmp_path / "cache"), no_packing=True, validation_split_percentage=10)
+    train, validation = prepare_data(cfg, smollm2_tokenizer, 128, World(), print)
+    assert (len(train), len(validation)) == (18, 2)  # the first 10% held out
+    batch = CausalCollator(smollm2_tokenizer)([train[0]])
+    assert smollm2_tokenizer.decode(batch["labels"][0][batch["labels"][0] != IGNORE]) == "It is 4.<|im_end|>\n"
