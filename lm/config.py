@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from lm import hf_flags
+from lm.chats import EMBEDDED_CHATS, LOSS_RULES
 from lm.errors import UsageError
 
 EMBEDDED_CORPUS = "python-docs"
-LOSS_RULES = ("assistant", "completion", "all")  # lm.chats: which tokens of a conversation carry the loss
 LORA_LR_FACTOR = 10  # LoRA learns its update from zero: ~10x full fine-tuning's step (LoRA's paper, torchtune, litgpt)
 OPTIMIZERS = ("adamw", "muon", "sgd")  # lm.optim.build_optimizer
 # transformers' learning-rate schedules (get_scheduler's names) that need no setting beyond warmup; lm.optim.lr_factor
@@ -59,8 +59,8 @@ class Config:
         None, "with --model-type or --config-name: KEY=VALUE,... settings of the configuration (e.g. "
         "num_hidden_layers=4,hidden_size=256), each value of the type of the field it sets")
     dataset: Optional[str] = option(
-        None, f"Hub dataset name (e.g. wikitext); default: the embedded corpus '{EMBEDDED_CORPUS}' "
-        "unless --train-file is given")
+        None, f"Hub dataset name (e.g. wikitext), or '{EMBEDDED_CHATS}': the embedded conversations (Python's docs "
+        f"as questions and answers); default: the embedded corpus '{EMBEDDED_CORPUS}' unless --train-file is given")
     dataset_config: Optional[str] = option(None, "Hub dataset configuration (e.g. wikitext-2-raw-v1)")
     train_file: Optional[str] = option(None, "training text: .txt (one text per line), .csv, .json or .jsonl")
     validation_file: Optional[str] = option(None, "validation text, same formats as --train-file")

@@ -296,3 +296,12 @@ def test_prompt_completion_rows_learn_the_completion_by_default(smollm2_tokenize
     assert (len(train), len(validation)) == (18, 2)  # the first 10% held out
     batch = CausalCollator(smollm2_tokenizer)([train[0]])
     assert smollm2_tokenizer.decode(batch["labels"][0][batch["labels"][0] != IGNORE]) == "It is 4.<|im_end|>\n"
+
+
+def test_a_dataset_with_a_messages_column_is_conversations_too(tmp_path):
+    # a dataset directory loads as a Hub dataset does (datasets.load_dataset), offline
+    write_jsonl(tmp_path / "train.jsonl", conversations(10))
+    write_jsonl(tmp_path / "validation.jsonl", conversations(3, seed=1))
+    train, validation = load_sources(Config.for_task("clm", dataset=str(tmp_path)))
+    assert isinstance(train, Conversations) and len(train.conversations) == 10 and len(validation.conversations) == 3
+    assert train.conversations[0] == conversations(10)[0]["messages"]
