@@ -76,8 +76,8 @@ def tiny_llama(smollm2_tokenizer, tmp_path_factory):
 
 
 def chat_config(chat_files, tmp_path, **extra) -> Config:
-    return Config.for_task("clm", train_file=chat_files[0], validation_file=chat_files[1], block_size=128,
-                           cache_dir=str(tmp_path / "cache"), precision="fp32", **extra)
+    return Config.for_task("clm", **{**dict(train_file=chat_files[0], validation_file=chat_files[1], block_size=128,
+                                            cache_dir=str(tmp_path / "cache"), precision="fp32"), **extra})
 
 
 def summed_loss(model, rows, collate, batch: int, texts: bool) -> tuple[float, int]:
@@ -171,15 +171,25 @@ def test_the_token_cache_keys_on_the_template_and_the_loss_rule(chat_files, smol
     assert not rebuilt.reused and (rebuilt.loss_mask() == again.loss_mask()).all()
 
 
-def test_evaluation_is_the_perplexity_of_the_assistant_tokens(chat_files, smollm2_tokenizer, tiny_llama, tmp_path):
+@pytest.mark.parametrize("no_packing", [False, True])
+def test_evaluation_is_the_perplexity_of_the_assistant_tokens(no_packing, chat_files, smollm2_tokenizer, tiny_llama,
+                                                              tmp_path):
+    import copy
+
     from transformers import AutoModelForCausalLM
 
     from lm.train import train
 
-    cfg = chat_config(chat_files, tmp_path, model=tiny_llama, eval_only=True, output_dir=str(tmp_path / "run"))
-    result = train(cfg)
-    # by hand: each validation conversation alone, cross-entropy over the tokens after its assistant starts
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).float().eval()
+    torch.manual_seed(0)
+    for p in model.parameters():  # weights large enough that a token's context moves its loss
+        torch.nn.init.normal_(p, std=0.5)
+    cfg = chat_config(chat_files, tmp_path, eval_only=True, no_packing=no_packing, block_size=256,
+                      output_dir=str(tmp_path / "run"))
+    result = train(cfg, model=copy.deepcopy(model), tokenizer=smollm2_tokenizer)
+    validation = prepare_data(cfg, smollm2_tokenizer, 256, World(), print)[1]
+    assert len(validation) == 6 if no_packing else len(validation) < 6  # packed: rows that hold several
+    # by hand: each validation conversation alone, cross-entropy over the tokens after its assistant starts
     total, tokens = 0.0, 0
     for row in map(json.loads, open(chat_files[1])):
         text = smollm2_tokenizer.apply_chat_template(row["messages"], tokenize=False)
@@ -193,7 +203,7 @@ def test_evaluation_is_the_perplexity_of_the_assistant_tokens(chat_files, smollm
                 lo = len(smollm2_tokenizer(before, add_special_tokens=False)["input_ids"])
                 hi = len(smollm2_tokenizer(through, add_special_tokens=False)["input_ids"])
                 mask[lo:hi] = True
-        ids = torch.tensor(ids)[:128]
+        ids = torch.tensor(ids)[:256]
         with torch.no_grad():
             logits = model(ids[None]).logits[0, :-1]
         keep = mask[1:len(ids)]
