@@ -4,8 +4,10 @@ A prepared text is a directory <cache>/tokens/<key>/ holding tokens.bin (every t
 tokens included, concatenated in order, stored as uint16 when the vocabulary fits, else uint32) and
 meta.json, written last. With `documents` (--document-boundaries) each text also ends with the
 tokenizer's end-of-text token where the tokenizer adds none itself, and starts.bin holds where each
-text starts in tokens.bin (int64 offsets), so that blocks can keep their texts apart. The key hashes
-all the ids depend on: the tokenizer, the data, the options that pick the texts and `documents`.
+text starts in tokens.bin (int64 offsets), so that blocks can keep their texts apart. Conversations
+(prepare_conversations) keep starts.bin too, and mask.bin: one byte per token, 1 where it carries loss.
+The key hashes all the ids depend on: the tokenizer, the data, the options that pick the texts and
+`documents` (for conversations: the chat template and the loss rule).
 The block size is not part of it, since blocks are a reshaped view of the same file. A preparation
 is written into a temporary sibling directory and renamed into place, so a run that dies halfway
 leaves nothing that looks finished.
