@@ -37,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--eval-rows", type=int, default=None, help="validation rows scored (default: all)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     return p.parse_args(argv)
@@ -68,7 +69,7 @@ def main(argv=None) -> None:
         cfg = Config.for_task("clm", train_file=str(folder / "train.jsonl"), validation_file=str(folder / "valid.jsonl"),
                               block_size=args.block, batch_size=args.batch, epochs=1.0, lr=args.lr,
                               precision=args.precision, device=args.device, compile="off", no_packing=not packed,
-                              output_dir=str(folder / name), log_every=1000)
+                              max_eval_samples=args.eval_rows, output_dir=str(folder / name), log_every=1000)
         m = train(cfg)
         labelled = labelled_tokens(cfg, tokenizer, args.block)
         results[name] = dict(steps=m["train_steps"], seconds=m["train_seconds"], labelled=labelled,
