@@ -3,8 +3,8 @@
     python bench/conversations.py                         # SmolLM2-135M, the embedded conversations, CPU
     python bench/conversations.py --conversations 96 --device cuda --precision bf16
 
-The first --conversations training conversations of the embedded set (python-docs-chat) and its whole
-validation split are written to .jsonl files; the same run (the embedded default model, --block-size,
+The first --conversations training conversations of the embedded set (python-docs-chat) and the first
+--validation of its validation split are written to .jsonl files; the same run (the embedded default model, --block-size,
 --batch-size rows a step, one epoch, so both runs see every conversation once) trains on them twice:
 packed (whole conversations share a row, each attending to itself) and --no-packing (one per row, a
 batch padded to its longest). The tokens that carry loss are the same in both; packed rows hold fewer
@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--eval-rows", type=int, default=None, help="validation rows scored (default: all)")
+    p.add_argument("--validation", type=int, default=None,
+                   help="validation conversations scored, the first ones (default: all 43)")
     p.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="auto")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     return p.parse_args(argv)
@@ -61,7 +62,7 @@ def main(argv=None) -> None:
 
     train_chats, validation = python_docs_conversations()
     folder = Path(tempfile.mkdtemp(prefix="bench-conversations-"))
-    for name, rows in (("train", train_chats[:args.conversations]), ("valid", validation)):
+    for name, rows in (("train", train_chats[:args.conversations]), ("valid", validation[:args.validation])):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
     tokenizer = load_tokenizer(str(model_dir(SMOLLM2)), {})
     results = {}
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
         cfg = Config.for_task("clm", train_file=str(folder / "train.jsonl"), validation_file=str(folder / "valid.jsonl"),
                               block_size=args.block, batch_size=args.batch, epochs=1.0, lr=args.lr,
                               precision=args.precision, device=args.device, compile="off", no_packing=not packed,
-                              max_eval_samples=args.eval_rows, output_dir=str(folder / name), log_every=1000)
+                              output_dir=str(folder / name), log_every=1000)
         m = train(cfg)
         labelled = labelled_tokens(cfg, tokenizer, args.block)
         results[name] = dict(steps=m["train_steps"], seconds=m["train_seconds"], labelled=labelled,
