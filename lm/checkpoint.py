@@ -302,7 +302,7 @@ def read_state(path: Path) -> dict:
 # - every other option may change and applies from the resumed step on; `check_resumable` lists them.
 RESUME_FIXED = ("task", "model", "tokenizer", "model_type", "config_name", "config_overrides", "dataset",
                 "dataset_config", "train_file", "validation_file", "text_column", "validation_split_percentage",
-                "block_size", "line_by_line", "document_boundaries", "mlm_prob", "max_train_samples", "eval_stride",
+                "block_size", "line_by_line", "document_boundaries", "chat_template", "loss_on", "no_packing", "mlm_prob", "max_train_samples", "eval_stride",
                 "seed", "data_seed", "fsdp", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "optimizer")
 RESUME_GLOBAL_BATCH = ("batch_size", "grad_accum_steps")
 RESUME_NOT_COMPARED = ("resume_from", "overwrite_output_dir", "prepare_only", "ignore_memory_plan")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from lm import hf_flags
+from lm.chats import EMBEDDED_CHATS, LOSS_RULES
 from lm.errors import UsageError
 
 EMBEDDED_CORPUS = "python-docs"
@@ -58,8 +59,8 @@ class Config:
         None, "with --model-type or --config-name: KEY=VALUE,... settings of the configuration (e.g. "
         "num_hidden_layers=4,hidden_size=256), each value of the type of the field it sets")
     dataset: Optional[str] = option(
-        None, f"Hub dataset name (e.g. wikitext); default: the embedded corpus '{EMBEDDED_CORPUS}' "
-        "unless --train-file is given")
+        None, f"Hub dataset name (e.g. wikitext), or '{EMBEDDED_CHATS}': the embedded conversations (Python's docs "
+        f"as questions and answers); default: the embedded corpus '{EMBEDDED_CORPUS}' unless --train-file is given")
     dataset_config: Optional[str] = option(None, "Hub dataset configuration (e.g. wikitext-2-raw-v1)")
     train_file: Optional[str] = option(None, "training text: .txt (one text per line), .csv, .json or .jsonl")
     validation_file: Optional[str] = option(None, "validation text, same formats as --train-file")
@@ -73,6 +74,16 @@ class Config:
         False, "keep the texts packed into a block apart: each ends with the tokenizer's end-of-text token (where "
         "the tokenizer adds none), attends only to itself, counts its positions from its own first token, and no "
         "label crosses into the next text")
+    chat_template: Optional[str] = option(
+        None, "conversational data: a Jinja chat template file that renders each conversation; default: the "
+        "tokenizer's own")
+    loss_on: Optional[str] = option(
+        None, "conversational data: the tokens that carry the loss: the assistant's turns, the completion of "
+        "prompt/completion rows, or all; default: assistant for messages, completion for prompt/completion",
+        choices=LOSS_RULES)
+    no_packing: bool = option(
+        False, "conversational data: one conversation per row, padded to the batch's longest, instead of "
+        "conversations packed into blocks of --block-size, each attending to itself alone")
     mlm_prob: float = option(0.15, "mlm only: fraction of tokens masked in each batch")
     max_train_samples: Optional[int] = option(None, "use at most this many training blocks")
     max_eval_samples: Optional[int] = option(
@@ -194,7 +205,7 @@ class Config:
 
         for f in dataclasses.fields(self):  # the CLI checks these too; a Config built in Python is checked here
             choices = f.metadata.get("choices")
-            need(choices is None or getattr(self, f.name) in choices,
+            need(choices is None or getattr(self, f.name) in choices or getattr(self, f.name) is f.default is None,
                  f"--{flag(f.name)} must be one of {', '.join(choices or ())}, got {getattr(self, f.name)!r}")
         need(self.block_size is None or self.block_size > 0,
              f"--block-size must be positive, got {self.block_size}")

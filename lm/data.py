@@ -10,10 +10,10 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from tqdm.auto import tqdm
 
-from lm import distributed, token_cache
+from lm import distributed, documents, token_cache
 from lm.embedded import cache_root
 from lm.errors import UsageError
-from lm.texts import load_sources
+from lm.texts import Conversations, load_sources
 
 IGNORE = -100  # label of a position that is not predicted
 
@@ -89,7 +89,8 @@ class Examples(Dataset):
 
 
 def pad_batch(items, pad_id: int) -> dict:
-    """Stack (index, ids) or (index, ids, texts) items, right-padding with pad_id: input_ids, attention_mask, index.
+    """Stack (index, ids), (index, ids, texts) or (index, ids, texts, loss_mask) items, right-padding with pad_id:
+    input_ids, attention_mask, index, and loss_mask (0 on padding) where items carry one.
 
     The attention mask is 0 on padding and 1 on tokens, or each token's text number (1, 2, ...) where
     items carry texts: lm.losses.TokenLoss then keeps the texts of a row apart.
@@ -98,31 +99,109 @@ def pad_batch(items, pad_id: int) -> dict:
     length = max(len(item[1]) for item in items)
     input_ids = torch.full((len(items), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-    for row, (_, ids, *texts) in enumerate(items):
+    masked = len(items[0]) > 3
+    loss_mask = torch.zeros((len(items), length), dtype=torch.bool) if masked else None
+    for row, (_, ids, *extra) in enumerate(items):
         input_ids[row, : len(ids)] = ids
-        attention_mask[row, : len(ids)] = texts[0] if texts else 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "index": index}
+        attention_mask[row, : len(ids)] = extra[0] if extra else 1
+        if masked:
+            loss_mask[row, : len(ids)] = extra[1]
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "index": index}
+    return batch if loss_mask is None else {**batch, "loss_mask": loss_mask}
 
 
 class CausalCollator:
-    """Pads a batch; the labels are the next token of each position. Causal batches carry no randomness."""
+    """Pads a batch; the labels are the next token of each position (where its loss mask is 1, for items that
+    carry one). Causal batches carry no randomness."""
 
     def __init__(self, tokenizer, cfg=None, evaluation: bool = False):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def __call__(self, items, epoch: int = 0) -> dict:
         batch = pad_batch(items, self.pad_id)
-        batch["labels"] = causal_labels(batch["input_ids"], batch["attention_mask"])
+        batch["labels"] = causal_labels(batch["input_ids"], batch["attention_mask"], batch.pop("loss_mask", None))
         return batch
 
 
-def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def causal_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T) labels where position t predicts token t+1 of the same text; IGNORE after a text's last token
-    (the block's last, or before another text under --document-boundaries) and on padding."""
+    (the block's last, or before another text under --document-boundaries), on padding, and where token t+1's
+    loss mask (B, T), if given, is 0 (a conversation's prompt)."""
     labels = torch.full_like(input_ids, IGNORE)
     same_text = (attention_mask[:, 1:] == attention_mask[:, :-1]) & attention_mask[:, 1:].bool()
+    if loss_mask is not None:
+        same_text &= loss_mask[:, 1:].bool()
     labels[:, :-1] = torch.where(same_text, input_ids[:, 1:], IGNORE)
     return labels
+
+
+def pack(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Items of the given lengths (each <= capacity) in as few rows as best fit decreasing finds: each item, the
+    longest first, goes to the row it fills most tightly. Rows list their items in increasing order, and come
+    in the order of their first item."""
+    free = [[] for _ in range(capacity + 1)]  # free[k]: the rows with k tokens of room
+    rows = []
+    for item in np.argsort(-lengths, kind="stable").tolist():
+        n = int(lengths[item])
+        room = next((k for k in range(n, capacity + 1) if free[k]), None)
+        if room is None:
+            rows.append([])
+            row, room = len(rows) - 1, capacity
+        else:
+            row = free[room].pop()
+        rows[row].append(item)
+        free[room - n].append(row)
+    return sorted(sorted(row) for row in rows)
+
+
+class ConversationRows(Dataset):
+    """Conversations from the token cache in rows of at most `block_size` tokens: packed (each row holds whole
+    conversations, as many as fit: they attend to themselves alone, lm.documents) or one per row. A
+    conversation longer than a block is truncated to it. An item is (index, ids, texts, loss_mask): texts
+    (T,) numbers each token's conversation within the row from 1; loss_mask (T,) is 1 where a token carries loss.
+    """
+
+    def __init__(self, ids: np.ndarray, loss_mask: np.ndarray, starts: np.ndarray, block_size: int, packed: bool,
+                 limit: int | None = None):
+        self.ids, self.mask = ids, loss_mask
+        starts = np.asarray(starts, dtype=np.int64)
+        lengths = np.diff(np.append(starts, len(ids)))
+        members = pack(np.minimum(lengths, block_size), block_size) if packed else [[c] for c in range(len(starts))]
+        members = members[:limit] if limit else members  # the first `limit` rows and their conversations
+        self.order = np.array([c for row in members for c in row], dtype=np.int64)  # conversations, row by row
+        self.rows = np.cumsum([0] + [len(row) for row in members])  # row r holds order[rows[r]:rows[r + 1]]
+        self.starts, lengths = starts[self.order], lengths[self.order]
+        self.kept = np.minimum(lengths, block_size)  # the tokens of each conversation that are trained on
+        self.truncated = int((lengths > block_size).sum())
+
+    def __len__(self):
+        return len(self.rows) - 1
+
+    def __getitem__(self, i):
+        ids, texts, mask = self.row(i)
+        return i, torch.from_numpy(ids), torch.from_numpy(texts), torch.from_numpy(mask)
+
+    def row(self, i) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids int64, texts int64, loss mask bool) of row i."""
+        spans = [(self.starts[k], self.kept[k]) for k in range(self.rows[i], self.rows[i + 1])]
+        ids = np.concatenate([np.asarray(self.ids[s:s + n], dtype=np.int64) for s, n in spans])
+        mask = np.concatenate([np.asarray(self.mask[s:s + n], dtype=bool) for s, n in spans])
+        texts = np.repeat(np.arange(1, len(spans) + 1, dtype=np.int64), [n for _, n in spans])
+        return ids, texts, mask
+
+    @property
+    def sequences(self):
+        """Each row's ids, texts and mask stacked (3, T): what fingerprint() digests."""
+        return (np.stack(self.row(i)).astype(np.int64) for i in range(len(self)))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.kept.sum())
+
+    def labelled_tokens(self) -> int:
+        """Tokens that carry the loss: each conversation's after its first (which nothing predicts), in rows."""
+        return int(sum(self.mask[s + 1:s + n].sum() for s, n in zip(self.starts.tolist(), self.kept.tolist())))
 
 
 class Windows(Dataset):
@@ -250,12 +329,13 @@ class StepSampler(Sampler):
 # ---------------------------------------------------------------- a run's data
 
 def prepare_data(cfg, tokenizer, block_size: int, world: distributed.World, say,
-                 sources=None) -> tuple[Examples, Examples | Windows]:
+                 sources=None, packed: bool | None = None) -> tuple:
     """(train, validation) examples of a run: rank 0 tokenizes, the other ranks then read its result.
 
-    The validation examples are Windows with --eval-stride. `say` reports progress and counts (the
-    caller decides who prints); `sources` is what texts.load_sources(cfg) returned, for a caller that
-    checked the files already.
+    The validation examples are Windows with --eval-stride; of conversations, both are ConversationRows,
+    `packed` (default: unless --no-packing) or one per row. `say` reports progress and counts (the caller
+    decides who prints); `sources` is what texts.load_sources(cfg) returned, for a caller that checked the
+    files already.
     """
     if cfg.eval_stride and cfg.eval_stride > block_size:
         raise UsageError(f"--eval-stride {cfg.eval_stride} is above the block size of {block_size}: "
@@ -263,6 +343,9 @@ def prepare_data(cfg, tokenizer, block_size: int, world: distributed.World, say,
     sources = sources if sources is not None else load_sources(cfg)
 
     def examples(report):
+        if isinstance(sources[0], Conversations):
+            return conversation_rows(cfg, sources, tokenizer, block_size,
+                                     not cfg.no_packing if packed is None else packed, report)
         limits, strides = (cfg.max_train_samples, cfg.max_eval_samples), (None, cfg.eval_stride)
         return tuple(examples_of(cfg, source, split, limit, tokenizer, block_size, report, stride)
                      for source, limit, split, stride in zip(sources, limits, ("train", "validation"), strides))
@@ -311,3 +394,48 @@ def examples_of(cfg, source, split: str, limit: int | None, tokenizer, block_siz
     if cfg.prepare_only:
         say(f"{split}: {prepared.path} {prepared.num_tokens} tokens {counts}")
     return examples
+
+
+def conversation_rows(cfg, sources, tokenizer, block_size: int, packed: bool, say) -> tuple:
+    """(train, validation) ConversationRows of conversational sources, announced in one line: how many, the
+    template, the share of tokens that carry loss and how many were truncated."""
+    from lm import chats
+
+    template = chats.load_template(tokenizer, cfg.chat_template)
+    sets = []
+    for source, limit, split in zip(sources, (cfg.max_train_samples, cfg.max_eval_samples), ("train", "validation")):
+        prepared = token_cache.prepare_conversations(source, tokenizer, template, cache_root(cfg.cache_dir), split,
+                                                     say)
+        rows = ConversationRows(prepared.tokens(), prepared.loss_mask(), prepared.starts(), block_size, packed,
+                                limit)
+        if not len(rows):
+            raise UsageError(f"the {split} data holds no conversation")
+        if cfg.prepare_only:
+            say(f"{split}: {prepared.path} {prepared.num_tokens} tokens {len(rows)} rows of <= {block_size}")
+        sets.append(rows)
+    train = sets[0]
+    which = ((f"--chat-template {cfg.chat_template}" if cfg.chat_template else "the tokenizer's chat template")
+             + (" (generation markers)" if chats.has_generation_markers(template) else ""))
+    truncated = sum(s.truncated for s in sets)
+    say(f"conversations: {len(train.starts)} train / {len(sets[1].starts)} validation "
+        f"({sources[0].format}), {which}, loss on {sources[0].loss_on}: "
+        f"{train.labelled_tokens() / max(train.num_tokens, 1):.1%} of {train.num_tokens:,} train tokens; "
+        + (f"packed into {len(train)} rows of <= {block_size} tokens" if packed
+           else f"one per row, padded to the batch's longest (<= {block_size})")
+        + f"; {truncated} truncated to {block_size} tokens")
+    return tuple(sets)
+
+
+def texts_apart(cfg, sources, model_config, say) -> bool:
+    """Whether rows hold several texts kept apart (lm.documents): --document-boundaries, refused where the
+    architecture can't; packed conversations, padded one per row there instead, saying so."""
+    if cfg.document_boundaries:
+        documents.check_architecture(model_config)
+        return True
+    if not isinstance(sources[0], Conversations) or cfg.no_packing:
+        return False
+    if model_config.model_type not in documents.CAUSAL:
+        say(f"packing keeps conversations apart in {', '.join(documents.CAUSAL)} models, not "
+            f"{model_config.model_type}: one conversation per row, padded")
+        return False
+    return True

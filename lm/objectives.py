@@ -31,6 +31,8 @@ class Objective:
     check: Callable | None = None  # (cfg): raise UsageError for settings it can't train with; no model loaded yet
     check_tokenizer: Callable | None = None  # (tokenizer): the same, once the tokenizer is loaded
     adapt: Callable | None = None  # (model, tokenizer): changes before training, e.g. new tokens
+    # whether its collator labels only the tokens whose loss mask is 1 (items that carry one: conversations)
+    loss_mask: bool = False
 
     def __post_init__(self):
         # so a checkpoint's or a config's task name finds it; the latest definition of a name wins (a
@@ -97,7 +99,7 @@ def needs_mask_token(tokenizer) -> None:
 # (SmolLM2-135M: ~11 s per fp32 step of 8 x 128 tokens). The MLM head of the embedded MiniLM is absent
 # from its checkpoint, so it starts random and needs a far larger step size than the pretrained body.
 CLM = Objective("clm", "causal language model", "AutoModelForCausalLM", embedded.SMOLLM2, causal_batches,
-                token_loss, defaults=dict(epochs=0.5), check=_causal_blocks)
+                token_loss, defaults=dict(epochs=0.5), check=_causal_blocks, loss_mask=True)
 MLM = Objective("mlm", "masked language model", "AutoModelForMaskedLM", embedded.MINILM, masked_batches,
                 token_loss, defaults=dict(lr=1e-4, head_lr=1e-3, epochs=3.0), check=_causal_options,
                 check_tokenizer=needs_mask_token)

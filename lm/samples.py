@@ -13,11 +13,13 @@ PROMPTS = 3  # validation texts that become prompts when --sample-prompts names 
 PROMPT_TOKENS = 16  # of each of those texts, the first tokens
 
 
-def prompt_ids(tokenizer, prompts: list[str], cut: bool) -> list[list[int]]:
-    """The token ids of each prompt, without special tokens; `cut`: only the first PROMPT_TOKENS of each (prompts
-    taken from validation texts). Prompts that give no token are left out."""
-    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
-    return [i[:PROMPT_TOKENS] if cut else i for i in ids if i]
+def prompt_ids(tokenizer, prompts: list, cut: bool) -> list[list[int]]:
+    """The token ids of each prompt: a text's without special tokens (`cut`: only its first PROMPT_TOKENS, a prompt
+    taken from a validation text), or what a prompt that renders itself gives (lm.texts.ChatPrompt: a held-out
+    conversation's turns and the opening of the reply). Prompts that give no token are left out."""
+    ids = [p.ids(tokenizer) if hasattr(p, "ids") else tokenizer(p, add_special_tokens=False)["input_ids"][
+        :PROMPT_TOKENS if cut else None] for p in prompts]
+    return [i for i in ids if i]
 
 
 @torch.no_grad()

@@ -43,6 +43,18 @@ def not_utf8(path: str, byte: int) -> UsageError:
 
 def read_texts(path: str, text_column: str = "text") -> list[str]:
     """The texts of one file. A .txt gives one text per line, its newline kept, empty lines too."""
+    rows = read_rows(path)
+    if isinstance(rows, str):
+        return split_lines(rows)
+    if not rows or not all(isinstance(r, dict) and text_column in r for r in rows):
+        columns = sorted(rows[0]) if rows and isinstance(rows[0], dict) else []
+        raise UsageError(f"{path}: no column {text_column!r} in every record (columns: {', '.join(columns) or 'none'}); "
+                         "choose one with --text-column")
+    return [str(r[text_column]) for r in rows]
+
+
+def read_rows(path: str) -> str | list:
+    """A .txt file's whole text, or the records of a .csv/.json/.jsonl file (dicts, unless the file is odd)."""
     p = check_text_file(path)
     try:
         with open(p, encoding="utf-8", newline="") as f:
@@ -54,7 +66,7 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
     if not raw.strip():
         raise UsageError(f"{path}: the file is empty")
     if p.suffix == ".txt":
-        return split_lines(raw)
+        return raw
     # Records end at newlines only: str.splitlines would also break on \x0c, \x85, U+2028 and others
     if p.suffix == ".csv":
         rows = list(csv.DictReader(io.StringIO(raw, newline="")))  # as csv wants a file opened with newline=""
@@ -63,11 +75,7 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
     else:
         data = _json(raw, path)
         rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
-    if not rows or not all(isinstance(r, dict) and text_column in r for r in rows):
-        columns = sorted(rows[0]) if rows and isinstance(rows[0], dict) else []
-        raise UsageError(f"{path}: no column {text_column!r} in every record (columns: {', '.join(columns) or 'none'}); "
-                         "choose one with --text-column")
-    return [str(r[text_column]) for r in rows]
+    return rows
 
 
 def check_text_file(path: str) -> Path:
@@ -155,6 +163,18 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 def load_hub_texts(name: str, config: str | None, text_column: str, pct: float) -> tuple[list[str], list[str]]:
     """(train, validation) texts of a Hub dataset, carving validation from train when it has none."""
+    ds = load_hub_dataset(name, config)
+    if text_column not in ds["train"].column_names:
+        raise UsageError(f"dataset {name!r} has no column {text_column!r} "
+                         f"(columns: {', '.join(ds['train'].column_names)}); choose one with --text-column")
+    train = list(ds["train"][text_column])
+    if "validation" in ds:
+        return train, list(ds["validation"][text_column])
+    return hold_out(train, pct)
+
+
+def load_hub_dataset(name: str, config: str | None):
+    """A Hub dataset's splits (a DatasetDict with a train split), from the Hub or, offline, from its cache."""
     import datasets
 
     if not hub_reachable():
@@ -169,13 +189,7 @@ def load_hub_texts(name: str, config: str | None, text_column: str, pct: float) 
         ds = datasets.load_dataset(name, config)
     if "train" not in ds:
         raise UsageError(f"dataset {name!r} has no train split (splits: {', '.join(ds)})")
-    if text_column not in ds["train"].column_names:
-        raise UsageError(f"dataset {name!r} has no column {text_column!r} "
-                         f"(columns: {', '.join(ds['train'].column_names)}); choose one with --text-column")
-    train = list(ds["train"][text_column])
-    if "validation" in ds:
-        return train, list(ds["validation"][text_column])
-    return hold_out(train, pct)
+    return ds
 
 
 def python_docs_texts() -> tuple[list[str], list[str]]:
@@ -228,8 +242,108 @@ class TextList:
         return {"texts": len(self.texts), "content": h.hexdigest()}
 
 
-def load_sources(cfg) -> tuple[TextFile | TextList, TextFile | TextList]:
+@dataclass(frozen=True, eq=False)
+class Conversations:
+    """Conversations in memory: message lists ({"role", "content"}, as lm.chats reads them), each rendered by a
+    chat template (`template_file`, else the tokenizer's) with the loss on the tokens `loss_on` picks."""
+
+    conversations: list
+    format: str  # "messages" or "prompt-completion" (lm.chats.conversation_format)
+    loss_on: str  # lm.chats.LOSS_RULES
+    template_file: str | None = None
+
+    def identity(self) -> dict:
+        # The messages alone: the template and the loss rule join the token cache's key on their own.
+        h = hashlib.blake2b(digest_size=20)
+        h.update(json.dumps(self.conversations, sort_keys=True).encode("utf-8", "surrogatepass"))
+        return {"conversations": len(self.conversations), "content": h.hexdigest()}
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """The turns of a held-out conversation before its first answer: --sample-every samples the reply."""
+
+    messages: tuple
+    template_file: str | None
+
+    def ids(self, tokenizer) -> list[int]:
+        """The turns rendered with the template's generation prompt (the opening of an assistant turn)."""
+        from lm import chats
+
+        text = tokenizer.apply_chat_template(list(self.messages), chat_template=chats.load_template(
+            tokenizer, self.template_file), add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+CHAT_OPTIONS = ("chat_template", "loss_on", "no_packing")
+
+
+def conversational_sources(cfg) -> tuple[Conversations, Conversations] | None:
+    """(train, validation) conversations when the data has a `messages` or `prompt`/`completion` column (or
+    is the embedded conversational set), else None: plain text, as ever."""
+    from lm import chats
+
+    if cfg.data_source == "files" and Path(cfg.train_file).suffix in (".json", ".jsonl"):
+        rows, where = read_rows(cfg.train_file), cfg.train_file
+        train = chats.conversation_format(rows) and chats.read_conversations(rows, where)
+        validation = None
+        if train and cfg.validation_file:
+            rows = read_rows(cfg.validation_file)
+            if not chats.conversation_format(rows):
+                raise UsageError(f"{cfg.validation_file}: not conversations (no 'messages' or 'prompt'/'completion' "
+                                 f"column), while {cfg.train_file} holds them; give validation conversations")
+            validation = chats.read_conversations(rows, cfg.validation_file)
+    elif cfg.data_source == "hub" and cfg.dataset == chats.EMBEDDED_CHATS:
+        train, validation = chats.python_docs_conversations()
+        train, validation = (train, "messages"), (validation, "messages")
+    elif cfg.data_source == "hub":
+        ds = load_hub_dataset(cfg.dataset, cfg.dataset_config)
+        rows = ds["train"].to_list()
+        train = chats.conversation_format(rows) and chats.read_conversations(rows, f"dataset {cfg.dataset}")
+        validation = (chats.read_conversations(ds["validation"].to_list(), f"dataset {cfg.dataset} (validation)")
+                      if train and "validation" in ds else None)
+    else:
+        train = None
+    if not train:
+        given = [f"--{name.replace('_', '-')}" for name in CHAT_OPTIONS if getattr(cfg, name)]
+        if given:
+            raise UsageError(f"{given[0]} is for conversational data (a 'messages' or 'prompt'/'completion' column "
+                             "in a .json/.jsonl file or a Hub dataset); this data is plain text")
+        return None
+    (conversations, fmt), validation = train, validation
+    check_conversational(cfg, fmt)
+    if validation is None:
+        n = held_out_count(len(conversations), cfg.validation_split_percentage)
+        conversations, validation = conversations[n:], (conversations[:n], fmt)
+    loss_on = cfg.loss_on or ("completion" if fmt == "prompt-completion" else "assistant")
+    return (Conversations(conversations, fmt, loss_on, cfg.chat_template),
+            Conversations(validation[0], validation[1], loss_on, cfg.chat_template))
+
+
+def check_conversational(cfg, fmt: str) -> None:
+    """Refuse the options that conversations of format `fmt` can't train with."""
+    from lm.objectives import find
+
+    if not find(cfg.task).loss_mask:
+        raise UsageError(f"conversational data trains a causal LM on chosen tokens; the {cfg.task} objective has "
+                         "no per-token loss mask: use train_clm.py")
+    if cfg.line_by_line:
+        raise UsageError("--line-by-line is for plain text: conversations are one example each already")
+    if cfg.eval_stride:
+        raise UsageError("--eval-stride slides windows over a stream of text; conversations are scored one by one, "
+                         "each whole: drop --eval-stride")
+    if cfg.loss_on == "completion" and fmt != "prompt-completion":
+        raise UsageError("--loss-on completion needs prompt/completion records; these are 'messages' "
+                         "conversations: use --loss-on assistant")
+    if cfg.chat_template and not Path(cfg.chat_template).is_file():
+        raise UsageError(f"--chat-template {cfg.chat_template}: no such file")
+
+
+def load_sources(cfg) -> tuple:
     """(train, validation) sources. A .txt file is only checked here, so that it can stream later."""
+    conversations = conversational_sources(cfg)
+    if conversations is not None:
+        return conversations
     def streamed(path):
         return Path(path).suffix == ".txt" and not cfg.line_by_line  # line-by-line keeps its lists
 
@@ -246,8 +360,20 @@ def load_sources(cfg) -> tuple[TextFile | TextList, TextFile | TextList]:
     return TextList(train), TextList(validation)
 
 
-def first_texts(source: TextFile | TextList, n: int) -> list[str]:
-    """The first `n` texts of a source that hold more than whitespace."""
+def first_texts(source, n: int) -> list:
+    """The first `n` texts of a source that hold more than whitespace; of conversations, the first `n` prompts
+    (ChatPrompt)."""
+    if isinstance(source, Conversations):
+        prompts = []
+        for messages in source.conversations:
+            turns = []
+            for m in messages:
+                if m["role"] == "assistant":
+                    break
+                turns.append({"role": m["role"], "content": m["content"]})
+            if turns and len(turns) < len(messages):
+                prompts.append(ChatPrompt(tuple(turns), source.template_file))
+        return prompts[:n]
     if isinstance(source, TextList):
         return [t for t in source.texts if t.strip()][:n]
     found, (start, end) = [], source.byte_range()

@@ -4,8 +4,10 @@ A prepared text is a directory <cache>/tokens/<key>/ holding tokens.bin (every t
 tokens included, concatenated in order, stored as uint16 when the vocabulary fits, else uint32) and
 meta.json, written last. With `documents` (--document-boundaries) each text also ends with the
 tokenizer's end-of-text token where the tokenizer adds none itself, and starts.bin holds where each
-text starts in tokens.bin (int64 offsets), so that blocks can keep their texts apart. The key hashes
-all the ids depend on: the tokenizer, the data, the options that pick the texts and `documents`.
+text starts in tokens.bin (int64 offsets), so that blocks can keep their texts apart. Conversations
+(prepare_conversations) keep starts.bin too, and mask.bin: one byte per token, 1 where it carries loss.
+The key hashes all the ids depend on: the tokenizer, the data, the options that pick the texts and
+`documents` (for conversations: the chat template and the loss rule).
 The block size is not part of it, since blocks are a reshaped view of the same file. A preparation
 is written into a temporary sibling directory and renamed into place, so a run that dies halfway
 leaves nothing that looks finished.
@@ -51,6 +53,11 @@ class Prepared:
     dtype: str
     reused: bool
     num_texts: int | None = None
+    masked: bool = False  # conversations: mask.bin holds each token's loss mask
+
+    def loss_mask(self) -> np.ndarray:
+        """1 where a token carries the loss, memory-mapped: (num_tokens,) uint8 (conversations only)."""
+        return _memmap(self.path / "mask.bin", np.uint8, self.num_tokens)
 
     def tokens(self) -> np.ndarray:
         """The flat ids, memory-mapped: (num_tokens,) uint16 or uint32."""
@@ -112,12 +119,14 @@ def _finished(path: Path) -> Prepared | None:
         meta = json.loads((path / "meta.json").read_text())
         size = (path / "tokens.bin").stat().st_size
         starts = (path / "starts.bin").stat().st_size if meta.get("num_texts") else 0
+        mask = (path / "mask.bin").stat().st_size if meta.get("masked") else meta["num_tokens"]
     except (OSError, ValueError):
         return None
     if (meta.get("format") != FORMAT or size != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize
-            or starts != (meta.get("num_texts") or 0) * 8):
+            or starts != (meta.get("num_texts") or 0) * 8 or mask != meta["num_tokens"]):
         return None
-    return Prepared(path, meta["num_tokens"], meta["dtype"], reused=True, num_texts=meta.get("num_texts"))
+    return Prepared(path, meta["num_tokens"], meta["dtype"], reused=True, num_texts=meta.get("num_texts"),
+                    masked=bool(meta.get("masked")))
 
 
 def prepare(source, tokenizer, root: Path, workers: int, split: str = "train", say=print,
@@ -146,14 +155,7 @@ def prepare(source, tokenizer, root: Path, workers: int, split: str = "train", s
                 if isinstance(source, TextFile) else {"texts": len(source.texts)}}
         if documents:
             meta.update(num_texts=texts, separator=separator)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if target.exists() and _finished(target) is None:
-            shutil.rmtree(target)  # a damaged copy, e.g. edited by hand
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another run finished the same preparation first; theirs is as good as ours
-            if _finished(target) is None:
-                raise
+        publish(tmp, target, meta)
         seconds = time.perf_counter() - started
         say(f"{split}: tokenized into {target} ({n:,} tokens, {seconds:.1f} s, "
               f"{n / max(seconds, 1e-9):,.0f} tokens/s, {workers} process{'es' * (workers > 1)}"
@@ -161,6 +163,58 @@ def prepare(source, tokenizer, root: Path, workers: int, split: str = "train", s
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Prepared(target, n, dtype.name, reused=False, num_texts=texts if documents else None)
+
+
+def publish(tmp: Path, target: Path, meta: dict) -> None:
+    """Write meta.json last into the finished `tmp` and rename it into place as `target`."""
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if target.exists() and _finished(target) is None:
+        shutil.rmtree(target)  # a damaged copy, e.g. edited by hand
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another run finished the same preparation first; theirs is as good as ours
+        if _finished(target) is None:
+            raise
+
+
+# ---------------------------------------------------------------- conversations
+
+def prepare_conversations(source, tokenizer, template: str, root: Path, split: str = "train",
+                          say=print) -> Prepared:
+    """The token file of conversations (lm.texts.Conversations), each rendered by `template`, beside mask.bin
+    (1 where a token carries the loss, by the source's loss rule) and starts.bin (where each one starts).
+    The key adds the template and the loss rule to what prepare's holds."""
+    from lm import chats
+
+    what = {"format": FORMAT, "tokenizer": tokenizer_identity(tokenizer), "data": source.identity(),
+            "template": chats.template_identity(template, source.loss_on)}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+    target = Path(root) / "tokens" / key
+    found = _finished(target)
+    if found is not None and found.masked:
+        say(f"{split}: reusing tokenized conversations {target} ({found.num_tokens:,} tokens)", flush=True)
+        return found
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    try:
+        started, dtype = time.perf_counter(), token_dtype(tokenizer)
+        ids, masks = [], []
+        for messages in source.conversations:
+            tokens, mask = chats.encode_conversation(messages, tokenizer, template, source.loss_on)
+            ids.append(tokens)
+            masks.append(mask)
+        lengths = np.array([len(t) for t in ids], dtype=np.int64)
+        n = int(lengths.sum())
+        np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=n).tofile(tmp / "tokens.bin")
+        np.fromiter(itertools.chain.from_iterable(masks), dtype=np.uint8, count=n).tofile(tmp / "mask.bin")
+        (np.cumsum(lengths) - lengths).tofile(tmp / "starts.bin")
+        publish(tmp, target, {"format": FORMAT, "num_tokens": n, "dtype": dtype.name, "num_texts": len(ids),
+                              "masked": True, "source": {"conversations": len(ids)}})
+        say(f"{split}: tokenized {len(ids):,} conversations into {target} ({n:,} tokens, "
+            f"{time.perf_counter() - started:.1f} s)", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Prepared(target, n, dtype.name, reused=False, num_texts=len(ids), masked=True)
 
 
 # ---------------------------------------------------------------- tokenizing in parallel

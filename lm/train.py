@@ -58,6 +58,7 @@ class Run:
     model_name: str
     resume: Path | None = None
     sources: tuple = ()  # (train, validation) texts, checked
+    texts_apart: bool = False  # whether a row may hold several texts, each attending to itself (lm.documents)
     model_path: tuple | None = None  # (path or Hub name, from_pretrained kwargs) of the model loaded, if one is
     adapter_dir: str | None = None  # --model names a LoRA adapter: its directory (model_path is its base)
     tokenizer_path: tuple | None = None  # the same for the tokenizer: --tokenizer, else the model's own
@@ -170,8 +171,7 @@ def setup(cfg: Config, objective: Objective, model, tokenizer, make_optimizer) -
         run.prompts = ([t.rstrip("\n") for t in read_texts(cfg.sample_prompts, cfg.text_column) if t.strip()]
                        if cfg.sample_prompts else first_texts(run.sources[1], samples.PROMPTS))
     locate_model(run, model, tokenizer)
-    if cfg.document_boundaries:
-        documents.check_architecture(run.model_config)
+    run.texts_apart = data.texts_apart(cfg, run.sources, run.model_config, run.say)
     if cfg.lora_targets:
         adapters.check_targets(run.model_config, objective.model_class, cfg)
     if model is None:  # (a model given as an object is in memory already)
@@ -237,7 +237,8 @@ def prepare_data(run: Run, tokenizer) -> tuple:
     run.block_size, note = resolve_block_size(cfg.block_size, max_positions(run.model_config, run.tokenizer))
     if note:
         run.say(f"warning: {note}", file=sys.stderr)
-    return data.prepare_data(cfg, run.tokenizer, run.block_size, world, run.say, sources=run.sources)
+    return data.prepare_data(cfg, run.tokenizer, run.block_size, world, run.say, sources=run.sources,
+                             packed=run.texts_apart)
 
 
 def build_model(run: Run, model) -> None:
@@ -257,7 +258,7 @@ def build_model(run: Run, model) -> None:
             model, fresh = load_model(*run.model_path, run.objective.model_class, attention, dtype)
     if run.objective.adapt:
         run.objective.adapt(model, run.tokenizer)
-    if cfg.document_boundaries:
+    if run.texts_apart:
         documents.prepare_model(model, device, run.precision)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -267,7 +268,7 @@ def build_model(run: Run, model) -> None:
         model = run.adapted.get_base_model()  # the same model, LoRA layers inside: the loop needs nothing else
     run.model = model.to(device)
     run.module = run.loss(model).to(device)
-    run.module.texts = cfg.document_boundaries  # masks number texts only with the option (TokenLoss)
+    run.module.texts = run.texts_apart  # masks number texts only then (TokenLoss)
     if cfg.fsdp:
         run.trained = distributed.shard(run.module, model)
     elif world.distributed:

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from conftest import ROOT, metrics, run_script, scalars
 from lm import embedded
+from lm.chats import EMBEDDED_CHATS
 from lm.config import parse_args
 from lm.errors import UsageError
 from test_cli_errors import snapshot
@@ -40,7 +41,7 @@ def names_hub(args: list[str]) -> bool:
     """Whether a train_*.py command line takes its model or its dataset from the Hugging Face Hub."""
     value = dict(zip(args, args[1:]))
     model = value.get("--model")
-    return "--dataset" in value or (
+    return value.get("--dataset", EMBEDDED_CHATS) != EMBEDDED_CHATS or (
         model is not None and model not in embedded.MODELS and not (ROOT / model).exists())
 
 
