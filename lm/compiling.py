@@ -309,7 +309,8 @@ class Compiling:
         torch._dynamo.reset()  # the compiled code held the model
 
     def stance(self, training: bool):
-        """Evaluation runs eagerly (a graph for it would cost a second compile); so does everything uncompiled."""
+        """Evaluation and samples run eagerly (graphs for them would cost more compiles, each a recompile of the
+        training step's); so does everything uncompiled."""
         return torch.compiler.set_stance("force_eager") if self.active and not training else contextlib.nullcontext()
 
     def steps_compiled(self, step: int) -> int:

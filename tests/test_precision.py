@@ -47,14 +47,18 @@ def test_gradient_checkpointing_changes_memory_not_the_maths(model_dirs, corpus,
 def test_compile_matches_eager_and_saves_plain_names(task, precision, rel, no_dropout_models, corpus, tmp_path):
     # no dropout: compiled code draws its random numbers differently. MLM: a varying count of masked
     # positions, padded to a few shapes for the compiled head. bf16: within the bf16-vs-fp32 tolerance.
+    # CLM samples between steps (no_grad, prompts of every length): they run eagerly, so nothing recompiles.
     model = no_dropout_models[task]
     eager = common(model, corpus, tmp_path / "eager", "--precision", precision, "--compile", "off")
     assert run_script(task, *eager).returncode == 0
+    sampling = ["--sample-every", "2"] if task == "clm" else []
     r = run_script(task, *common(model, corpus, tmp_path / "compiled", "--precision", precision, "--compile",
-                                 "--save-every", "4"))
+                                 "--save-every", "4", *sampling), env={"TORCH_LOGS": "recompiles"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "compile on" in r.stdout and metrics(tmp_path / "compiled")["compiled"]
     assert "Graph break" not in r.stderr  # no Dynamo warnings for a user to puzzle over
+    assert "Recompiling" not in r.stderr, r.stderr[-3000:]  # each layer's graph compiled once for the whole run
+    assert r.stdout.count("sample at step") == (6 if sampling else 0)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=rel)
     saved = torch.load(tmp_path / "compiled" / "checkpoints" / "step-4" / "model.pt", weights_only=True)
     assert not any("_orig_mod" in k for k in saved)
