@@ -198,7 +198,7 @@ def compile_estimate(cache_dir: Path | str | None, key: str, kind: str, precisio
     why = ("measured here once" if measured == 1 else f"measured {decisions} runs ago" if measured
            else "not measured here yet")
     gain = COMPILE_GAIN.get((kind, precision))
-    return seconds, gain, f"{'the' if gain else 'no'} estimate for {kind} in {precision}; {why}"
+    return seconds, gain, f"{'no' if gain is None else 'the'} estimate for {kind} in {precision}; {why}"
 
 
 def record_compile(cache_dir: Path | str | None, key: str, seconds: float, gain: float | None) -> None:
