@@ -110,10 +110,10 @@ def test_compile_auto_with_no_estimate_compiles_to_measure_then_keeps_what_it_ga
     from transformers import AutoConfig
 
     from lm.compiling import COMPILE_CACHE, compile_key
+    from test_compiling import probed
 
-    model, cache = no_dropout_models["clm"], tmp_path / "cache"
+    model, cache = no_dropout_models["clm"], probed(tmp_path / "cache")
     key = compile_key(torch.device("cpu"), "fp32", AutoConfig.from_pretrained(model), Config.for_task("clm"), 16)
-    cache.mkdir()
     (cache / COMPILE_CACHE).write_text(json.dumps({key: {"seconds": 0.0, "compiles": 2}}))
     extra = ["--precision", "fp32", "--max-train-steps", "10", "--cache-dir", cache]  # 3 eager, 3 settling, 3 timed
     assert run_script("clm", *common(model, corpus, tmp_path / "eager", *extra, "--compile", "off")).returncode == 0
