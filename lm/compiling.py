@@ -112,7 +112,8 @@ COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.In
 
 # The share of a training step's time that compiling the layers saves, by kind of device and precision, as
 # measured for the causal default (SmolLM2, 8 x 128; docs/precision-and-compile.md): the estimate until this machine
-# has measured it for the model at hand. Absent: not measured to save anything, so auto stays eager.
+# has measured it for the model at hand. Absent: no estimate, so a run long enough compiles to measure it
+# (COMPILE_TRIAL).
 COMPILE_GAIN = {("cpu-amx", "bf16"): 0.25, ("cpu-avx512_bf16", "bf16"): 0.15, ("cuda", "bf16"): 0.8}
 # Seconds a cold compile of one layer's graph takes (regional compilation compiles one, whatever the
 # depth), by kind of device: the estimate until a run here has measured it.
@@ -129,13 +130,24 @@ COMPILE_CACHE = "compile.json"
 COMPILE_AFTER = 3  # --compile auto decides after this many eager steps, from their time
 COMPILE_SETTLE = 3  # compiled steps that compile, record CUDA graphs and warm up, counted as the compile's cost
 COMPILE_TIMED = 3  # compiled steps after those, timed against the eager ones
+# With no estimate of the gain, auto compiles to measure it where the steps left take this many times what compiling
+# costs: a compile that saves nothing then costs the run a tenth at most, and the run goes back to eager if slower.
+COMPILE_TRIAL = 10
 
 
 def compile_pays(steps_left: int, step_seconds: float, compile_seconds: float,
                  gain: float | None) -> tuple[bool, str]:
-    """(compile now?, why): whether the time compiling saves over the steps left beats what compiling costs."""
-    if not gain or gain <= 0:
-        return False, "off: compiling was not measured to make these steps faster here"
+    """(compile now?, why): whether the time compiling saves over the steps left beats what compiling costs; with
+    no estimate of the gain (None), whether the steps left leave room to compile and measure it."""
+    if gain is None:
+        left = step_seconds * steps_left
+        if left >= COMPILE_TRIAL * compile_seconds and steps_left >= COMPILE_SETTLE + COMPILE_TIMED:
+            return True, (f"on, to measure what it saves here: ~{compile_seconds:.0f} s of compiling against "
+                          f"~{left:.0f} s of {steps_left} steps left")
+        return False, (f"off: what it saves is not known here, and ~{left:.0f} s of {steps_left} steps left are "
+                       f"too few to measure it against ~{compile_seconds:.0f} s of compiling")
+    if gain <= 0:
+        return False, "off: compiling was measured not to make these steps faster here"
     saved = gain * step_seconds * steps_left
     return saved > compile_seconds, (f"{'on' if saved > compile_seconds else 'off'}: ~{saved:.0f} s saved over "
                                      f"{steps_left} steps ({gain:.0%} of each) against ~{compile_seconds:.0f} s "
@@ -172,7 +184,8 @@ def compile_estimate(cache_dir: Path | str | None, key: str, kind: str, precisio
     """(seconds compiling takes, share of a step it saves, where that comes from): what this machine measured
     for `key` where it is trusted, else the tables for this kind of device. After a single compile, which
     was cold, Inductor's cache holds the kernels: the next is estimated at COMPILE_WARM_SHARE of it.
-    `decide`: count this as a decision made on the measured gain (it goes stale after COMPILE_STALE_AFTER)."""
+    The share is None where neither gives one. `decide`: count this as a decision made on the measured gain (it goes
+    stale after COMPILE_STALE_AFTER)."""
     known = recalled(cache_dir, COMPILE_CACHE, key)
     seconds = known.get("seconds", COMPILE_SECONDS.get(kind.split("-")[0], 30.0))
     if known.get("compiles") == 1:
@@ -184,7 +197,8 @@ def compile_estimate(cache_dir: Path | str | None, key: str, kind: str, precisio
         return seconds, known["gain"], f"measured here {measured} times"
     why = ("measured here once" if measured == 1 else f"measured {decisions} runs ago" if measured
            else "not measured here yet")
-    return seconds, COMPILE_GAIN.get((kind, precision)), f"the estimate for {kind} in {precision}; {why}"
+    gain = COMPILE_GAIN.get((kind, precision))
+    return seconds, gain, f"{'no' if gain is None else 'the'} estimate for {kind} in {precision}; {why}"
 
 
 def record_compile(cache_dir: Path | str | None, key: str, seconds: float, gain: float | None) -> None:
@@ -215,7 +229,8 @@ def inductor_cache(cache_dir: Path | str):
 @dataclass
 class Compiling:
     """A run's compiling: under --compile on from its first step; under auto from the step after COMPILE_AFTER
-    if the time it saves pays for compiling (and back to eager once its steps measure slower); never under off.
+    if the time it saves pays for compiling, or, with no estimate of that, to measure it in a run long enough (and
+    back to eager once its steps measure slower); never under off.
     It also times the first compiled steps against the eager ones, for the next run's decision.
 
     `since` and `until` (the steps between which training steps run compiled) go into checkpoints: a resumed
@@ -309,7 +324,8 @@ class Compiling:
         torch._dynamo.reset()  # the compiled code held the model
 
     def stance(self, training: bool):
-        """Evaluation runs eagerly (a graph for it would cost a second compile); so does everything uncompiled."""
+        """Evaluation and samples run eagerly (graphs for them would cost more compiles, each a recompile of the
+        training step's); so does everything uncompiled."""
         return torch.compiler.set_stance("force_eager") if self.active and not training else contextlib.nullcontext()
 
     def steps_compiled(self, step: int) -> int:

@@ -140,7 +140,8 @@ class Config:
         1800, "under torchrun: seconds a process waits for the others (e.g. while rank 0 tokenizes) before failing")
     compile: str = option(
         "auto", "torch.compile the model: on, off, or auto: on when the first steps show it pays back within the run "
-        "(the step budget x the time it saves per step against the time it takes; never under --fsdp, nor where a "
+        "(the step budget x the time it saves per step against the time it takes; where that saving is unknown, a run "
+        "10x longer than compiling compiles to measure it; never under --fsdp, nor where a "
         "tiny test kernel fails to build, e.g. without a C++ compiler on a CPU); --compile alone means on",
         choices=("auto", "on", "off"), const="on")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, ~30% more compute")

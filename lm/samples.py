@@ -31,9 +31,10 @@ def greedy(model, prompt: list[int], device: torch.device, precision: str, conte
     was_training = model.training
     model.eval()
     ids = torch.tensor([prompt], device=device)  # (1, T)
+    no_cache = {"use_cache": False} if getattr(model.config, "use_cache", False) else {}  # it would not be read
     with autocast(device, precision):
         for _ in range(n):
-            token = model(input_ids=ids[:, -context:]).logits[0, -1].argmax()
+            token = model(input_ids=ids[:, -context:], **no_cache).logits[0, -1].argmax()
             ids = torch.cat([ids, token.view(1, 1)], dim=1)
             if token == eos:
                 break

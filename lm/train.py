@@ -570,10 +570,11 @@ def write_samples(run: Run, step: int) -> None:
     if not run.world.main:
         return
     tokenizer, written = run.tokenizer, []
-    for ids in samples.prompt_ids(tokenizer, run.prompts, cut=not run.cfg.sample_prompts):
-        new = samples.greedy(run.model, ids, run.device, run.precision, run.block_size, tokenizer.eos_token_id)
-        written.append((tokenizer.decode(ids), tokenizer.decode(new)))
-        run.say(f"sample at step {step}: {written[-1][0]!r} -> {written[-1][1]!r}")
+    with run.compiling.stance(training=False):  # eagerly: no_grad and each prompt's length would recompile the layers
+        for ids in samples.prompt_ids(tokenizer, run.prompts, cut=not run.cfg.sample_prompts):
+            new = samples.greedy(run.model, ids, run.device, run.precision, run.block_size, tokenizer.eos_token_id)
+            written.append((tokenizer.decode(ids), tokenizer.decode(new)))
+            run.say(f"sample at step {step}: {written[-1][0]!r} -> {written[-1][1]!r}")
     run.writer.add_text("samples", samples.as_markdown(written), step)
 
 

@@ -31,6 +31,15 @@ def args(model_dir, corpus, out, cache, *extra):
             *extra]
 
 
+def probed(cache):
+    """`cache` holding the probe's answer that kernels build here, as a run leaves it: the runs of a test that is
+    not about the probe skip its child process (a cold compile of its own, ~15 s); where none builds, they fail
+    anyway."""
+    cache.mkdir(exist_ok=True)
+    (cache / PROBE_CACHE).write_text(json.dumps({compile_probe_key(torch.device("cpu")): {"ok": 1}}))
+    return cache
+
+
 def paying(cache, model_dir) -> None:
     """A compile cache that says compiling this model costs nothing and saves half of each step."""
     key = compile_key(torch.device("cpu"), "fp32", AutoConfig.from_pretrained(model_dir), Config.for_task("clm"), 16)
@@ -62,10 +71,7 @@ def test_auto_stays_eager_where_no_kernel_builds(broken_compiler, no_dropout_mod
 @pytest.fixture
 def stale_probe(broken_compiler, tmp_path):
     """A cache whose probe entry says kernels build here, though the compiler is broken since."""
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    (cache / PROBE_CACHE).write_text(json.dumps({compile_probe_key(torch.device("cpu")): {"ok": 1}}))
-    return cache
+    return probed(tmp_path / "cache")
 
 
 def test_a_compile_that_fails_mid_run_goes_back_to_eager_under_auto(broken_compiler, stale_probe, no_dropout_models,
@@ -125,7 +131,7 @@ def test_inductor_writes_under_the_run_s_cache_dir_alone(no_dropout_models, corp
     assert cache_dir() == str(default)
     for name in ("first", "second"):
         cfg = Config.for_task("clm", model=str(no_dropout_models["clm"]), train_file=str(corpus), block_size=16,
-                              max_train_steps=2, precision="fp32", compile="on", cache_dir=str(tmp_path / name),
+                              max_train_steps=2, precision="fp32", compile="on", cache_dir=str(probed(tmp_path / name)),
                               output_dir=str(tmp_path / f"run-{name}"))
         train(cfg)
         assert any((tmp_path / name / "inductor").rglob("*.py")), name  # Inductor's generated code
@@ -140,7 +146,7 @@ def test_a_resumed_auto_run_compiles_where_the_uninterrupted_one_did(no_dropout_
 
     from test_resume import signalled_at
 
-    model, cache = no_dropout_models["clm"], tmp_path / "cache"
+    model, cache = no_dropout_models["clm"], probed(tmp_path / "cache")
     paying(cache, model)
     extra = ["--max-train-steps", "8", "--save-every", "5"]
     whole = run_script("clm", *args(model, corpus, tmp_path / "whole", cache), *extra)

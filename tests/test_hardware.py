@@ -206,9 +206,18 @@ def test_compile_auto_compiles_when_the_time_saved_pays_for_compiling(tokenizer,
     assert compile_pays(500, 0.05, 10.0, 0.8) == (True, "on: ~20 s saved over 500 steps (80% of each) against ~10 s "
                                                         "of compiling")
     assert compile_pays(100, 0.05, 10.0, 0.8)[0] is False  # 4 s saved: not worth 10 s
-    assert compile_pays(10**6, 10.0, 1.0, None) == (False, "off: compiling was not measured to make these steps "
+    assert compile_pays(10**6, 10.0, 1.0, -0.3) == (False, "off: compiling was measured not to make these steps "
                                                            "faster here")
-    assert compile_pays(10**6, 10.0, 1.0, -0.3)[0] is False  # measured slower
+
+
+def test_compile_auto_with_no_estimate_compiles_to_measure_where_the_run_leaves_room():
+    # no gain known (CUDA fp32, a CPU in fp32): compiled where the steps left take 10x the compile, to be measured
+    assert compile_pays(500, 0.5, 25.0, None) == (True, "on, to measure what it saves here: ~25 s of compiling "
+                                                        "against ~250 s of 500 steps left")
+    assert compile_pays(400, 0.5, 25.0, None) == (False, "off: what it saves is not known here, and ~200 s of 400 "
+                                                         "steps left are too few to measure it against ~25 s of "
+                                                         "compiling")
+    assert compile_pays(5, 100.0, 1.0, None)[0] is False  # 6 compiled steps are needed to measure it
 
 
 def test_a_gain_measured_here_wins_over_the_table_once_it_repeats_and_until_it_is_stale(tokenizer, tmp_path):
@@ -216,7 +225,9 @@ def test_a_gain_measured_here_wins_over_the_table_once_it_repeats_and_until_it_i
     kind = "cpu-avx512_bf16"
     assert compile_estimate(tmp_path, key, kind, "bf16") == (
         COMPILE_SECONDS["cpu"], COMPILE_GAIN[(kind, "bf16")], f"the estimate for {kind} in bf16; not measured here yet")
-    assert compile_estimate(tmp_path, key, "cpu", "fp32")[1] is None  # fp32 on a CPU: not measured to gain
+    # fp32 on a CPU: no estimate (a long run compiles to measure it)
+    assert compile_estimate(tmp_path, key, "cpu", "fp32") == (COMPILE_SECONDS["cpu"], None,
+                                                              "no estimate for cpu in fp32; not measured here yet")
     record_compile(tmp_path, key, 80.0, -0.25)  # the first compile: Inductor's cache was cold, it is warm now
     # one measurement of a loss may be noise: the table still decides, so a later run compiles and measures again
     assert compile_estimate(tmp_path, key, kind, "bf16") == (
