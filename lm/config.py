@@ -234,6 +234,9 @@ class Config:
             need(value is None or adapted, f"--{flag(name)} is a setting of LoRA adapters: give --lora-rank R too")
         need(not (self.lora_rank and is_adapter_dir(self.model)),
              f"--model {self.model} holds a LoRA adapter, which brings its own rank and layers: drop --lora-rank")
+        need(not (self.eval_only and self.merge_lora and self.lora_rank),
+             "--eval-only --merge-lora merges the adapter of --model ADAPTER_DIR; new adapters (--lora-rank) are zero, "
+             "with nothing to merge")
         need(self.lora_alpha is None or self.lora_alpha > 0, f"--lora-alpha must be positive, got {self.lora_alpha}")
         need(0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         need(self.lora_targets is None or all(t.strip() for t in self.lora_targets.split(",")),

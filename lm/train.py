@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import math
 import random
@@ -69,6 +70,7 @@ class Run:
     block_size: int = 0
     model: torch.nn.Module = None  # the plain model (with LoRA layers inside, if any): what is saved without LoRA
     adapted: object = None  # under LoRA, peft's PeftModel around `model`: what saves the adapter
+    lowered: bool = False  # under LoRA in bf16, the frozen base was loaded in bf16: --merge-lora reads it again in fp32
     module: torch.nn.Module = None  # the loss module wrapping it: what evaluates
     trained: torch.nn.Module = None  # the module under DDP or FSDP: what trains
     optimizer: torch.optim.Optimizer = None
@@ -172,7 +174,9 @@ def setup(cfg: Config, objective: Objective, model, tokenizer, make_optimizer) -
                        if cfg.sample_prompts else first_texts(run.sources[1], samples.PROMPTS))
     locate_model(run, model, tokenizer)
     run.texts_apart = data.texts_apart(cfg, run.sources, run.model_config, run.say)
-    if cfg.lora_targets:
+    if run.adapter_dir:
+        adapters.check_kept_settings(run.adapter_dir, cfg)
+    elif cfg.lora_targets:
         adapters.check_targets(run.model_config, objective.model_class, cfg)
     if model is None:  # (a model given as an object is in memory already)
         run.plan = distributed.run_on_main(world, lambda: plan_memory(run))
@@ -256,6 +260,7 @@ def build_model(run: Run, model) -> None:
             model = new_model(run.model_config, run.objective.model_class, attention)
         else:
             model, fresh = load_model(*run.model_path, run.objective.model_class, attention, dtype)
+            run.lowered = dtype != torch.float32
     if run.objective.adapt:
         run.objective.adapt(model, run.tokenizer)
     if run.texts_apart:
@@ -290,9 +295,15 @@ def build_model(run: Run, model) -> None:
     run.say(f"MFU against a peak of {run.peak_flops / 1e9:,.1f} GFLOP/s per device ("
             + ("--peak-flops)" if cfg.peak_flops != "auto" else "GPU table or measured, cached)"))
     run.say(f"model {run.model_name}: {n_params / 1e6:.1f}M parameters"
-            + (f", {n_trained:,} of them trained ({n_trained / n_params:.2%}: LoRA adapters"
-               + (" and fresh modules" if fresh else "") + f", lr {cfg.lr:g})" if run.adapted else "")
+            + (f", {n_trained:,} of them trained ({n_trained / n_params:.2%}: LoRA adapters, lr {cfg.lr:g}"
+               + (f"; in full, the fresh {', '.join(trained_copies(fresh))}" if fresh else "") + ")"
+               if run.adapted else "")
             + (f", {len(fresh)} freshly initialised tensors (lr {cfg.head_lr or cfg.lr:g})" if fresh else ""))
+
+
+def trained_copies(fresh: frozenset[str]) -> list[str]:
+    """The modules whose trainable copies (peft's modules_to_save) hold the fresh parameters `fresh` names."""
+    return sorted({name.split(".modules_to_save.")[0] for name in fresh})
 
 
 def evaluation_batches(run: Run, eval_set) -> DataLoader:
@@ -625,6 +636,8 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
                "trained_parameters": run.parameters[1]}
     if progress is None:  # --eval-only
         metrics["eval_tokens"] = eval_loader.dataset.num_tokens
+        if run.cfg.merge_lora:  # a conversion: the adapter of --model ADAPTER_DIR merged into its base
+            save_merged(run, run.adapter_dir, step)
     else:
         seconds = max(progress.train_seconds, 1e-9)
         metrics.update(perplexity_before=progress.perplexity_before, train_steps=step,
@@ -632,7 +645,7 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
                        train_tokens=progress.train_tokens, train_seconds=progress.train_seconds,
                        tokens_per_second=progress.train_tokens / seconds,
                        mfu=model_flops_utilization(run, progress.train_flops, progress.train_seconds))
-        save_model(run)
+        save_model(run, step)
     peaks = distributed.gather_to_main(run.world, memory.peak_memory(run.device))  # the highest of any process
     if run.world.main:
         metrics.update(peak_memory_gib=max(peaks) / memory.GIB,
@@ -663,20 +676,47 @@ def adapted(cfg: Config) -> bool:
     return cfg.lora_rank > 0 or is_adapter_dir(cfg.model)
 
 
-def save_model(run: Run) -> None:
+def save_model(run: Run, step: int) -> None:
     """The trained model and its tokenizer in OUTPUT_DIR; under LoRA the adapter, and with --merge-lora the merged
     model in OUTPUT_DIR/merged. Every rank calls it (FSDP gathers); rank 0 writes."""
     if run.adapted is not None:  # never sharded: --fsdp is refused with LoRA
         if run.world.main:
-            adapters.save(run.adapted, run.out, base_name(run), run.cfg.merge_lora)
+            adapters.save(run.adapted, run.out, base_name(run))
     else:
         model_state, _ = distributed.full_state(run.model, sharded=run.cfg.fsdp)  # a collective under FSDP
         if run.world.main:
             run.model.save_pretrained(run.out, state_dict=model_state)
-    merged = run.adapted is not None and run.cfg.merge_lora
-    for where in [run.out] + ([run.out / "merged"] if merged else []):
-        if run.world.main:
-            run.tokenizer.save_pretrained(where)
+    if run.world.main:
+        run.tokenizer.save_pretrained(run.out)
+    if run.adapted is not None and run.cfg.merge_lora:
+        save_merged(run, run.out, step)
+
+
+def save_merged(run: Run, adapter_dir: Path | str, step: int) -> None:
+    """--merge-lora: OUTPUT_DIR/merged, the adapter added into the base's fp32 weights, and the tokenizer (rank 0).
+    A base kept in bf16 is read again in fp32 (adapters.merged_model), on the CPU, once the run has let go of its
+    model: the merge then needs the fp32 model's memory, not that on top of the run's."""
+    if not run.world.main:
+        return
+    if run.lowered:
+        base = run.model_path
+        let_go_of_model(run, step)
+        model = adapters.merged_model(adapter_dir, base, run.objective.model_class)
+    else:  # the base in memory is the original (loaded in fp32, or given as it is)
+        model = adapters.merged(run.adapted)
+    model.save_pretrained(run.out / "merged")
+    run.tokenizer.save_pretrained(run.out / "merged")
+
+
+def let_go_of_model(run: Run, step: int) -> None:
+    """Drop what the run holds of its model (the model, its wrappers, the optimizer, compiled layers), freeing its
+    memory: after the final evaluation and saving (at `step`), nothing reads them."""
+    if run.compiling.active:
+        run.compiling.uncompile(step)  # the compiled code holds the model's layers
+    run.model = run.adapted = run.module = run.trained = run.optimizer = run.parts = None
+    gc.collect()
+    if run.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def base_name(run: Run) -> str:

@@ -12,9 +12,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from conftest import ROOT, metrics, run_script, scalars, tiny_model
+from conftest import ROOT, metrics, minilm_tokenizer, run_script, scalars, tiny_model
 from lm.adapters import add_adapters, linear_names
-from lm.config import Config
+from lm.config import Config, find_objective
+from lm.errors import UsageError
 from lm.train import train
 from test_resume import signalled_at
 
@@ -101,10 +102,34 @@ def test_only_adapters_and_a_fresh_head_train(task, trained):
             assert torch.equal(ours, value), name
     lora_b = [v for k, v in state.items() if ".lora_B." in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # every adapter moved from zero
-    if task == "mlm":  # the fresh head trained in full beside them, at --head-lr, and is in the adapter file
-        head = {k: v for k, v in state.items() if ".modules_to_save." in k}
-        assert head and any(not torch.equal(v, before[k.replace("modules_to_save.default.", "")]) for k, v in
-                            head.items() if k.replace("modules_to_save.default.", "") in before)
+    if task == "mlm":  # the fresh head is in the adapter file (that it trains: the test below)
+        assert any(".modules_to_save." in k for k in state)
+
+
+def test_a_fresh_head_trains_in_full_and_its_tied_decoder_stays_the_frozen_embeddings(model_dirs, corpus, tmp_path,
+                                                                                      capsys):
+    headless = tmp_path / "headless"  # a checkpoint without its head, as the embedded MiniLM's
+    AutoModelForMaskedLM.from_pretrained(model_dirs["mlm"]).bert.save_pretrained(headless)
+    AutoTokenizer.from_pretrained(model_dirs["mlm"]).save_pretrained(headless)
+    seen = {}
+
+    def loss(model):  # the objective's own loss module, around the run's model: kept to look at after training
+        seen["model"] = model
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
+        return find_objective("mlm").loss(model)
+
+    train(Config.for_task("mlm", **dict(lora_settings(headless, corpus, tmp_path / "run"), max_train_steps=4)),
+          loss=loss)
+    model, before = seen["model"], seen["before"]
+    copy = model.cls.predictions.modules_to_save["default"]  # peft's trainable copy of the head
+    prefix = "cls.predictions.modules_to_save.default."
+    moved = {n for n, p in copy.named_parameters(remove_duplicate=False) if not torch.equal(p, before[prefix + n])}
+    # everything of the head but its decoder, which is the word embeddings: frozen, shared, unmoved
+    assert moved == {n for n, _ in copy.named_parameters(remove_duplicate=False)} - {"decoder.weight"}
+    embeddings = model.bert.embeddings.word_embeddings.weight
+    assert copy.decoder.weight is embeddings and not embeddings.requires_grad
+    assert torch.equal(embeddings, before["bert.embeddings.word_embeddings.weight"])
+    assert "LoRA adapters, lr 0.001; in full, the fresh cls.predictions)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("task", ["clm", "mlm"])
@@ -166,3 +191,88 @@ def test_adapters_get_a_larger_default_learning_rate_and_say_why(tiny_gpt2, corp
     assert r.returncode == 0, r.stderr[-3000:]
     assert "lr 0.0002: LoRA's default, 10x full fine-tuning's" in r.stdout
     assert Config.for_task("clm", lora_rank=4, lr=1e-3).lr == 1e-3  # given: as given
+
+
+@pytest.fixture(scope="module")
+def llama_base(tmp_path_factory):
+    """A 2-layer Llama saved in fp32, with an untied head: embeddings, norms and head are tensors LoRA leaves alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = minilm_tokenizer()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("llama-fp32")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=False)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def merged_in_bf16(llama_base, corpus, tmp_path_factory):
+    """A LoRA run in bf16 (its frozen base kept in bf16) with --merge-lora: its output dir."""
+    out = tmp_path_factory.mktemp("lora-bf16") / "run"
+    cfg = Config.for_task("clm", **dict(lora_settings(llama_base, corpus, out, merge_lora=True), precision="bf16",
+                                        max_train_steps=4))
+    assert train(cfg)["precision"] == "bf16"
+    return out
+
+
+def test_the_merged_model_is_merged_into_the_fp32_base_not_its_bf16_copy(llama_base, merged_in_bf16, tokenizer):
+    from safetensors.torch import load_file
+
+    base, merged = load_file(llama_base / "model.safetensors"), load_file(merged_in_bf16 / "merged" / "model.safetensors")
+    adapter = {k.removeprefix("base_model.model."): v
+               for k, v in load_file(merged_in_bf16 / "adapter_model.safetensors").items()}
+    config = json.loads((merged_in_bf16 / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    assert merged.keys() == base.keys()
+    adapted = 0
+    for name, weight in base.items():
+        assert merged[name].dtype == torch.float32, name
+        lora_a = adapter.get(name.replace(".weight", ".lora_A.weight"))
+        if lora_a is None:  # embeddings, norms, head: the original, bit for bit
+            assert torch.equal(merged[name], weight), name
+        else:  # the fp32 W + the adapter's delta
+            delta = adapter[name.replace(".weight", ".lora_B.weight")] @ lora_a * scale
+            torch.testing.assert_close(merged[name], weight + delta, rtol=0, atol=1e-7)
+            adapted += 1
+    assert adapted == 2 * 7  # every linear layer of both layers
+    x = batch(tokenizer)
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_base), merged_in_bf16).eval()
+        ours = AutoModelForCausalLM.from_pretrained(merged_in_bf16 / "merged").eval()
+        torch.testing.assert_close(ours(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_eval_only_merge_lora_merges_the_adapter_it_evaluates(merged_in_bf16, llama_base, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "converted"
+    train(Config.for_task("clm", model=str(merged_in_bf16), train_file=str(corpus), block_size=16, batch_size=4,
+                          precision="fp32", eval_only=True, merge_lora=True, output_dir=str(out)))
+    ours, theirs = (load_file(d / "merged" / "model.safetensors") for d in (out, merged_in_bf16))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert (out / "merged" / "tokenizer_config.json").is_file()
+    with pytest.raises(UsageError, match="new adapters .--lora-rank. are zero, with nothing to merge"):
+        Config.for_task("clm", model=str(llama_base), lora_rank=4, eval_only=True, merge_lora=True)
+
+
+def test_an_adapter_keeps_its_own_settings_and_refuses_others(tiny_gpt2, corpus, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_gpt2),
+                   LoraConfig(r=2, lora_alpha=8, target_modules=["c_proj", "c_attn"])).save_pretrained(adapter)
+    settings = dict(model=str(adapter), train_file=str(corpus), block_size=16, batch_size=4, precision="fp32",
+                    eval_only=True, output_dir=str(tmp_path / "out"))
+    for given, flags in [(dict(lora_alpha=64), "--lora-alpha"), (dict(lora_dropout=0.5), "--lora-dropout"),
+                         (dict(lora_targets="c_attn"), "--lora-targets"),
+                         (dict(lora_alpha=64, lora_targets="c_attn,c_proj"), "--lora-alpha")]:
+        with pytest.raises(UsageError) as error:
+            train(Config.for_task("clm", **settings, **given))
+        assert str(error.value) == (f"--model {adapter} holds a LoRA adapter, which keeps its own settings "
+                                    f"(--lora-alpha 8, --lora-dropout 0, --lora-targets c_attn,c_proj): drop {flags}")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    # its own values, given again, are no change
+    assert train(Config.for_task("clm", **settings, lora_alpha=8, lora_targets="c_attn,c_proj"))["perplexity"] > 0

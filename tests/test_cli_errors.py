@@ -99,6 +99,9 @@ CASES = [
     ("lora-under-fsdp", "clm", BASE + " --lora-rank 8 --fsdp", "--fsdp with LoRA adapters is not supported"),
     ("lora-target-not-in-model", "clm", BASE + " --lora-rank 8 --lora-targets q_proj,c_attn --cache-dir {out}/cache",
      "--lora-targets: q_proj is not a layer of this model's body; its linear layers are c_attn, c_fc, c_proj"),
+    ("lora-target-not-linear", "clm", BASE + " --lora-rank 8 --lora-targets c_attn,ln_1 --cache-dir {out}/cache",
+     "--lora-targets: ln_1 is a LayerNorm, which LoRA can't adapt (it adapts linear, embedding and convolution "
+     "layers); this model's linear layers are c_attn, c_fc, c_proj"),
 ]
 
 
