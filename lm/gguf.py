@@ -361,13 +361,15 @@ def load_for_export(directory: str | Path, cache_dir: str | None = None, say=pri
         check_architecture(load_config(*base), f"the base of the adapter in {directory}")
         tokenizer = load_tokenizer(*((str(directory), {}) if holds_tokenizer(directory) else base))
         pre_tokenizer_name(tokenizer)
-        return adapters.merged_model(directory, base, "AutoModelForCausalLM"), tokenizer
+        with embedded.quiet_stderr():  # transformers' loading bars: the line written at the end says what happened
+            return adapters.merged_model(directory, base, "AutoModelForCausalLM"), tokenizer
     if not (directory / "config.json").is_file():
         raise UsageError(f"{directory} holds neither a model (config.json) nor a LoRA adapter (adapter_config.json)")
     check_architecture(load_config(str(directory), {}), f"the model in {directory}")
     tokenizer = load_tokenizer(str(directory), {})
     pre_tokenizer_name(tokenizer)
-    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), tokenizer
+    with embedded.quiet_stderr():
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32), tokenizer
 
 
 def export(directory: str | Path, kind: str, path: str | Path | None = None, cache_dir: str | None = None,

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def configs(vocab: int) -> dict:
         # a head_dim (128) other than hidden / heads; transformers' GGUF reader assumes 128 for Qwen3
         "qwen3": Qwen3Config(**small, intermediate_size=128, head_dim=128, tie_word_embeddings=True),
         # transformers' GGUF reader leaves GPT-2's positions at the default 1024
-        "gpt2": GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4),
+        "gpt2": GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2),
     }
 
 
@@ -228,7 +229,10 @@ def test_the_module_converts_an_adapter_as_its_merged_model(models, corpus, tmp_
         assert converted.returncode == 0, converted.stderr[-3000:]
     ids = list(range(100, 140))
     merged = logits(load(out / "merged"), ids)
-    assert torch.equal(logits(load_gguf(out / "model-f32.gguf"), ids), merged)
+    alone = tmp_path / "alone"  # beside adapter_config.json, transformers would read the adapter's base instead
+    alone.mkdir()
+    shutil.copy(out / "model-f32.gguf", alone)
+    assert torch.equal(logits(load_gguf(alone / "model-f32.gguf"), ids), merged)
     assert torch.equal(logits(load_gguf(out / "merged" / "model-f32.gguf"), ids), merged)
     assert not torch.equal(merged, logits(load(models["llama"]), ids))  # the adapter did change the model
 
@@ -260,7 +264,9 @@ def test_a_failed_write_is_one_error_line_and_leaves_the_checkpoint(models, corp
     (out / "model-f32.gguf" / "x").write_text("")
     result = run_script("clm", "--model", models["gpt2"], "--train-file", corpus, "--max-train-steps", "1",
                         "--block-size", "32", "--compile", "off", "--save-gguf", "f32", "--output-dir", out)
-    message = one_error_line(result)
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = result.stderr.splitlines()[-1]  # after the run's own output: its last line, the one error line
+    assert message.startswith("error: ") and result.stderr.count("error: ") == 1, result.stderr[-3000:]
     assert "could not write the GGUF file" in message and str(out / "model-f32.gguf") in message
     assert (out / "metrics.json").exists()
     load(out)  # the checkpoint is whole
