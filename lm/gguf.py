@@ -25,7 +25,7 @@ import numpy as np
 from lm.errors import UsageError
 
 TYPES = ("f32", "f16", "bf16", "q8_0")
-SUPPORTED = "Llama (SmolLM2, TinyLlama, Llama 3.x), Qwen2, Qwen3 and GPT-2"
+SUPPORTED = "Llama (SmolLM2, Llama 3.x), Qwen2, Qwen3 and GPT-2"
 # transformers' model_type -> GGUF architecture name (gguf.MODEL_ARCH_NAMES)
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
 Q8_0_BLOCK = 32  # weights per Q8_0 block: a row must be a whole number of blocks
@@ -91,7 +91,7 @@ def pre_tokenizer_name(tokenizer) -> str:
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         kind = "SentencePiece-style BPE (byte fallback)" if model.get("byte_fallback") else model.get("type")
         raise UsageError(f"the tokenizer is {kind}: GGUF export writes byte-level BPE tokenizers (GPT-2, SmolLM2, "
-                         "Llama 3, Qwen2 and Qwen3 use one)")
+                         "Llama 3, Qwen2 and Qwen3 use one), not Llama 2's or TinyLlama's SentencePiece kind")
     pre = spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     found = [{k: step.get(k) for k in ("type", *_STEP_KEYS.get(step.get("type"), ()))} for step in steps]

@@ -157,6 +157,25 @@ def test_tensor_types_and_metadata(models, smollm2_tokenizer, tmp_path):
     assert value("llama.attention.head_count_kv") == 2 and value("llama.feed_forward_length") == 80
 
 
+def test_llama3_rope_scaling_is_written_as_transformers_computes_it():
+    """Llama 3.1's rope scaling: llama.cpp divides each rotary frequency by the rope_freqs tensor's entry."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 256})
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / 500000.0 ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    model = __import__("transformers").LlamaForCausalLM(config)
+    tensors = dict(export.gguf_tensors(model.state_dict(), config))
+    divisors = torch.from_numpy(tensors["rope_freqs.weight"]).double()
+    assert not torch.allclose(divisors, torch.ones_like(divisors))
+    torch.testing.assert_close(plain / divisors, scaled.double(), rtol=1e-5, atol=0)
+
+
 def variant(tokenizer, pre_tokenizer: dict, ignore_merges: bool = False):
     """The embedded tokenizer with another pre-tokenization (same vocabulary and merges): a real BPE tokenizer of
     the kind SmolLM2's original, Llama 3's or Qwen2's is."""
