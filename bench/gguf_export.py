@@ -109,7 +109,6 @@ def main(argv=None) -> None:
     loader = DataLoader(Examples(blocks), batch_size=8, collate_fn=CausalCollator(tokenizer))
     reference = perplexity(evaluate(TokenLoss(model), loader, torch.device("cpu"), "fp32"))
     del model
-    loader = DataLoader(Examples(blocks), batch_size=8, collate_fn=CausalCollator(tokenizer))
     block_ids = [[int(t) for t in block] for block in blocks]
     print(f"fp32 checkpoint: perplexity {reference:.4f} on {len(block_ids)} blocks of {args.block} "
           "(lm.evaluation.evaluate)", flush=True)

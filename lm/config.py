@@ -17,6 +17,7 @@ EMBEDDED_CORPUS = "python-docs"
 LORA_LR_FACTOR = 10  # LoRA learns its update from zero: ~10x full fine-tuning's step (LoRA's paper, torchtune, litgpt)
 OPTIMIZERS = ("adamw", "muon", "sgd")  # lm.optim.build_optimizer
 # transformers' learning-rate schedules (get_scheduler's names) that need no setting beyond warmup; lm.optim.lr_factor
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # the weights' types lm.gguf writes
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
              "inverse_sqrt")
 
@@ -163,7 +164,7 @@ class Config:
     output_dir: Optional[str] = option(None, "where the run is written; default runs/<task>-<timestamp>")
     save_gguf: Optional[str] = option(
         None, "clm only: after training, also write OUTPUT_DIR/model-TYPE.gguf for llama.cpp, Ollama or LM Studio "
-        "(Llama, Qwen2, Qwen3 and GPT-2 models); TYPE is the weights' type", choices=("f32", "f16", "bf16", "q8_0"))
+        "(Llama, Qwen2, Qwen3 and GPT-2 models); TYPE is the weights' type", choices=GGUF_TYPES)
     overwrite_output_dir: bool = option(
         False, "replace the run an --output-dir holds: delete its checkpoints, TensorBoard logs and metrics")
     save_every: Union[int, str, None] = option(

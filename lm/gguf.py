@@ -11,7 +11,6 @@ and chat template.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -22,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lm.config import GGUF_TYPES as TYPES, is_adapter_dir
 from lm.errors import UsageError
 
-TYPES = ("f32", "f16", "bf16", "q8_0")
 SUPPORTED = "Llama (SmolLM2, Llama 3.x), Qwen2, Qwen3 and GPT-2"
 # transformers' model_type -> GGUF architecture name (gguf.MODEL_ARCH_NAMES)
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
@@ -350,7 +349,6 @@ def load_for_export(directory: str | Path, cache_dir: str | None = None, say=pri
     from transformers import AutoModelForCausalLM
 
     from lm import adapters, embedded
-    from lm.config import is_adapter_dir
     from lm.modeling import holds_tokenizer, load_config, load_tokenizer, resolve_model
 
     directory = Path(directory)
@@ -385,7 +383,7 @@ def export(directory: str | Path, kind: str, path: str | Path | None = None, cac
 def main(argv=None) -> int:
     """python -m lm.gguf DIR --type TYPE [--output FILE]."""
     from lm.cli import fail
-    from lm.config import _Parser
+    from lm.config import _Parser  # the CLI's parser: a bad argument is one error line
 
     parser = _Parser(prog="python -m lm.gguf", description="Write a saved causal model (an output directory, its "
                      "merged/ model, or a LoRA adapter directory) as a GGUF file for llama.cpp, Ollama, LM Studio.")
