@@ -18,6 +18,7 @@ EMBEDDED_CORPUS = "python-docs"
 LORA_LR_FACTOR = 10  # LoRA learns its update from zero: ~10x full fine-tuning's step (LoRA's paper, torchtune, litgpt)
 OPTIMIZERS = ("adamw", "muon", "sgd")  # lm.optim.build_optimizer
 # transformers' learning-rate schedules (get_scheduler's names) that need no setting beyond warmup; lm.optim.lr_factor
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # the weights' types lm.gguf writes
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
              "inverse_sqrt")
 
@@ -173,6 +174,9 @@ class Config:
         None, "prompts for --sample-every: a .txt file (one per line) or .csv/.json/.jsonl (--text-column); "
         "default: the first 16 tokens of the first 3 validation texts")
     output_dir: Optional[str] = option(None, "where the run is written; default runs/<task>-<timestamp>")
+    save_gguf: Optional[str] = option(
+        None, "clm only: after training, also write OUTPUT_DIR/model-TYPE.gguf for llama.cpp, Ollama or LM Studio "
+        "(Llama, Qwen2, Qwen3 and GPT-2 models); TYPE is the weights' type", choices=GGUF_TYPES)
     overwrite_output_dir: bool = option(
         False, "replace the run an --output-dir holds: delete its checkpoints, TensorBoard logs and metrics")
     save_every: Union[int, str, None] = option(
@@ -206,7 +210,7 @@ class Config:
 
         for f in dataclasses.fields(self):  # the CLI checks these too; a Config built in Python is checked here
             choices = f.metadata.get("choices")
-            need(choices is None or getattr(self, f.name) in choices or getattr(self, f.name) is f.default is None,
+            need(choices is None or getattr(self, f.name) in (*choices, f.default),
                  f"--{flag(f.name)} must be one of {', '.join(choices or ())}, got {getattr(self, f.name)!r}")
         need(self.block_size is None or self.block_size > 0,
              f"--block-size must be positive, got {self.block_size}")
@@ -274,6 +278,11 @@ class Config:
              "--eval-only evaluates --model and trains nothing; to evaluate a checkpoint's run, let it finish "
              "and pass its output dir as --model")
         objective = find_objective(self.task)
+        need(not (self.save_gguf and objective.model_class != "AutoModelForCausalLM"),
+             f"--save-gguf writes a causal model, which is what llama.cpp runs; {objective.name} trains a "
+             f"{objective.description}")
+        need(not (self.save_gguf and self.eval_only), "--save-gguf writes the model a run trained; to convert "
+             "--model without training: python -m lm.gguf DIR --type TYPE")
         if objective.check:
             objective.check(self)
         return self

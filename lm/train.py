@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lm import adapters, checkpoint, data, distributed, documents, layer_stats, memory, samples, spikes
+from lm import adapters, checkpoint, data, distributed, documents, gguf, layer_stats, memory, samples, spikes
 from lm.checkpoint import Progress, Window
 from lm.config import LORA_LR_FACTOR, Config, find_objective, is_adapter_dir, split_overrides
 from lm.embedded import cache_root
@@ -174,6 +174,8 @@ def setup(cfg: Config, objective: Objective, model, tokenizer, make_optimizer) -
                        if cfg.sample_prompts else first_texts(run.sources[1], samples.PROMPTS))
     locate_model(run, model, tokenizer)
     run.texts_apart = data.texts_apart(cfg, run.sources, run.model_config, run.say)
+    if cfg.save_gguf:
+        gguf.check_architecture(run.model_config, f"--model {run.model_name}")
     if run.adapter_dir:
         adapters.check_kept_settings(run.adapter_dir, cfg)
     elif cfg.lora_targets:
@@ -234,6 +236,8 @@ def prepare_data(run: Run, tokenizer) -> tuple:
         run.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(*run.tokenizer_path)
     if run.objective.check_tokenizer:
         run.objective.check_tokenizer(run.tokenizer)
+    if cfg.save_gguf:  # llama.cpp must tokenize as it does, known before training
+        gguf.pre_tokenizer_name(run.tokenizer)
     if cfg.from_scratch:  # fitted to the tokenizer's vocabulary in locate_model
         run.say(f"model configuration: {run.model_config}")  # as run_clm.py logs it ("New config: ...")
     check_vocabulary(run.tokenizer, run.model_config, run.tokenizer_path[0] if run.tokenizer_path else "given",
@@ -662,7 +666,16 @@ def finish(run: Run, progress: Progress | None, eval_loader: DataLoader, n_train
     else:
         run.say(f"perplexity: {metrics['perplexity_before']:.3f} -> {metrics['perplexity']:.3f}"
                 + f" (MFU {metrics['mfu']:.1%})")
+        if run.cfg.save_gguf and run.world.main:  # last: a failed write leaves the checkpoint and metrics whole
+            save_gguf(run)
     return metrics
+
+
+def save_gguf(run: Run) -> None:
+    """--save-gguf: OUTPUT_DIR/model-TYPE.gguf from what the run saved (the model, the merged model, or the adapter
+    added into its fp32 base)."""
+    source = run.out / "merged" if adapted(run.cfg) and run.cfg.merge_lora else run.out
+    gguf.export(source, run.cfg.save_gguf, gguf.gguf_path(run.out, run.cfg.save_gguf), run.cfg.cache_dir, run.say)
 
 
 def scratch_name(cfg: Config) -> str:

@@ -18,7 +18,8 @@ from test_cli_errors import snapshot
 from test_train import METRICS, TAGS
 
 WATCHING = {"--log-layers", "--skip-spikes", "--sample-every", "--sample-prompts"}  # they watch a run: see TRAINED
-NOT_CHECKED = ("bash install.sh", "pip ", "tensorboard ", "python -m pytest")  # setup, a viewer, the tests themselves
+# setup, a viewer, the tests themselves, other tools; python -m lm.gguf runs in tests/test_gguf.py
+NOT_CHECKED = ("bash install.sh", "pip ", "tensorboard ", "python -m pytest", "llama-cli ", "ollama ", "python -m lm.gguf")
 SCRIPT = re.compile(r"train_(clm|mlm)\.py")
 EXAMPLE = re.compile(r"examples/(\w+)\.py")
 # The torchrun examples' placeholders and what stands in for them here; None drops the token.

@@ -291,7 +291,7 @@ OTHER_VALUE = dict(
     output_dir="elsewhere",
     overwrite_output_dir=True, save_every=7, save_total_limit=2, resume_from="latest", cache_dir="/tmp/other-cache",
     preprocessing_workers=1, prepare_only=True,
-    lora_rank=8, lora_alpha=4.0, lora_dropout=0.1, lora_targets="c_attn", merge_lora=True,
+    lora_rank=8, lora_alpha=4.0, lora_dropout=0.1, lora_targets="c_attn", merge_lora=True, save_gguf="q8_0",
 )
 
 
