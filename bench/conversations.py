@@ -37,7 +37,7 @@ SPEED_TARGET, PERPLEXITY_TARGET = 1.5, 0.02
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--every", type=int, default=1,
-                   help="train on every k-th training conversation, a mix of lengths as in the whole set (default: 1, all)")
+                   help="train on every k-th training conversation: the whole set's mix of lengths (default: 1, all)")
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-5)
@@ -81,8 +81,8 @@ def main(argv=None) -> None:
         results[name] = dict(steps=m["train_steps"], seconds=m["train_seconds"], labelled=labelled,
                              labelled_per_second=labelled / m["train_seconds"], before=m["perplexity_before"],
                              after=m["perplexity"])
-    print(f"\n{len(train_chats)} conversations (every {args.every}), block {args.block}, batch {args.batch} rows, one epoch, "
-          f"precision {m['precision']}")
+    print(f"\n{len(train_chats)} conversations (every {args.every}), block {args.block}, batch {args.batch} rows, "
+          f"one epoch, precision {m['precision']}")
     print(f"{'':8} {'steps':>6} {'train s':>8} {'labelled':>9} {'labelled/s':>11} {'answer ppl before -> after':>28}")
     for name, r in results.items():
         print(f"{name:8} {r['steps']:>6} {r['seconds']:>8.1f} {r['labelled']:>9} {r['labelled_per_second']:>11.1f} "

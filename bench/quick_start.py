@@ -60,14 +60,17 @@ def answer(model_path: str, messages: list[dict], precision: str) -> str:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lm import samples
+    from lm.hardware import autocast
     from lm.modeling import load_tokenizer
     from lm.texts import ChatPrompt
 
     tokenizer = load_tokenizer(model_path, {})
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-    ids = ChatPrompt(tuple(messages), None).ids(tokenizer)
-    new = samples.greedy(model, ids, torch.device("cpu"), precision, 256, tokenizer.eos_token_id, NEW_TOKENS)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    ids = torch.tensor([ChatPrompt(tuple(messages), None).ids(tokenizer)])
+    # greedy as lm.samples.greedy, with a key-value cache: reading the context again per token is slow at 96 tokens
+    with torch.no_grad(), autocast(torch.device("cpu"), precision):
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
@@ -94,7 +97,8 @@ def main(argv=None) -> None:
     fall = 1 - ours["perplexity"] / ours["perplexity_before"]
     print(f"\nquick start: answer perplexity {ours['perplexity_before']:.3f} -> {ours['perplexity']:.3f}, "
           f"{fall:.1%} lower (target >= {FALL_TARGET:.0%}: {'met' if fall >= FALL_TARGET else 'missed'}), "
-          f"in {seconds:.0f} s wall (target <= {SECONDS_TARGET} s: {'met' if seconds <= SECONDS_TARGET else 'missed'}), "
+          f"in {seconds:.0f} s wall (target <= {SECONDS_TARGET} s: "
+          f"{'met' if seconds <= SECONDS_TARGET else 'missed'}), "
           f"precision {ours['precision']}")
     same = ours["train_steps"] == every["train_steps"]
     lower = ours["perplexity"] < scored["perplexity"]
