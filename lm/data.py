@@ -416,13 +416,12 @@ def conversation_rows(cfg, sources, tokenizer, block_size: int, packed: bool, sa
     train = sets[0]
     which = ((f"--chat-template {cfg.chat_template}" if cfg.chat_template else "the tokenizer's chat template")
              + (" (generation markers)" if chats.has_generation_markers(template) else ""))
-    truncated = sum(s.truncated for s in sets)
     say(f"conversations: {len(train.starts)} train / {len(sets[1].starts)} validation "
         f"({sources[0].format}), {which}, loss on {sources[0].loss_on}: "
         f"{train.labelled_tokens() / max(train.num_tokens, 1):.1%} of {train.num_tokens:,} train tokens; "
         + (f"packed into {len(train)} rows of <= {block_size} tokens" if packed
            else f"one per row, padded to the batch's longest (<= {block_size})")
-        + f"; {truncated} truncated to {block_size} tokens")
+        + f"; truncated to {block_size} tokens: {sets[0].truncated} train / {sets[1].truncated} validation")
     return tuple(sets)
 
 

@@ -97,13 +97,15 @@ def test_a_conversational_file_is_recognised_and_announced(chat_files, smollm2_t
     cfg = chat_config(chat_files, tmp_path)
     sources = load_sources(cfg)
     assert isinstance(sources[0], Conversations) and sources[0].loss_on == "assistant"
-    train, _ = prepare_data(cfg, smollm2_tokenizer, 128, World(), print)
+    train, validation = prepare_data(cfg, smollm2_tokenizer, 128, World(), print)
     line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("conversations:")]
     assert len(line) == 1, line
     share = train.labelled_tokens() / train.num_tokens
     assert line[0].startswith("conversations: 24 train / 6 validation (messages), the tokenizer's chat template, "
                               f"loss on assistant: {share:.1%} of {train.num_tokens:,} train tokens; packed into "
-                              f"{len(train)} rows of <= 128 tokens; 3 truncated to 128 tokens")
+                              f"{len(train)} rows of <= 128 tokens; truncated to 128 tokens: "
+                              f"{train.truncated} train / {validation.truncated} validation")
+    assert train.truncated + validation.truncated == 3
     assert 0.1 < share < 0.9
     with pytest.raises(UsageError, match="--loss-on is for conversational data"):
         load_sources(Config.for_task("clm", train_file=write_jsonl(tmp_path / "plain.jsonl", [{"text": "hi"}] * 9),
