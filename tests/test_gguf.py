@@ -1,6 +1,6 @@
 """GGUF export (lm/gguf.py, --save-gguf): real files from 2-layer Llama, Qwen2, Qwen3 and GPT-2 models with SmolLM2's
-byte-level BPE tokenizer, read back two independent ways: transformers' own GGUF reader, and llama.cpp itself
-(through llama_cpp, where it is installed)."""
+byte-level BPE tokenizer, and a Llama with a SentencePiece tokenizer trained here as Llama 2's was, read back two
+independent ways: transformers' own GGUF reader, and llama.cpp itself (through llama_cpp, where it is installed)."""
 
 from __future__ import annotations
 
@@ -210,8 +210,117 @@ def test_unknown_pre_tokenization_and_other_tokenizers_are_refused(smollm2_token
     whitespace = variant(smollm2_tokenizer, {"type": "Whitespace"})
     with pytest.raises(UsageError, match="not one llama.cpp is known to reproduce"):
         export.pre_tokenizer_name(whitespace)
-    with pytest.raises(UsageError, match="byte-level BPE"):
+    with pytest.raises(UsageError, match="BPE tokenizers"):
         export.pre_tokenizer_name(tokenizer)  # MiniLM's WordPiece
+
+
+# --- SentencePiece-style tokenizers (Llama 2, TinyLlama) --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sentencepiece(tmp_path_factory):
+    """{"metaspace": a real SentencePiece BPE tokenizer trained on the project's docs with Llama 2's settings (bytes
+    for unknown characters, digits split, text kept as written, a leading "▁") and read by transformers' LlamaTokenizer
+    as TinyLlama's is; "legacy": the same vocabulary and merges prepared as tokenizer.json's older normalizer did}."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+    directory = tmp_path_factory.mktemp("sentencepiece")
+    docs = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
+    (directory / "text.txt").write_text("".join(path.read_text() for path in docs))
+    spm.SentencePieceTrainer.train(input=str(directory / "text.txt"), model_prefix=str(directory / "tokenizer"),
+                                   model_type="bpe", vocab_size=2000, byte_fallback=True, split_digits=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+                                   minloglevel=2)
+    metaspace = LlamaTokenizer.from_pretrained(directory, add_bos_token=True)
+    spec = json.loads(metaspace.backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = None
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    legacy = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
+                                     eos_token="</s>", unk_token="<unk>")
+    return {"metaspace": metaspace, "legacy": legacy}
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_llama(sentencepiece, tmp_path_factory):
+    """A saved 2-layer Llama with the SentencePiece tokenizer (as TinyLlama: BOS 1, EOS 2, its own output layer)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = sentencepiece["metaspace"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, initializer_range=0.2))
+    path = tmp_path_factory.mktemp("sentencepiece-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+# texts llama.cpp and a Metaspace tokenizer split alike: none starts with a space
+SAME_TEXTS = (TEXT, "trailing   ", "\n\n\n", "\tindented", "x" * 40 + " 1 22 333 4444 55555")
+# what SentencePiece itself and llama.cpp put a "▁" before: the start of a text, and what follows a special token
+PREFIXED_TEXTS = (" leading space", "   three", "</s> after a special token</s>x")
+
+
+def test_a_sentencepiece_tokenizer_is_written_as_llama_cpp_reads_one(sentencepiece_llama, sentencepiece, tmp_path):
+    from gguf import GGUFReader, TokenType
+
+    tokenizer = sentencepiece["metaspace"]
+    written = export.export(sentencepiece_llama, "f16", tmp_path / "m.gguf", say=lambda *a, **k: None)
+    fields = GGUFReader(written.path).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and fields["tokenizer.ggml.pre"].contents() == "default"
+    assert "tokenizer.ggml.merges" not in fields  # llama.cpp merges by the pieces' scores
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    assert tokens == tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert types[tokenizer.unk_token_id] == TokenType.UNKNOWN and types[tokenizer.bos_token_id] == TokenType.CONTROL
+    assert types[tokenizer.convert_tokens_to_ids("<0x0A>")] == TokenType.BYTE and types[300] == TokenType.NORMAL
+    # the piece a merge earlier in tokenizer.json's list makes scores higher
+    scores = dict(zip(tokens, fields["tokenizer.ggml.scores"].contents()))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+              for m in json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]]
+    made = list(dict.fromkeys(a + b for a, b in merges))
+    assert len(made) > 1000 and all(scores[a] > scores[b] for a, b in zip(made, made[1:]))
+    # the Metaspace tokenizer and llama.cpp part at a text's leading space: said on the export's line
+    assert "starts with a space" in written.tokenizing and "special token" in written.tokenizing
+    assert "note: llama.cpp tokenizes" in written.line()
+    legacy = export.write(load(sentencepiece_llama), sentencepiece["legacy"], "f16", tmp_path / "legacy.gguf")
+    assert legacy.tokenizing is None
+
+
+def test_transformers_reads_a_sentencepiece_tokenizer_back_from_its_scores(sentencepiece_llama, sentencepiece, tmp_path):
+    """transformers' GGUF reader rebuilds the merges from the scores alone: the same ids, and the same logits."""
+    from transformers import AutoTokenizer
+
+    tokenizer = sentencepiece["metaspace"]
+    file = export.export(sentencepiece_llama, "f32", tmp_path / "m.gguf", say=lambda *a, **k: None).path
+    back = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    for text in SAME_TEXTS + PREFIXED_TEXTS:
+        assert back(text)["input_ids"] == tokenizer(text)["input_ids"], text
+    ids = tokenizer(TEXT)["input_ids"]
+    assert torch.equal(logits(load_gguf(file), ids), logits(load(sentencepiece_llama), ids))
+
+
+def test_a_sentencepiece_tokenizer_llama_cpp_would_split_otherwise_is_refused(sentencepiece):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    def edited(change):
+        spec = json.loads(sentencepiece["metaspace"].backend_tokenizer.to_str())
+        change(spec)
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
+
+    split = edited(lambda spec: spec["pre_tokenizer"].update(split=True))  # into words first: llama.cpp doesn't
+    with pytest.raises(UsageError, match="not the SentencePiece one llama.cpp reproduces"):
+        export.pre_tokenizer_name(split)
+    # a merge left out: transformers would never join those two pieces, llama.cpp would
+    dropped = edited(lambda spec: spec["model"]["merges"].pop(100))
+    with pytest.raises(UsageError, match="never joins"):
+        export.pre_tokenizer_name(dropped)
 
 
 # --- the command line, training, errors ---------------------------------------------------------------------------
@@ -273,7 +382,7 @@ def test_a_tokenizer_llama_cpp_cant_reproduce_is_refused_before_training(tiny_gp
     out = tmp_path / "wordpiece"
     message = one_error_line(run_script("clm", "--model", tiny_gpt2, "--train-file", corpus, "--save-gguf", "f16",
                                         "--output-dir", out))
-    assert "byte-level BPE" in message
+    assert "BPE tokenizers" in message
     assert not (out / "config.json").exists()
 
 
@@ -335,6 +444,23 @@ def test_llama_cpp_tokenizes_as_the_tokenizer_does(models, smollm2_tokenizer, na
     try:
         for text in (TEXT, " leading space", "trailing   ", "\n\n\n", "x" * 40 + " 1 22 333 4444 55555"):
             assert vocab.tokenize(text.encode(), add_bos=True, special=False) == tokenizer(text)["input_ids"], text
+    finally:
+        vocab.close()
+
+
+@NEEDS_LLAMA_CPP
+@pytest.mark.parametrize("kind", ["metaspace", "legacy"])
+def test_llama_cpp_tokenizes_as_a_sentencepiece_tokenizer_does(sentencepiece_llama, sentencepiece, kind, tmp_path):
+    """Both preparations on every text that starts with no space; the legacy one (a normalizer prepending "▁", as
+    SentencePiece itself does) also on those that do, and after special tokens."""
+    tokenizer = sentencepiece[kind]
+    vocab = llama(export.write(load(sentencepiece_llama), tokenizer, "f16", tmp_path / "m.gguf").path)
+    try:
+        for text in SAME_TEXTS + (PREFIXED_TEXTS if kind == "legacy" else ()):
+            theirs = vocab.tokenize(text.encode(), add_bos=True, special=True)
+            assert theirs == tokenizer(text, add_special_tokens=True)["input_ids"], text
+            if kind == "legacy":
+                assert tokenizer(text)["input_ids"][0] == tokenizer.bos_token_id
     finally:
         vocab.close()
 
