@@ -11,9 +11,10 @@ forward under the run's autocast, backward, gradient clipping, the fused AdamW s
 run first (the last one's wall time is the step's), then --steps under torch.profiler.
 
 It prints, per configuration: the step's FLOPs (lm.hardware.step_flops, the labelled positions
-counted for the head), the peak it is compared with (lm.hardware.resolve_peak_flops: the GPU table,
-else a matmul probe cached in CACHE_DIR/peak-flops.json) and so the MFU; the profiled time in groups
-(matmul, attention, loss, casts, optimizer, fill/zero, other) as shares of the step; the top 10 ops.
+counted for the head), the peak it is compared with (lm.hardware.resolve_peak: the GPU table,
+else a matmul probe cached in CACHE_DIR/peak-flops.json, measured again if the step beats it) and so
+the MFU; the profiled time in groups (matmul, attention, loss, casts, optimizer, fill/zero, other) as
+shares of the step; the top 10 ops.
 Times are self times (an op's own, without the ops it calls): on a CPU the host time of each op,
 on CUDA the kernels' device time; so nothing counts twice. The head's matmuls, LinearCrossEntropy's
 included, count as matmul; its logsumexp and softmax as loss. Where SDPA falls back to its math
@@ -48,7 +49,7 @@ from lm.config import Config, find_objective  # noqa: E402
 from lm.data import blocks_of  # noqa: E402
 from lm.embedded import cache_root, model_dir  # noqa: E402
 from lm.hardware import (autocast, choose_attention, flop_counts, machine_summary, native_bf16,  # noqa: E402
-                         probe_shapes, resolve_device, resolve_peak_flops, step_flops, synchronize)
+                         probe_shapes, resolve_device, resolve_peak, step_flops, synchronize)
 from lm.data import IGNORE  # noqa: E402
 from lm.modeling import load_config, load_model, load_tokenizer  # noqa: E402
 from lm.losses import TokenLoss  # noqa: E402
@@ -128,12 +129,12 @@ def profile(task: str, precision: str, args, device: torch.device) -> None:
     inputs, predicted = int(batch["attention_mask"].sum()), int((batch["labels"] != IGNORE).sum())
     flops = step_flops(*flop_counts(model), seq_len=batch["input_ids"].shape[1], input_tokens=inputs,
                        predicted_tokens=predicted)
-    peak = resolve_peak_flops("auto", device, precision, probe_shapes(model.config, inputs), cache_root())
+    peak = resolve_peak("auto", device, precision, probe_shapes(model.config, inputs), cache_root())
     print(f"\n== {task} {precision} on {device}: {find_objective(task).embedded_model}, batch {args.batch} x {args.block}, "
-          f"{predicted} labelled positions, {flops / 1e9:.1f} GFLOP per step; peak {peak / 1e9:.1f} GFLOP/s; "
+          f"{predicted} labelled positions, {flops / 1e9:.1f} GFLOP per step; peak {peak.flops / 1e9:.1f} GFLOP/s; "
           f"attention: {why}", flush=True)
-    if precision == "bf16" and not native_bf16(device) and flops / peak > args.max_emulated_seconds:
-        print(f"skipped: emulated bf16, a step would take over {flops / peak:.0f} s even at that peak (x"
+    if precision == "bf16" and not native_bf16(device) and flops / peak.flops > args.max_emulated_seconds:
+        print(f"skipped: emulated bf16, a step would take over {flops / peak.flops:.0f} s even at that peak (x"
               f"{args.warmup + args.steps} steps); raise --max-emulated-seconds to run it anyway")
         return
     step = (module, model, optimizer, batch, device, precision, cfg.max_grad_norm)
@@ -143,8 +144,9 @@ def profile(task: str, precision: str, args, device: torch.device) -> None:
     with torch.profiler.profile(activities=activities) as prof:
         profiled = [timed_step(*step) for _ in range(args.steps)]
     seconds = wall[-1] if wall else profiled[-1]
+    mfu = peak.utilization(flops / seconds)  # a step faster than the peak raises it first, with a line
     print(f"wall time per step: {seconds:.2f} s ({'last warmup step' if wall else 'profiled'}), "
-          f"{sum(profiled) / len(profiled):.2f} s profiled; MFU {flops / seconds / peak:.1%}")
+          f"{sum(profiled) / len(profiled):.2f} s profiled; MFU {mfu:.1%}")
     report(prof.key_averages(), args.steps, device)
 
 

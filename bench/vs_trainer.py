@@ -276,7 +276,7 @@ def utilization(args, results: dict[str, list[dict]]) -> None:
 
     from lm.config import find_objective
     from lm.embedded import model_dir
-    from lm.hardware import flop_counts, measure_peak_flops, probe_shapes, step_flops, table_peak_flops
+    from lm.hardware import Peak, flop_counts, measure_peak_flops, probe_shapes, step_flops, table_peak_flops
 
     objective = find_objective(args.task)
     config = transformers.AutoConfig.from_pretrained(args.model or model_dir(objective.embedded_model))
@@ -288,17 +288,21 @@ def utilization(args, results: dict[str, list[dict]]) -> None:
     shapes = probe_shapes(config, tokens)
     device = torch.device(args.device)
     probes = {p: sorted(measure_peak_flops(device, p, shapes, None) for _ in range(3)) for p in ("fp32", "bf16")}
-    peak = {p: rates[-1] for p, rates in probes.items()}  # fresh, not cached: three probes each, the best kept
+    peak = {p: Peak(rates[-1], "three probes now") for p, rates in probes.items()}  # fresh: the best of three
     for p, rates in probes.items():
         print(f"matmul peak {p} at the model's shapes, three probes now: "
               f"{', '.join(f'{r / 1e9:,.1f}' for r in rates)} GFLOP/s (spread {rates[-1] / rates[0] - 1:.1%})")
-    print(f"bf16/fp32 matmul ratio {peak['bf16'] / peak['fp32']:.2f}x")
+    print(f"bf16/fp32 matmul ratio {peak['bf16'].flops / peak['fp32'].flops:.2f}x")
     if device.type == "cuda":  # MFU against the datasheet, as usual for GPUs (the shapes' rate is printed above)
-        peak = {p: table_peak_flops(device, p) or peak[p] for p in peak}
-    for side, runs in results.items():
-        rate = statistics.median(r["steps"] / r["seconds"] for r in runs) * flops
+        peak = {p: Peak(table_peak_flops(device, p), "GPU table") if table_peak_flops(device, p) else peak[p]
+                for p in peak}
+    achieved = {side: statistics.median(r["steps"] / r["seconds"] for r in runs) * flops
+                for side, runs in results.items()}
+    for side, rate in achieved.items():  # first: a side faster than its peak raises it (with a line) for both sides
+        peak[side_precision(args, side)].utilization(rate)
+    for side, rate in achieved.items():
         p = side_precision(args, side)
-        print(f"MFU {side}: {rate / peak[p]:.1%} of the {p} peak {peak[p] / 1e12:,.3f} TFLOP/s "
+        print(f"MFU {side}: {rate / peak[p].flops:.1%} of the {p} peak {peak[p].flops / 1e12:,.3f} TFLOP/s "
               f"({flops / 1e9:.1f} GFLOP per step)")
 
 

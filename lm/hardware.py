@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.cache import measured, recalled
+from lm.cache import measured, recalled, remember
 from lm.errors import UsageError
 from lm.losses import split_head
 
@@ -97,12 +98,51 @@ def gpu_peak_flops(name: str, precision: str) -> float | None:
     return tflops * 1e12 if tflops is not None else None
 
 
-def resolve_peak_flops(requested: float | str, device: torch.device, precision: str,
-                       shapes: tuple[tuple[int, int, int], ...], cache_dir: Path | str | None) -> float:
-    """FLOP/s of one device for MFU: --peak-flops as given; "auto": the GPU table, else a measured peak."""
+def resolve_peak(requested: float | str, device: torch.device, precision: str,
+                 shapes: tuple[tuple[int, int, int], ...], cache_dir: Path | str | None) -> Peak:
+    """The peak of one device for MFU: --peak-flops as given; "auto": the GPU table, else a measured peak."""
     if requested != "auto":
-        return float(requested)
-    return table_peak_flops(device, precision) or measure_peak_flops(device, precision, shapes, cache_dir)
+        return Peak(float(requested), "--peak-flops")
+    if table := table_peak_flops(device, precision):
+        return Peak(table, "GPU table")
+    return Peak(measure_peak_flops(device, precision, shapes, cache_dir), "measured, cached",
+                (device, precision, shapes, cache_dir))
+
+
+@dataclass
+class Peak:
+    """FLOP/s of one device that MFU divides by, never below a rate the run achieved: MFU stays <= 100%.
+
+    A rate above the peak proves the peak low. A measured one was probed while other work held the
+    machine (the probe keeps its best trial, but a neighbour can load a few cores through all of them):
+    it is probed again, once a run, and the cache keeps the higher of that probe and the rate, a lower
+    bound on the true peak. A peak given or from the table is raised to the rate. One line says so.
+    """
+
+    flops: float
+    source: str  # "--peak-flops", "GPU table" or "measured, cached"
+    probe_args: tuple = ()  # a measured peak's (device, precision, shapes, cache_dir): to probe it again
+    probed_again: bool = False
+
+    def utilization(self, rate: float, say=print) -> float:
+        """`rate` (FLOP/s per device) over the peak, after raising a peak that `rate` exceeds."""
+        if rate > self.flops:
+            self.raise_to(rate, say)
+        return rate / self.flops
+
+    def raise_to(self, rate: float, say) -> None:
+        """A peak of at least `rate`: a measured one is probed again (the first time) and corrected in the cache."""
+        low, again = self.flops, bool(self.probe_args) and not self.probed_again
+        self.flops = rate
+        if self.probe_args:
+            device, precision, shapes, cache_dir = self.probe_args
+            if again:  # once a run: on a machine still busy a second probe would find no more than the first
+                self.flops = max(rate, probe_peak_flops(device, precision, shapes))
+                self.probed_again = True
+            remember(cache_dir, PEAK_CACHE, probe_key(device, precision, shapes), {"flops": self.flops})
+        say(f"MFU: this run computed {rate / 1e9:,.1f} GFLOP/s per device, above the peak of {low / 1e9:,.1f} "
+            f"({self.source}): " + ("measured again (the machine was busy when it was measured?), " if again else "")
+            + f"the peak is now {self.flops / 1e9:,.1f} GFLOP/s")
 
 
 # Seconds the probe spends on each shape: a warmup, then trials of back-to-back matmuls, the best kept.
@@ -131,13 +171,16 @@ def measure_peak_flops(device: torch.device, precision: str, shapes: tuple[tuple
 
     The probe runs in the calling process, so it uses the thread count training will use (part of the key).
     """
-    def probe():
-        flops = max(best_matmul_rate(device, DTYPES[precision], shape, PROBE_SECONDS) for shape in shapes)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the probe's buffers go back before training allocates
-        return {"flops": flops}
+    return measured(cache_dir, PEAK_CACHE, probe_key(device, precision, shapes),
+                    lambda: {"flops": probe_peak_flops(device, precision, shapes)}, needs=("flops",))["flops"]
 
-    return measured(cache_dir, PEAK_CACHE, probe_key(device, precision, shapes), probe, needs=("flops",))["flops"]
+
+def probe_peak_flops(device: torch.device, precision: str, shapes: tuple[tuple[int, int, int], ...]) -> float:
+    """The best matmul FLOP/s seen now at these shapes and precision: a probe of a few seconds, not cached."""
+    flops = max(best_matmul_rate(device, DTYPES[precision], shape, PROBE_SECONDS) for shape in shapes)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the probe's buffers go back before training allocates
+    return flops
 
 
 ATTENTION_CACHE = "attention.json"

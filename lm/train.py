@@ -32,8 +32,8 @@ from lm.embedded import cache_root
 from lm.data import IGNORE, StepSampler
 from lm.errors import UsageError
 from lm.compiling import COMPILE_AFTER, COMPILE_ERRORS, Compiling, check_compile, compile_key, inductor_cache
-from lm.hardware import (FlopCounts, autocast, choose_attention, choose_precision, configure, flop_counts, native_bf16,
-                         probe_shapes, resolve_device, resolve_peak_flops, step_flops)
+from lm.hardware import (FlopCounts, Peak, autocast, choose_attention, choose_precision, configure, flop_counts,
+                         native_bf16, probe_shapes, resolve_device, resolve_peak, step_flops)
 from lm.modeling import (check_model_class, check_vocabulary, fit_to_tokenizer, holds_tokenizer, load_config,
                          load_model, load_tokenizer, max_positions, new_model, resolve_block_size, resolve_model,
                          resolve_tokenizer, scratch_config)
@@ -79,7 +79,7 @@ class Run:
     parts: layer_stats.Parts | None = None  # --log-layers: the parts of the model whose statistics are logged
     prompts: list = field(default_factory=list)  # --sample-every: the texts decoded from
     flop_counts: FlopCounts | None = None  # what a step's FLOPs depend on, for MFU
-    peak_flops: float = 0.0  # FLOP/s of one device at this precision: the GPU table, measured, or --peak-flops
+    peak: Peak | None = None  # FLOP/s of one device at this precision: the GPU table, measured, or --peak-flops
     eval_world: distributed.World = distributed.World()  # who shares the evaluation
     train_data: dict = field(default_factory=dict)  # how many training examples, and a digest of their tokens
     total_steps: int = 0
@@ -294,10 +294,10 @@ def build_model(run: Run, model) -> None:
                               compile_key(device, run.precision, model.config, cfg, run.block_size),
                               cache_root(cfg.cache_dir), run.cannot_compile)
     shapes = probe_shapes(model.config, cfg.batch_size * run.block_size)
-    run.peak_flops = distributed.run_on_main(world, lambda: resolve_peak_flops(
+    peak = distributed.run_on_main(world, lambda: resolve_peak(
         cfg.peak_flops, device, run.precision, shapes, cache_root(cfg.cache_dir)))
-    run.say(f"MFU against a peak of {run.peak_flops / 1e9:,.1f} GFLOP/s per device ("
-            + ("--peak-flops)" if cfg.peak_flops != "auto" else "GPU table or measured, cached)"))
+    run.peak = peak if world.main else Peak(peak.flops, peak.source)  # rank 0 alone measures, then and later
+    run.say(f"MFU against a peak of {peak.flops / 1e9:,.1f} GFLOP/s per device ({peak.source})")
     run.say(f"model {run.model_name}: {n_params / 1e6:.1f}M parameters"
             + (f", {n_trained:,} of them trained ({n_trained / n_params:.2%}: LoRA adapters, lr {cfg.lr:g}"
                + (f"; in full, the fresh {', '.join(trained_copies(fresh))}" if fresh else "") + ")"
@@ -761,8 +761,9 @@ def trainer_results(run: Run, progress: Progress | None, eval_loader: DataLoader
 
 
 def model_flops_utilization(run: Run, flops: float, seconds: float) -> float:
-    """Model FLOPs per second per device over the device's peak (the FLOPs the steps really did)."""
-    return flops / max(seconds, 1e-9) / run.world.size / run.peak_flops
+    """Model FLOPs per second per device over the device's peak (the FLOPs the steps really did), at most 1:
+    a rate above the peak raises the peak first, and says so (Peak.utilization)."""
+    return run.peak.utilization(flops / max(seconds, 1e-9) / run.world.size, run.say)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import time
 import types
@@ -7,14 +8,15 @@ import torch
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import tiny_model
+from conftest import metrics, scalars, tiny_model
 from lm.config import Config
 from lm.errors import UsageError
 from lm.data import IGNORE, causal_labels
 from lm.compiling import (COMPILE_GAIN, COMPILE_SECONDS, COMPILE_STALE_AFTER, COMPILE_WARM_SHARE, compile_estimate,
                           compile_key, compile_pays, record_compile)
-from lm.hardware import (PEAK_CACHE, FlopCounts, autocast, choose_precision, flop_counts, gpu_peak_flops,
-                         measure_peak_flops, native_bf16, probe_key, resolve_device, resolve_peak_flops, step_flops)
+from lm.hardware import (PEAK_CACHE, FlopCounts, Peak, autocast, choose_precision, flop_counts, gpu_peak_flops,
+                         measure_peak_flops, native_bf16, probe_key, probe_shapes, resolve_device, resolve_peak,
+                         step_flops)
 from lm.losses import SPLIT_HEAD, TokenLoss
 
 
@@ -124,10 +126,54 @@ def test_the_probe_key_names_the_thread_count_training_will_use():
 
 def test_a_given_peak_is_used_as_is_and_auto_measures_on_a_cpu(tmp_path):
     cpu = torch.device("cpu")
-    assert resolve_peak_flops(2.5e12, cpu, "fp32", SMALL, tmp_path) == 2.5e12
+    assert resolve_peak(2.5e12, cpu, "fp32", SMALL, tmp_path).flops == 2.5e12
     assert not (tmp_path / PEAK_CACHE).exists()
     (tmp_path / PEAK_CACHE).write_text(json.dumps({probe_key(cpu, "fp32", SMALL): {"flops": 7e9}}))
-    assert resolve_peak_flops("auto", cpu, "fp32", SMALL, tmp_path) == 7e9
+    assert resolve_peak("auto", cpu, "fp32", SMALL, tmp_path).flops == 7e9
+
+
+def test_a_given_peak_that_a_run_beats_is_raised_to_the_run_s_rate_with_a_line():
+    said = []
+    peak = Peak(1e9, "--peak-flops")
+    assert peak.utilization(5e8, said.append) == 0.5 and said == []
+    assert peak.utilization(4e9, said.append) == 1.0 and peak.flops == 4e9  # never above 100%
+    assert said == ["MFU: this run computed 4.0 GFLOP/s per device, above the peak of 1.0 (--peak-flops): "
+                    "the peak is now 4.0 GFLOP/s"]
+
+
+def test_a_cached_peak_a_run_beats_is_measured_again_and_mfu_stays_at_most_100_percent(tiny_gpt2, corpus, tmp_path,
+                                                                                       capsys):
+    # A peak probed while other work held the machine was cached at 31.9 GFLOP/s on a CPU that does 193.6
+    # in fp32, and runs then printed MFU 438-794%. Here the cache says 1 MFLOP/s, below any CPU.
+    from transformers import AutoConfig
+
+    from lm.train import train
+
+    cfg = Config.for_task("clm", model=tiny_gpt2, train_file=str(corpus), block_size=32, max_train_steps=4,
+                          log_every=1, precision="fp32", compile="off", output_dir=str(tmp_path / "run"),
+                          cache_dir=str(tmp_path / "cache"))
+    key = probe_key(torch.device("cpu"), "fp32", probe_shapes(AutoConfig.from_pretrained(tiny_gpt2),
+                                                                  cfg.batch_size * cfg.block_size))
+    cache = tmp_path / "cache" / PEAK_CACHE
+    cache.parent.mkdir()
+    cache.write_text(json.dumps({key: {"flops": 1e6}}))
+    m = train(cfg)
+    out = capsys.readouterr().out
+    assert "MFU against a peak of 0.0 GFLOP/s per device" in out  # the seeded entry was read
+    mfu = [value for _, value in scalars(tmp_path / "run", "train/mfu")]
+    assert len(mfu) == 4 and all(0 < value <= 1 for value in mfu), mfu
+    assert 0 < m["mfu"] <= 1 and metrics(tmp_path / "run")["mfu"] == m["mfu"]
+    assert f"(MFU {m['mfu']:.1%})" in out.splitlines()[-1]
+    assert out.count("measured again") == 1, out  # once, in one line
+    (entry_key, entry), = json.loads(cache.read_text()).items()
+    assert entry_key == key and entry["flops"] > 1e8  # a real probe's rate, kept for the next run
+    # the probe between steps leaves training alone: a run that finds the corrected peak trains the same weights
+    from safetensors.torch import load_file
+
+    again = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "again")))
+    assert "measured again" not in capsys.readouterr().out and 0 < again["mfu"] <= 1
+    first, second = (load_file(tmp_path / run / "model.safetensors") for run in ("run", "again"))
+    assert [name for name in first if not torch.equal(first[name], second[name])] == []
 
 
 # ---------------------------------------------------------------- the FLOPs of a step
