@@ -276,7 +276,7 @@ def utilization(args, results: dict[str, list[dict]]) -> None:
 
     from lm.config import find_objective
     from lm.embedded import model_dir
-    from lm.hardware import Peak, flop_counts, measure_peak_flops, probe_shapes, step_flops, table_peak_flops
+    from lm.hardware import Peak, flop_counts, probe_peak_flops, probe_shapes, step_flops, table_peak_flops
 
     objective = find_objective(args.task)
     config = transformers.AutoConfig.from_pretrained(args.model or model_dir(objective.embedded_model))
@@ -287,7 +287,7 @@ def utilization(args, results: dict[str, list[dict]]) -> None:
     flops = step_flops(*counts, args.block, tokens, predicted)
     shapes = probe_shapes(config, tokens)
     device = torch.device(args.device)
-    probes = {p: sorted(measure_peak_flops(device, p, shapes, None) for _ in range(3)) for p in ("fp32", "bf16")}
+    probes = {p: sorted(probe_peak_flops(device, p, shapes)[0] for _ in range(3)) for p in ("fp32", "bf16")}
     peak = {p: Peak(rates[-1], "three probes now") for p, rates in probes.items()}  # fresh: the best of three
     for p, rates in probes.items():
         print(f"matmul peak {p} at the model's shapes, three probes now: "

@@ -105,8 +105,10 @@ def resolve_peak(requested: float | str, device: torch.device, precision: str,
         return Peak(float(requested), "--peak-flops")
     if table := table_peak_flops(device, precision):
         return Peak(table, "GPU table")
-    return Peak(measure_peak_flops(device, precision, shapes, cache_dir), "measured, cached",
-                (device, precision, shapes, cache_dir))
+    flops, share = measure_peak_flops(device, precision, shapes, cache_dir)
+    source = "measured, cached" if share is None or share >= BUSY else (
+        f"measured while other work held the CPU, {share:.0%} of the probe's threads' time: not cached, MFU reads high")
+    return Peak(flops, source, (device, precision, shapes, cache_dir))
 
 
 @dataclass
@@ -137,7 +139,7 @@ class Peak:
         if self.probe_args:
             device, precision, shapes, cache_dir = self.probe_args
             if again:  # once a run: on a machine still busy a second probe would find no more than the first
-                self.flops = max(rate, probe_peak_flops(device, precision, shapes))
+                self.flops = max(rate, probe_peak_flops(device, precision, shapes)[0])
                 self.probed_again = True
             remember(cache_dir, PEAK_CACHE, probe_key(device, precision, shapes), {"flops": self.flops})
         say(f"MFU: this run computed {rate / 1e9:,.1f} GFLOP/s per device, above the peak of {low / 1e9:,.1f} "
@@ -155,6 +157,9 @@ PROBE_PATIENCE = 2
 # Vocabulary columns in the probe's head matmul: a slice, as LinearCrossEntropy computes logits in chunks.
 PROBE_VOCAB = 4096
 PEAK_CACHE = "peak-flops.json"
+# The share of its threads' wall time a CPU probe must run (process CPU time over wall x threads) for its rate to be
+# the machine's: ~0.95 on an idle machine; 0.38 measured beside two training runs on 2 cores, at a quarter of the rate
+BUSY = 0.8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -166,21 +171,31 @@ def probe_shapes(config, tokens: int) -> tuple[tuple[int, int, int], ...]:
 
 
 def measure_peak_flops(device: torch.device, precision: str, shapes: tuple[tuple[int, int, int], ...],
-                       cache_dir: Path | str | None) -> float:
-    """The best matmul FLOP/s seen at these shapes and precision, cached per machine in cache_dir/peak-flops.json.
+                       cache_dir: Path | str | None) -> tuple[float, float | None]:
+    """(the best matmul FLOP/s seen at these shapes and precision, the CPU share its probe got: None if read back),
+    cached per machine in cache_dir/peak-flops.json. A CPU probe that got less than BUSY of its threads' time (other
+    processes held the cores) is not cached: it would make every later MFU read high. The next run probes again.
 
     The probe runs in the calling process, so it uses the thread count training will use (part of the key).
     """
-    return measured(cache_dir, PEAK_CACHE, probe_key(device, precision, shapes),
-                    lambda: {"flops": probe_peak_flops(device, precision, shapes)}, needs=("flops",))["flops"]
+    key = probe_key(device, precision, shapes)
+    if "flops" in (known := recalled(cache_dir, PEAK_CACHE, key)):
+        return known["flops"], None
+    flops, share = probe_peak_flops(device, precision, shapes)
+    if share >= BUSY:
+        remember(cache_dir, PEAK_CACHE, key, {"flops": flops})
+    return flops, share
 
 
-def probe_peak_flops(device: torch.device, precision: str, shapes: tuple[tuple[int, int, int], ...]) -> float:
-    """The best matmul FLOP/s seen now at these shapes and precision: a probe of a few seconds, not cached."""
+def probe_peak_flops(device: torch.device, precision: str, shapes: tuple[tuple[int, int, int], ...]) -> tuple[float, float]:
+    """(the best matmul FLOP/s seen now at these shapes and precision, the share of its threads' wall time the probe
+    had on the CPU: 1.0 on a GPU): a probe of a few seconds, not cached."""
+    wall, cpu = time.perf_counter(), time.process_time()
     flops = max(best_matmul_rate(device, DTYPES[precision], shape, PROBE_SECONDS) for shape in shapes)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the probe's buffers go back before training allocates
-    return flops
+        return flops, 1.0
+    return flops, (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
 
 
 ATTENTION_CACHE = "attention.json"
