@@ -80,6 +80,7 @@ class StepClock:
         self.step_ends: list[float] = []
         self.cpu_ends: list[float] = []  # process CPU seconds at the same moments
         self.on_step_end = None
+        self.watching = False  # steps count from the trained model's first: not the memory plan's trial step
         clock = self
 
         def before(*_):
@@ -89,6 +90,8 @@ class StepClock:
             clock.busy.append((clock._start, time.perf_counter()))
 
         def after_step(*_):
+            if not clock.watching:
+                return
             if device == "cuda":  # the step ends when the GPU is done with it
                 torch.cuda.synchronize()
             after_busy()
@@ -122,6 +125,7 @@ class StepClock:
         """Count `module`'s forward as busy time; returns the module."""
         module.register_forward_pre_hook(self._before)
         module.register_forward_hook(self._after)
+        self.watching = True
         return module
 
     def settled(self, at_least: int) -> bool:
