@@ -5,7 +5,8 @@
 
 The probe is what MFU divides by on a CPU (measured once per machine, then cached in peak-flops.json). Target:
 the probes of one precision within 10% of each other (max / min < 1.10) on a quiet machine. A busy one moves
-them more: that is why this is a bench, not a test.
+them more: that is why this is a bench, not a test. Each probe's CPU share (process CPU time over wall time x threads,
+in its best trial) says whether other processes held cores while it ran: below lm.hardware.BUSY a run doesn't cache it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 import torch  # noqa: E402
 
-from lm.hardware import native_bf16, probe_peak_flops  # noqa: E402
+from lm.hardware import BUSY, native_bf16, probe_peak_flops  # noqa: E402
 
 TARGET = 1.10
 SHAPES = ((1024, 384, 1536), (1024, 384, 4096))  # MiniLM's at 8 x 128
@@ -40,7 +41,8 @@ def main(argv=None) -> int:
         spread = max(rates) / min(rates)
         print(f"{precision}: " + ", ".join(f"{r / 1e9:.1f}" for r in rates)
               + f" GFLOP/s; max/min {spread:.3f} ({'met' if spread < TARGET else 'missed'}: target < {TARGET}); CPU "
-              "share " + ", ".join(f"{share:.2f}" for _, share in probes) + " (below 0.8: a busy machine)")
+              "share " + ", ".join(f"{share:.2f}" for _, share in probes) + f" (the best trial's; below {BUSY}: a busy machine, "
+              "not cached)")
     return 0
 
 

@@ -157,9 +157,9 @@ PROBE_PATIENCE = 2
 # Vocabulary columns in the probe's head matmul: a slice, as LinearCrossEntropy computes logits in chunks.
 PROBE_VOCAB = 4096
 PEAK_CACHE = "peak-flops.json"
-# The share of its threads' wall time a CPU probe must run (process CPU time over wall x threads) for its rate to be
-# the machine's: ~0.95 on an idle machine; 0.38 measured beside two training runs on 2 cores, at a quarter of the rate
-BUSY = 0.8
+# The share of its threads' wall time (process CPU time over wall x threads) the best trial of a CPU probe must have
+# run for its rate to be the machine's: below, other processes held cores while it ran
+BUSY = 0.9
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -188,14 +188,12 @@ def measure_peak_flops(device: torch.device, precision: str, shapes: tuple[tuple
 
 
 def probe_peak_flops(device: torch.device, precision: str, shapes: tuple[tuple[int, int, int], ...]) -> tuple[float, float]:
-    """(the best matmul FLOP/s seen now at these shapes and precision, the share of its threads' wall time the probe
-    had on the CPU: 1.0 on a GPU): a probe of a few seconds, not cached."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    flops = max(best_matmul_rate(device, DTYPES[precision], shape, PROBE_SECONDS) for shape in shapes)
+    """(the best matmul FLOP/s seen now at these shapes and precision, the share of its threads' time the trial that
+    ran at that rate had on the CPU: 1.0 on a GPU): a probe of a few seconds, not cached."""
+    best = max(best_matmul_rate(device, DTYPES[precision], shape, PROBE_SECONDS) for shape in shapes)
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the probe's buffers go back before training allocates
-        return flops, 1.0
-    return flops, (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
+    return best
 
 
 ATTENTION_CACHE = "attention.json"
@@ -302,14 +300,16 @@ def cpuinfo() -> list[str]:
         return []
 
 
-def best_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], seconds: float) -> float:
+def best_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int],
+                     seconds: float) -> tuple[float, float]:
     """Best FLOP/s of (m, k) activations times an (n, k) weight: warm up, then the best of PROBE_TRIALS trials.
 
     A cold probe disagrees with itself: AMX units and GPU clocks start cold, and a busy CPU's clock
     takes a moment to settle, so the first PROBE_WARMUP of `seconds` runs untimed, and each trial
     times many calls back to back (short bursts catch transients). The best trial is kept: other
     load only ever slows one down; and rounds of trials go on until PROBE_PATIENCE in a row found no
-    better rate (a busy neighbour can halve a 2-core machine's rate for a second). The weight is laid out as nn.Linear keeps it. Before all that,
+    better rate (a busy neighbour can halve a 2-core machine's rate for a second); with it, the share of its threads'
+    time the best trial had on a CPU (1.0 on a GPU). The weight is laid out as nn.Linear keeps it. Before all that,
     the rows double from 16 up to m until one call takes a twentieth of `seconds`: emulated bf16 (a
     CPU without it) is ~10x slower than fp32 and would take seconds per call at a large shape.
     """
@@ -319,30 +319,34 @@ def best_matmul_rate(device: torch.device, dtype: torch.dtype, shape: tuple[int,
     weight = torch.randn(n, k, device=device, dtype=dtype, generator=g)
     rows = min(m, 16)
     timed_matmuls(x[:rows], weight, 1, device)  # the first call pays for library set-up
-    while (took := min(timed_matmuls(x[:rows], weight, 1, device) for _ in range(2))) < seconds / 20 and rows < m:
+    while (took := min(timed_matmuls(x[:rows], weight, 1, device)[0] for _ in range(2))) < seconds / 20 and rows < m:
         rows = min(m, 2 * rows)
     trial = (1 - PROBE_WARMUP) * seconds / PROBE_TRIALS
     calls = max(1, int(trial / took))
     timed_matmuls(x[:rows], weight, max(1, int(PROBE_WARMUP * seconds / took)), device)
-    best, since_better = 0.0, 0
+    best, since_better = (0.0, 0.0), 0
     for _ in range(PROBE_ROUNDS):  # until PROBE_PATIENCE rounds in a row found nothing better: load has passed
-        rate = max(2 * rows * k * n * calls / timed_matmuls(x[:rows], weight, calls, device)
-                   for _ in range(PROBE_TRIALS // 2))
-        since_better = since_better + 1 if rate < best * (1 + PROBE_SETTLED) else 0
+        rate = max((2 * rows * k * n * calls / wall, share)
+                   for wall, share in (timed_matmuls(x[:rows], weight, calls, device) for _ in range(PROBE_TRIALS // 2)))
+        since_better = since_better + 1 if rate[0] < best[0] * (1 + PROBE_SETTLED) else 0
         best = max(best, rate)
         if since_better == PROBE_PATIENCE:
             break
     return best
 
 
-def timed_matmuls(x: torch.Tensor, weight: torch.Tensor, calls: int, device: torch.device) -> float:
-    """Wall seconds of `calls` back-to-back F.linear(x, weight), waiting for the device at both ends."""
+def timed_matmuls(x: torch.Tensor, weight: torch.Tensor, calls: int, device: torch.device) -> tuple[float, float]:
+    """(wall seconds of `calls` back-to-back F.linear(x, weight), waiting for the device at both ends; the share of
+    that time x the threads the process ran on a CPU: below 1, other processes held cores; 1.0 on a GPU)."""
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(calls):
         F.linear(x, weight)
     synchronize(device)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    if device.type != "cpu":
+        return wall, 1.0
+    return wall, (time.process_time() - cpu) / (wall * torch.get_num_threads())
 
 
 def synchronize(device: torch.device) -> None:
