@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -94,6 +95,14 @@ def check_text_file(path: str) -> Path:
     return p
 
 
+def first_record(path: str):
+    """The first record of a .jsonl file (its first line that holds more than whitespace), or None."""
+    check_text_file(path)
+    with open(path, encoding="utf-8", errors="replace", newline="\n") as f:  # records end at newlines only
+        line = next((line for line in f if line.strip()), None)
+    return _json(line.removesuffix("\n").removesuffix("\r"), path) if line is not None else None
+
+
 def _json(text: str, path: str):
     try:
         return json.loads(text)
@@ -173,6 +182,7 @@ def load_hub_texts(name: str, config: str | None, text_column: str, pct: float) 
     return hold_out(train, pct)
 
 
+@functools.lru_cache(maxsize=1)  # asked twice a run (are they conversations? then the texts): one Hub check, one load
 def load_hub_dataset(name: str, config: str | None):
     """A Hub dataset's splits (a DatasetDict with a train split), from the Hub or, offline, from its cache."""
     import datasets
@@ -284,8 +294,11 @@ def conversational_sources(cfg) -> tuple[Conversations, Conversations] | None:
     from lm import chats
 
     if cfg.data_source == "files" and Path(cfg.train_file).suffix in (".json", ".jsonl"):
-        rows, where = read_rows(cfg.train_file), cfg.train_file
-        train = chats.conversation_format(rows) and chats.read_conversations(rows, where)
+        # a .jsonl of plain texts is read once, as texts later: its first record tells
+        jsonl = Path(cfg.train_file).suffix == ".jsonl"
+        rows = ([] if jsonl and not chats.conversation_format([first_record(cfg.train_file)])
+                else read_rows(cfg.train_file))
+        train = chats.conversation_format(rows) and chats.read_conversations(rows, cfg.train_file)
         validation = None
         if train and cfg.validation_file:
             rows = read_rows(cfg.validation_file)
@@ -298,8 +311,9 @@ def conversational_sources(cfg) -> tuple[Conversations, Conversations] | None:
         train, validation = (train, "messages"), (validation, "messages")
     elif cfg.data_source == "hub":
         ds = load_hub_dataset(cfg.dataset, cfg.dataset_config)
-        rows = ds["train"].to_list()
-        train = chats.conversation_format(rows) and chats.read_conversations(rows, f"dataset {cfg.dataset}")
+        columns = [dict.fromkeys(ds["train"].column_names)]  # the columns tell: plain texts stay in Arrow
+        train = chats.conversation_format(columns) and chats.read_conversations(ds["train"].to_list(),
+                                                                                 f"dataset {cfg.dataset}")
         validation = (chats.read_conversations(ds["validation"].to_list(), f"dataset {cfg.dataset} (validation)")
                       if train and "validation" in ds else None)
     else:
