@@ -25,7 +25,10 @@ def main(task, argv=None, *, optimizer=None) -> int:
     try:
         train(cfg, objective=find_objective(task), optimizer=optimizer)
     except UsageError as e:
-        return fail(e)
+        code = fail(e)
+        if isinstance(e, distributed.EveryRankError):
+            distributed.leave_together(code)
+        return code
     finally:
         distributed.shutdown()
     return 0

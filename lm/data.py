@@ -354,9 +354,9 @@ def prepare_data(cfg, tokenizer, block_size: int, world: distributed.World, say,
     # others then memory-map the same files. A user error on rank 0 stops every rank.
     sets = distributed.run_on_main(world, lambda: examples(say), send_result=cfg.line_by_line)
     train_set, eval_set = sets if sets is not None else examples(lambda *a, **k: None)
-    if len(train_set) < world.size:
-        raise UsageError(f"{len(train_set)} training blocks for {world.size} processes: each process needs at "
-                         "least one; add text, lower --block-size or use fewer processes")
+    if len(train_set) < world.size:  # alike on every rank
+        raise distributed.EveryRankError(f"{len(train_set)} training blocks for {world.size} processes: each process "
+                                         "needs at least one; add text, lower --block-size or use fewer processes")
     what = (f"{len(eval_set)} validation windows (stride {cfg.eval_stride})" if cfg.eval_stride
             else f"{len(eval_set)} validation examples")
     say(f"data: {len(train_set)} train / {what} of <= {block_size} tokens")

@@ -90,6 +90,24 @@ def broadcast_from_main(world: World, obj):
     return box[0]
 
 
+class EveryRankError(UsageError):
+    """A UsageError that every rank raises at the same point of the run: the ranks leave together (leave_together)."""
+
+
+def leave_together(code: int) -> None:
+    """End this rank, stopped by an EveryRankError, once every rank has said the error (and so ignores the SIGTERM
+    torchrun sends the others when one exits): a rank leaving first would have torchrun stop one still on its way
+    to its error line. Then at once: the usual exit sometimes aborted in torch's C++ teardown (SIGABRT, "terminate
+    called without an active exception"), which torchrun reports instead of `code`. A single process returns."""
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_on_main(world: World, fn, send_result: bool = True):
     """fn() on rank 0 while the others wait; rank 0's result on every rank (or None there without
     `send_result`). A UsageError raised by fn reaches every rank, so all stop alike and none waits forever."""
@@ -103,7 +121,7 @@ def run_on_main(world: World, fn, send_result: bool = True):
             error = str(e)
     result, error = broadcast_from_main(world, (result if send_result else None, error))
     if error is not None:
-        raise UsageError(error)
+        raise EveryRankError(error)
     return result if send_result or world.main else None
 
 

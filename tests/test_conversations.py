@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ENV, ROOT, WORDS, metrics, run_script, scalars
+from conftest import ROOT, WORDS, metrics, run_script, scalars
 from lm import token_cache
 from lm.config import Config
 from lm.data import IGNORE, ConversationRows, CausalCollator, prepare_data
@@ -245,20 +245,18 @@ def test_a_killed_run_on_conversations_resumes_exactly(chat_files, tiny_llama, t
 
 
 def test_two_processes_train_conversations_like_one(chat_files, tiny_llama, tmp_path):
-    from test_distributed import assert_same_weights, free_port
+    from test_distributed import ONE_THREAD, assert_same_weights, finish, torchrun
 
     cache = str(tmp_path / "cache")
     one = subprocess.run([sys.executable, str(ROOT / "train_clm.py"),
                           *run_args(tiny_llama, chat_files, tmp_path / "one", cache, "--max-train-steps", "3")],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+                         cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), str(ROOT / "train_clm.py"),
-                          *run_args(tiny_llama, chat_files, tmp_path / "two", cache, "--max-train-steps", "3",
-                                    "--batch-size", "1")],
-                         cwd=ROOT, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "x 2 processes" in two.stdout
+    # --standalone: the rendezvous listens on a port the system picks (one found free beforehand can be taken)
+    out = finish(torchrun("--standalone", "--nproc_per_node", "2", script_args=[
+        ROOT / "train_clm.py", *run_args(tiny_llama, chat_files, tmp_path / "two", cache, "--max-train-steps", "3",
+                                         "--batch-size", "1")]))
+    assert "x 2 processes" in out
     a, b = scalars(tmp_path / "one", "train/loss"), scalars(tmp_path / "two", "train/loss")
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
     assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-5)
