@@ -25,7 +25,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lm import adapters, checkpoint, data, distributed, documents, gguf, layer_stats, memory, samples, spikes
+from lm import (adapters, checkpoint, data, distributed, documents, gguf, gguf_vocab, layer_stats, memory, samples,
+                spikes)
 from lm.checkpoint import Progress, Window
 from lm.config import LORA_LR_FACTOR, Config, find_objective, is_adapter_dir, split_overrides
 from lm.embedded import cache_root
@@ -237,7 +238,7 @@ def prepare_data(run: Run, tokenizer) -> tuple:
     if run.objective.check_tokenizer:
         run.objective.check_tokenizer(run.tokenizer)
     if cfg.save_gguf:  # llama.cpp must tokenize as it does, known before training
-        gguf.pre_tokenizer_name(run.tokenizer)
+        gguf_vocab.pre_tokenizer_name(run.tokenizer)
     if cfg.from_scratch:  # fitted to the tokenizer's vocabulary in locate_model
         run.say(f"model configuration: {run.model_config}")  # as run_clm.py logs it ("New config: ...")
     check_vocabulary(run.tokenizer, run.model_config, run.tokenizer_path[0] if run.tokenizer_path else "given",

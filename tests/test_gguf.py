@@ -19,6 +19,7 @@ import torch
 
 from conftest import ENV, ROOT, run_script
 from lm import gguf as export
+from lm import gguf_vocab
 from lm.errors import UsageError
 
 # numbers, runs of spaces, newlines, tabs, punctuation and non-ASCII: where pre-tokenizations differ
@@ -197,21 +198,21 @@ def pre_tokenizer(steps: list[dict]) -> dict:
     return {"type": "Sequence", "pretokenizers": steps} if len(steps) > 1 else steps[0]
 
 
-PRE_TOKENIZERS = {name: (pre_tokenizer(steps), ignore) for name, (steps, ignore) in export.PRE_TOKENIZERS.items()}
+PRE_TOKENIZERS = {name: (pre_tokenizer(steps), ignore) for name, (steps, ignore) in gguf_vocab.PRE_TOKENIZERS.items()}
 
 
 @pytest.mark.parametrize("name", list(PRE_TOKENIZERS))
 def test_pre_tokenizer_names(smollm2_tokenizer, name):
     pre, ignore = PRE_TOKENIZERS[name]
-    assert export.pre_tokenizer_name(variant(smollm2_tokenizer, pre, ignore)) == name
+    assert gguf_vocab.pre_tokenizer_name(variant(smollm2_tokenizer, pre, ignore)) == name
 
 
 def test_unknown_pre_tokenization_and_other_tokenizers_are_refused(smollm2_tokenizer, tokenizer):
     whitespace = variant(smollm2_tokenizer, {"type": "Whitespace"})
     with pytest.raises(UsageError, match="not one llama.cpp is known to reproduce"):
-        export.pre_tokenizer_name(whitespace)
+        gguf_vocab.pre_tokenizer_name(whitespace)
     with pytest.raises(UsageError, match="BPE tokenizers"):
-        export.pre_tokenizer_name(tokenizer)  # MiniLM's WordPiece
+        gguf_vocab.pre_tokenizer_name(tokenizer)  # MiniLM's WordPiece
 
 
 # --- SentencePiece-style tokenizers (Llama 2, TinyLlama) --------------------------------------------------------
@@ -316,11 +317,11 @@ def test_a_sentencepiece_tokenizer_llama_cpp_would_split_otherwise_is_refused(se
 
     split = edited(lambda spec: spec["pre_tokenizer"].update(split=True))  # into words first: llama.cpp doesn't
     with pytest.raises(UsageError, match="not the SentencePiece one llama.cpp reproduces"):
-        export.pre_tokenizer_name(split)
+        gguf_vocab.pre_tokenizer_name(split)
     # a merge left out: transformers would never join those two pieces, llama.cpp would
     dropped = edited(lambda spec: spec["model"]["merges"].pop(100))
     with pytest.raises(UsageError, match="never joins"):
-        export.pre_tokenizer_name(dropped)
+        gguf_vocab.pre_tokenizer_name(dropped)
 
 
 # --- the command line, training, errors ---------------------------------------------------------------------------
