@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -104,18 +105,24 @@ def test_the_probe_measures_a_plausible_peak_quickly_and_caches_it_per_precision
     assert measure_peak_flops(cpu, "fp32", SMALL[:1], tmp_path)[0] != 123.0  # other shapes: measured again
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="pins a process to a core: Linux")
 def test_a_peak_probed_while_other_processes_hold_the_cpu_is_not_cached_and_says_so(tmp_path):
-    """As many spinning processes as the probe has threads: each thread gets about half its time, and a quarter to
-    a half of the rate; cached, that peak would make every later run's MFU read high."""
-    cpu = torch.device("cpu")
-    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(torch.get_num_threads())]
+    """A one-thread probe pinned to the core a spinning process is pinned to gets about half its time, however many
+    cores the machine has: cached, a peak probed so would make every later run's MFU read high."""
+    cpu, core, affinity, threads = torch.device("cpu"), min(os.sched_getaffinity(0)), os.sched_getaffinity(0), \
+        torch.get_num_threads()
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                           preexec_fn=lambda: os.sched_setaffinity(0, {core}))
     try:
+        torch.set_num_threads(1)  # the matmuls run on this thread, pinned beside the spinner
+        os.sched_setaffinity(0, {core})
         time.sleep(0.5)
         peak = resolve_peak("auto", cpu, "fp32", SMALL, tmp_path)
     finally:
-        for hog in hogs:
-            hog.kill()
-            hog.wait()
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
+        hog.kill()
+        hog.wait()
     assert "other work held the CPU" in peak.source and "not cached" in peak.source, peak.source
     assert peak.flops > 0 and not (tmp_path / PEAK_CACHE).exists()
 
