@@ -21,7 +21,7 @@ import numpy as np
 
 from lm.config import GGUF_TYPES as TYPES, is_adapter_dir
 from lm.errors import UsageError
-from lm.gguf_vocab import SENTENCEPIECE, add_tokenizer, backend_json, pre_tokenizer_name, space_prefix
+from lm.gguf_vocab import add_tokenizer, pre_tokenizer_name
 
 SUPPORTED = "Llama (SmolLM2, TinyLlama, Llama 2 and 3.x), Qwen2, Qwen3 and GPT-2"
 # transformers' model_type -> GGUF architecture name (gguf.MODEL_ARCH_NAMES)
@@ -224,7 +224,7 @@ def write(model, tokenizer, kind: str, path: str | Path, name: str | None = None
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
         writer.add_file_type(ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, tokenizer, config.vocab_size, pre)
+        tokenizing = add_tokenizer(writer, tokenizer, config.vocab_size, pre)
         for tensor_name, data in gguf_tensors(model.state_dict(), config):
             qtype = tensor_type(tensor_name, data, kind)
             if kind == "q8_0" and qtype == gguf.GGMLQuantizationType.F16:
@@ -244,7 +244,6 @@ def write(model, tokenizer, kind: str, path: str | Path, name: str | None = None
         writer.close()
         part.unlink(missing_ok=True)
         raise
-    tokenizing = space_prefix(backend_json(tokenizer))[1] if pre == SENTENCEPIECE else None
     return Written(path, path.stat().st_size, kind, time.perf_counter() - started, widened, tokenizing)
 
 

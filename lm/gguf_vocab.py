@@ -133,10 +133,11 @@ def backend_json(tokenizer) -> dict:
     return json.loads(backend.to_str())
 
 
-def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
+def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> str | None:
     """The tokenizer as llama.cpp rebuilds it: its tokens and their types, then for byte-level BPE ('gpt2') the merges
     and the pre-tokenizer's name, for a SentencePiece-style one ('llama') each piece's score and the leading space;
-    special ids, whether BOS/EOS are added, and the chat template."""
+    special ids, whether BOS/EOS are added, and the chat template. Returns where llama.cpp will still split text
+    otherwise than the tokenizer (space_prefix), or None."""
     import gguf
 
     spec = backend_json(tokenizer)
@@ -164,8 +165,10 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
         scores = sentencepiece_scores(spec)
         # pieces no merge makes (characters, bytes, special tokens) are never a pair's join: any score below the rest
         writer.add_token_scores([scores.get(token, -float(len(scores) + 1)) for token in tokens])
-        writer.add_add_space_prefix(space_prefix(spec)[0])
+        prefix, differs = space_prefix(spec)
+        writer.add_add_space_prefix(prefix)
     else:
+        differs = None
         writer.add_tokenizer_model("gpt2")
         # a space inside a part of a merge is written as the byte-level alphabet spells it (U+0120)
         writer.add_token_merges([" ".join(part.replace(" ", "\u0120") for part in pair)
@@ -183,3 +186,4 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str) -> None:
         template = [{"name": name, "template": text} for name, text in template.items()]
     if template:
         writer.add_chat_template(template)
+    return differs
