@@ -564,16 +564,25 @@ def peak_rss() -> int:
     """The process's peak resident memory in bytes: Linux's VmHWM, else ru_maxrss (bytes on macOS; 0 on Windows).
 
     Not ru_maxrss on Linux: a process started by fork (or vfork) and exec inherits its parent's peak there,
-    so a run launched from a large process (a test runner, a notebook) would report the launcher's memory."""
+    so a run launched from a large process (a test runner, a notebook) would report the launcher's memory.
+    The highest reading so far: Linux computes VmHWM from counters it syncs lazily, so after pages are freed a
+    later reading can be tens of KiB below an earlier one, and a peak logged at a step must not exceed the run's."""
+    global highest_rss
     hwm = status_kib("VmHWM")
     if hwm is not None:
-        return hwm * 1024
-    try:
-        import resource
-    except ImportError:
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+        peak = hwm * 1024
+    else:
+        try:
+            import resource
+        except ImportError:
+            return 0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = peak if sys.platform == "darwin" else peak * 1024
+    highest_rss = max(highest_rss, peak)
+    return highest_rss
+
+
+highest_rss = 0  # peak_rss's highest reading in this process
 
 
 def status_kib(field: str) -> int | None:

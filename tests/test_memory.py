@@ -264,6 +264,22 @@ def test_the_peak_is_in_metrics_and_tensorboard_beside_the_plan(tiny_gpt2, corpu
     assert 0.2 < logged[0][1] <= logged[1][1] <= m["peak_memory_gib"] < m["planned_memory_gib"]
 
 
+def test_the_peak_never_reads_lower_than_it_did():
+    # Linux's VmHWM comes from memory counters synced lazily: after freed pages it read 47 KiB below an earlier
+    # reading here, and a run's final peak came out below the one logged at its last step
+    import mmap
+    readings = []
+    for _ in range(3):
+        pages = mmap.mmap(-1, 64 * 2 ** 20)
+        for offset in range(0, len(pages), 4096):
+            pages[offset] = 1
+        readings.append(memory.peak_rss())
+        pages.madvise(mmap.MADV_DONTNEED)
+        readings.append(memory.peak_rss())
+        pages.close()
+    assert readings == sorted(readings)
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux's /proc")
 def test_a_run_started_from_a_big_process_measures_its_own_peak():
     # Linux's ru_maxrss carries the parent's peak across fork and exec: a run launched by a 1 GiB test runner or
