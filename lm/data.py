@@ -428,10 +428,13 @@ def conversation_rows(cfg, sources, tokenizer, block_size: int, packed: bool, sa
 def texts_apart(cfg, sources, model_config, say) -> bool:
     """Whether rows hold several texts kept apart (lm.documents): --document-boundaries, refused where the
     architecture can't; packed conversations, padded one per row there instead, saying so."""
+    conversations = isinstance(sources[0], Conversations)
+    if conversations and cfg.no_packing:  # one conversation per row, whatever --document-boundaries says
+        return False
     if cfg.document_boundaries:
         documents.check_architecture(model_config)
         return True
-    if not isinstance(sources[0], Conversations) or cfg.no_packing:
+    if not conversations:
         return False
     if model_config.model_type not in documents.CAUSAL:
         say(f"packing keeps conversations apart in {', '.join(documents.CAUSAL)} models, not "

@@ -156,6 +156,18 @@ def test_no_packing_pads_one_conversation_per_row_to_the_batch_longest(chat_file
         assert (batch["labels"][row, len(ids) - 1:] == IGNORE).all()
 
 
+def test_no_packing_holds_under_document_boundaries(chat_files, smollm2_tokenizer, tiny_llama, tmp_path):
+    from transformers import AutoConfig
+
+    from lm.data import texts_apart
+
+    cfg = chat_config(chat_files, tmp_path, no_packing=True, document_boundaries=True)
+    sources = load_sources(cfg)
+    packed = texts_apart(cfg, sources, AutoConfig.from_pretrained(tiny_llama), print)
+    train, validation = prepare_data(cfg, smollm2_tokenizer, 128, World(), print, sources=sources, packed=packed)
+    assert (len(train), len(validation)) == (24, 6)  # one conversation per row, as --no-packing says
+
+
 def test_the_token_cache_keys_on_the_template_and_the_loss_rule(chat_files, smollm2_tokenizer, tmp_path, capsys):
     train = load_sources(chat_config(chat_files, tmp_path))[0]
     root = tmp_path / "cache"
