@@ -398,10 +398,13 @@ def examples_of(cfg, source, split: str, limit: int | None, tokenizer, block_siz
 
 def conversation_rows(cfg, sources, tokenizer, block_size: int, packed: bool, say) -> tuple:
     """(train, validation) ConversationRows of conversational sources, announced in one line: how many, the
-    template, the share of tokens that carry loss and how many were truncated."""
+    template, the share of tokens that carry loss and how many were truncated. A --chat-template becomes the
+    tokenizer's: the model learns its format, so the tokenizer saved with the model (and a GGUF) must render it."""
     from lm import chats
 
     template = chats.load_template(tokenizer, cfg.chat_template)
+    if cfg.chat_template:
+        tokenizer.chat_template = template
     sets = []
     for source, limit, split in zip(sources, (cfg.max_train_samples, cfg.max_eval_samples), ("train", "validation")):
         prepared = token_cache.prepare_conversations(source, tokenizer, template, cache_root(cfg.cache_dir), split,

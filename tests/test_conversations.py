@@ -290,6 +290,21 @@ def test_lora_adapters_train_on_conversations_and_sample_the_reply(chat_files, t
     assert f"<|im_start|>user\\n{first}<|im_end|>\\n<|im_start|>assistant\\n' -> " in samples[0]
 
 
+def test_the_chat_template_trained_with_is_saved_with_the_model_and_in_its_gguf(chat_files, tiny_llama, tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{%- for message in messages %}{{ '### ' + message['role'] + ':\\n' + message['content'] "
+                        "+ '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '### assistant:\\n' }}{%- endif %}")
+    out = tmp_path / "run"
+    run = run_script("clm", *run_args(tiny_llama, chat_files, out, str(tmp_path / "cache"), "--max-train-steps", "1",
+                                      "--chat-template", template, "--save-gguf", "f32"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert AutoTokenizer.from_pretrained(out).chat_template == template.read_text()
+    assert GGUFReader(out / "model-f32.gguf").fields["tokenizer.chat_template"].contents() == template.read_text()
+
+
 @pytest.mark.parametrize("extra, message", [
     (dict(task="mlm"), "the mlm objective has no per-token loss mask"),
     (dict(eval_stride=8), "--eval-stride slides windows over a stream of text"),
