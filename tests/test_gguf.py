@@ -393,6 +393,17 @@ def test_a_variant_llama_cpp_computes_otherwise_is_refused(arch, change):
         export.check_architecture(config)
 
 
+def test_a_sliding_window_llama_cpp_ignores_is_refused():
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(**{**configs(64)["qwen2"].to_dict(), "use_sliding_window": True, "sliding_window": 16,
+                            "max_window_layers": 1, "layer_types": None})
+    assert "sliding_attention" in config.layer_types  # the window is on: transformers slides it, llama.cpp would not
+    with pytest.raises(UsageError, match="sliding window of 16 tokens"):
+        export.check_architecture(config)
+    export.check_architecture(configs(64)["qwen2"])  # without it: accepted
+
+
 def test_a_tokenizer_llama_cpp_cant_reproduce_is_refused_before_training(tiny_gpt2, corpus, tmp_path):
     out = tmp_path / "wordpiece"
     message = one_error_line(run_script("clm", "--model", tiny_gpt2, "--train-file", corpus, "--save-gguf", "f16",
