@@ -48,7 +48,9 @@ def check_architecture(config, where: str = "the model") -> None:
     if rope["rope_type"] not in ("default", "linear", "llama3"):
         raise UsageError(f"{where} scales its rotary embeddings with rope_type {rope['rope_type']!r}: GGUF export "
                          "writes default, linear and llama3 scaling")
-    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):  # llama.cpp's qwen2/qwen3 ignore it
+    window = getattr(config, "sliding_window", None)
+    if ("sliding_attention" in (getattr(config, "layer_types", None) or ())  # llama.cpp's qwen2/qwen3 ignore it
+            and window and window < config.max_position_embeddings):
         raise UsageError(f"{where} attends over a sliding window of {config.sliding_window} tokens on some layers "
                          f"(use_sliding_window): llama.cpp's {ARCHITECTURES[model_type]} attends to the whole context")
     # llama.cpp's gpt2 always divides attention scores by sqrt(head size), as scale_attn_weights does

@@ -402,6 +402,8 @@ def test_a_sliding_window_llama_cpp_ignores_is_refused():
     with pytest.raises(UsageError, match="sliding window of 16 tokens"):
         export.check_architecture(config)
     export.check_architecture(configs(64)["qwen2"])  # without it: accepted
+    config.sliding_window = config.max_position_embeddings  # a window as long as the context changes nothing
+    export.check_architecture(config)
 
 
 def test_a_tokenizer_llama_cpp_cant_reproduce_is_refused_before_training(tiny_gpt2, corpus, tmp_path):
