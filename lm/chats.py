@@ -7,6 +7,7 @@ Importable without torch: the tokenizer is passed in. A conversation is a list o
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 
 from lm.errors import UsageError
@@ -158,7 +159,7 @@ def _encode(messages, chat, tokenizer, template: str, loss_on: str) -> tuple[lis
     if loss_on == "completion":
         spans = [_completion_span(tokenizer, template, messages, chat, text)]
     else:
-        _check_prefix_preserving(tokenizer, template)
+        _check_prefix_preserving(tokenizer, template, chat)
         spans = _assistant_spans(tokenizer, template, chat, text)
     return ids, _token_mask(_offsets(encoding), spans)
 
@@ -203,22 +204,28 @@ def _completion_span(tokenizer, template: str, messages: list[dict], chat: list[
 _PREFIX_PRESERVING: dict[tuple, bool] = {}  # (template, special tokens) -> the check's verdict, made once
 
 
-def _check_prefix_preserving(tokenizer, template: str) -> None:
+def _check_prefix_preserving(tokenizer, template: str, chat: list[dict]) -> None:
     """Refuse a template whose rendering of earlier turns changes when later turns follow (Qwen3's drops <think>).
 
     Each conversation is also checked as it is diffed; this check on a two-exchange conversation refuses such a
-    template up front, whether or not the first conversations have two exchanges.
+    template up front, whether or not the first conversations have two exchanges. The probe opens with `chat`'s
+    system turns, as a template may require one; one the template can't render at all decides nothing.
     """
+    from jinja2.exceptions import TemplateError
+
     key = (template, tuple(sorted(map(str, tokenizer.special_tokens_map.items()))))
     if key not in _PREFIX_PRESERVING:
-        dummy = [{"role": "user", "content": "Question one?"}, {"role": "assistant", "content": "Answer one."},
-                 {"role": "user", "content": "Question two?"}, {"role": "assistant", "content": "Answer two."}]
-        text = _render(tokenizer, template, dummy)
+        system = list(itertools.takewhile(lambda m: m["role"] == "system", chat))
+        dummy = system + [{"role": "user", "content": "Question one?"}, {"role": "assistant", "content": "Answer one."},
+                          {"role": "user", "content": "Question two?"}, {"role": "assistant", "content": "Answer two."}]
         try:
+            text = _render(tokenizer, template, dummy)
             _assistant_spans(tokenizer, template, dummy, text)
             _PREFIX_PRESERVING[key] = True
         except UsageError:
             _PREFIX_PRESERVING[key] = False
+        except TemplateError:  # the data's own conversations are rendered and checked one by one
+            _PREFIX_PRESERVING[key] = True
     if not _PREFIX_PRESERVING[key]:
         raise _not_prefix_preserving()
 

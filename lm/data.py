@@ -398,10 +398,13 @@ def examples_of(cfg, source, split: str, limit: int | None, tokenizer, block_siz
 
 def conversation_rows(cfg, sources, tokenizer, block_size: int, packed: bool, say) -> tuple:
     """(train, validation) ConversationRows of conversational sources, announced in one line: how many, the
-    template, the share of tokens that carry loss and how many were truncated."""
+    template, the share of tokens that carry loss and how many were truncated. A --chat-template becomes the
+    tokenizer's: the model learns its format, so the tokenizer saved with the model (and a GGUF) must render it."""
     from lm import chats
 
     template = chats.load_template(tokenizer, cfg.chat_template)
+    if cfg.chat_template:
+        tokenizer.chat_template = template
     sets = []
     for source, limit, split in zip(sources, (cfg.max_train_samples, cfg.max_eval_samples), ("train", "validation")):
         prepared = token_cache.prepare_conversations(source, tokenizer, template, cache_root(cfg.cache_dir), split,
@@ -428,10 +431,13 @@ def conversation_rows(cfg, sources, tokenizer, block_size: int, packed: bool, sa
 def texts_apart(cfg, sources, model_config, say) -> bool:
     """Whether rows hold several texts kept apart (lm.documents): --document-boundaries, refused where the
     architecture can't; packed conversations, padded one per row there instead, saying so."""
+    conversations = isinstance(sources[0], Conversations)
+    if conversations and cfg.no_packing:  # one conversation per row, whatever --document-boundaries says
+        return False
     if cfg.document_boundaries:
         documents.check_architecture(model_config)
         return True
-    if not isinstance(sources[0], Conversations) or cfg.no_packing:
+    if not conversations:
         return False
     if model_config.model_type not in documents.CAUSAL:
         say(f"packing keeps conversations apart in {', '.join(documents.CAUSAL)} models, not "

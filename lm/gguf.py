@@ -48,14 +48,22 @@ def check_architecture(config, where: str = "the model") -> None:
     if rope["rope_type"] not in ("default", "linear", "llama3"):
         raise UsageError(f"{where} scales its rotary embeddings with rope_type {rope['rope_type']!r}: GGUF export "
                          "writes default, linear and llama3 scaling")
+    window = getattr(config, "sliding_window", None)
+    if ("sliding_attention" in (getattr(config, "layer_types", None) or ())  # llama.cpp's qwen2/qwen3 ignore it
+            and window and window < config.max_position_embeddings):
+        raise UsageError(f"{where} attends over a sliding window of {config.sliding_window} tokens on some layers "
+                         f"(use_sliding_window): llama.cpp's {ARCHITECTURES[model_type]} attends to the whole context")
+    # llama.cpp's gpt2 always divides attention scores by sqrt(head size), as scale_attn_weights does
     if model_type == "gpt2" and (getattr(config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh")
+                                 or not getattr(config, "scale_attn_weights", True)
                                  or getattr(config, "scale_attn_by_inverse_layer_idx", False)
                                  or getattr(config, "reorder_and_upcast_attn", False)):
         raise UsageError(f"{where} is a GPT-2 variant llama.cpp's gpt2 does not compute (its activation or attention "
                          "scaling differs from GPT-2's)")
-    if model_type == "llama" and (getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False)):
-        raise UsageError(f"{where} is a Llama variant llama.cpp's llama does not compute (activation "
-                         f"{getattr(config, 'hidden_act', None)}, mlp_bias {getattr(config, 'mlp_bias', None)})")
+    # llama.cpp's llama, qwen2 and qwen3 compute a SiLU-gated MLP without biases, whatever the config says
+    if model_type != "gpt2" and (getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False)):
+        raise UsageError(f"{where} is a {model_type} variant llama.cpp's {ARCHITECTURES[model_type]} does not compute "
+                         f"(activation {getattr(config, 'hidden_act', None)}, mlp_bias {getattr(config, 'mlp_bias', None)})")
 
 
 def check(config, tokenizer, where: str = "the model") -> str:

@@ -174,6 +174,23 @@ def test_a_template_that_is_not_prefix_preserving_is_refused(turns, smollm2_toke
     assert len(learned(smollm2_tokenizer, ids, mask)) == turns // 2
 
 
+def test_a_template_that_requires_a_system_turn_masks_conversations_that_have_one(smollm2_tokenizer):
+    # the up-front prefix check renders a conversation of its own: it opens with the data's system turn too
+    template = ("{%- if messages[0]['role'] != 'system' %}{{ raise_exception('The first message must be a system "
+                "message') }}{%- endif %}" + smollm2_tokenizer.chat_template)
+    chat = [{"role": "system", "content": "Be brief."}, *CHAT]
+    ids, mask = chats.encode_conversation(chat, smollm2_tokenizer, template, "assistant")
+    assert learned(smollm2_tokenizer, ids, mask) == [CHAT[1]["content"] + "<|im_end|>\n",
+                                                   CHAT[3]["content"] + "<|im_end|>\n"]
+    with pytest.raises(UsageError, match=r"can't render a conversation \(user, assistant.*must be a system"):
+        chats.encode_conversation(CHAT, smollm2_tokenizer, template, "assistant")
+    # a template for single exchanges can't render the probe at all: its conversations are checked one by one
+    single = ("{%- if messages | length > 2 %}{{ raise_exception('One question, one answer') }}{%- endif %}"
+              + smollm2_tokenizer.chat_template)
+    ids, mask = chats.encode_conversation(CHAT[:2], smollm2_tokenizer, single, "assistant")
+    assert learned(smollm2_tokenizer, ids, mask) == [CHAT[1]["content"] + "<|im_end|>\n"]
+
+
 def test_a_conversation_the_template_rejects_is_one_line(smollm2_tokenizer):
     template = trl_template("gemma.jinja")  # Gemma's raises for a system turn
     with pytest.raises(UsageError, match=r"can't render a conversation \(system, user, assistant.*System role not"):

@@ -156,6 +156,18 @@ def test_no_packing_pads_one_conversation_per_row_to_the_batch_longest(chat_file
         assert (batch["labels"][row, len(ids) - 1:] == IGNORE).all()
 
 
+def test_no_packing_holds_under_document_boundaries(chat_files, smollm2_tokenizer, tiny_llama, tmp_path):
+    from transformers import AutoConfig
+
+    from lm.data import texts_apart
+
+    cfg = chat_config(chat_files, tmp_path, no_packing=True, document_boundaries=True)
+    sources = load_sources(cfg)
+    packed = texts_apart(cfg, sources, AutoConfig.from_pretrained(tiny_llama), print)
+    train, validation = prepare_data(cfg, smollm2_tokenizer, 128, World(), print, sources=sources, packed=packed)
+    assert (len(train), len(validation)) == (24, 6)  # one conversation per row, as --no-packing says
+
+
 def test_the_token_cache_keys_on_the_template_and_the_loss_rule(chat_files, smollm2_tokenizer, tmp_path, capsys):
     train = load_sources(chat_config(chat_files, tmp_path))[0]
     root = tmp_path / "cache"
@@ -276,6 +288,21 @@ def test_lora_adapters_train_on_conversations_and_sample_the_reply(chat_files, t
     first = json.loads(open(chat_files[1]).readline())["messages"][0]["content"]
     assert samples and samples[0].startswith("sample at step 4: '<|im_start|>system\\n")
     assert f"<|im_start|>user\\n{first}<|im_end|>\\n<|im_start|>assistant\\n' -> " in samples[0]
+
+
+def test_the_chat_template_trained_with_is_saved_with_the_model_and_in_its_gguf(chat_files, tiny_llama, tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    template = tmp_path / "plain.jinja"
+    template.write_text("{%- for message in messages %}{{ '### ' + message['role'] + ':\\n' + message['content'] "
+                        "+ '\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{ '### assistant:\\n' }}{%- endif %}")
+    out = tmp_path / "run"
+    run = run_script("clm", *run_args(tiny_llama, chat_files, out, str(tmp_path / "cache"), "--max-train-steps", "1",
+                                      "--chat-template", template, "--save-gguf", "f32"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert AutoTokenizer.from_pretrained(out).chat_template == template.read_text()
+    assert GGUFReader(out / "model-f32.gguf").fields["tokenizer.chat_template"].contents() == template.read_text()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -379,6 +379,33 @@ def test_an_unsupported_architecture_is_refused_before_training(models, corpus, 
     assert not (out / "config.json").exists()
 
 
+@pytest.mark.parametrize("arch, change", [("gpt2", dict(scale_attn_weights=False)),
+                                           ("gpt2", dict(activation_function="relu")),
+                                           ("llama", dict(hidden_act="gelu_pytorch_tanh")),
+                                           ("qwen2", dict(hidden_act="gelu_pytorch_tanh")),
+                                           ("qwen3", dict(hidden_act="gelu_pytorch_tanh"))])
+def test_a_variant_llama_cpp_computes_otherwise_is_refused(arch, change):
+    # llama.cpp would run such a file with GPT-2's attention scaling or a SiLU MLP: other logits, silently
+    config = configs(64)[arch]
+    for key, value in change.items():
+        setattr(config, key, value)
+    with pytest.raises(UsageError, match="variant llama.cpp's"):
+        export.check_architecture(config)
+
+
+def test_a_sliding_window_llama_cpp_ignores_is_refused():
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(**{**configs(64)["qwen2"].to_dict(), "use_sliding_window": True, "sliding_window": 16,
+                            "max_window_layers": 1, "layer_types": None})
+    assert "sliding_attention" in config.layer_types  # the window is on: transformers slides it, llama.cpp would not
+    with pytest.raises(UsageError, match="sliding window of 16 tokens"):
+        export.check_architecture(config)
+    export.check_architecture(configs(64)["qwen2"])  # without it: accepted
+    config.sliding_window = config.max_position_embeddings  # a window as long as the context changes nothing
+    export.check_architecture(config)
+
+
 def test_a_tokenizer_llama_cpp_cant_reproduce_is_refused_before_training(tiny_gpt2, corpus, tmp_path):
     out = tmp_path / "wordpiece"
     message = one_error_line(run_script("clm", "--model", tiny_gpt2, "--train-file", corpus, "--save-gguf", "f16",
