@@ -19,7 +19,8 @@ from test_train import METRICS, TAGS
 
 WATCHING = {"--log-layers", "--skip-spikes", "--sample-every", "--sample-prompts"}  # they watch a run: see TRAINED
 # setup, a viewer, the tests themselves, other tools; python -m lm.gguf runs in tests/test_gguf.py
-NOT_CHECKED = ("bash install.sh", "pip ", "tensorboard ", "python -m pytest", "llama-cli ", "ollama ", "python -m lm.gguf")
+NOT_CHECKED = ("bash install.sh", "pip ", "tensorboard ", "python -m pytest", "llama-cli ", "llama-quantize ", "ollama ",
+               "python -m lm.gguf")
 SCRIPT = re.compile(r"train_(clm|mlm)\.py")
 EXAMPLE = re.compile(r"examples/(\w+)\.py")
 # The torchrun examples' placeholders and what stands in for them here; None drops the token.
