@@ -288,6 +288,15 @@ class ChatPrompt:
 CHAT_OPTIONS = ("chat_template", "loss_on", "no_packing")
 
 
+def conversations_chosen(cfg, rows: list) -> bool:
+    """Whether records are read as conversations: they have a 'messages' or 'prompt'/'completion' column, and
+    --text-column names none of their columns (one named, other than the default, reads that column as text)."""
+    from lm import chats
+
+    first = rows[0] if rows and isinstance(rows[0], dict) else {}
+    return bool(chats.conversation_format(rows)) and (cfg.text_column == "text" or cfg.text_column not in first)
+
+
 def conversational_sources(cfg) -> tuple[Conversations, Conversations] | None:
     """(train, validation) conversations when the data has a `messages` or `prompt`/`completion` column (or
     is the embedded conversational set), else None: plain text, as ever."""
@@ -296,9 +305,9 @@ def conversational_sources(cfg) -> tuple[Conversations, Conversations] | None:
     if cfg.data_source == "files" and Path(cfg.train_file).suffix in (".json", ".jsonl"):
         # a .jsonl of plain texts is read once, as texts later: its first record tells
         jsonl = Path(cfg.train_file).suffix == ".jsonl"
-        rows = ([] if jsonl and not chats.conversation_format([first_record(cfg.train_file)])
-                else read_rows(cfg.train_file))
-        train = chats.conversation_format(rows) and chats.read_conversations(rows, cfg.train_file)
+        first = [first_record(cfg.train_file)] if jsonl else None
+        rows = ([] if jsonl and not conversations_chosen(cfg, first) else read_rows(cfg.train_file))
+        train = conversations_chosen(cfg, rows) and chats.read_conversations(rows, cfg.train_file)
         validation = None
         if train and cfg.validation_file:
             rows = read_rows(cfg.validation_file)
@@ -312,7 +321,7 @@ def conversational_sources(cfg) -> tuple[Conversations, Conversations] | None:
     elif cfg.data_source == "hub":
         ds = load_hub_dataset(cfg.dataset, cfg.dataset_config)
         columns = [dict.fromkeys(ds["train"].column_names)]  # the columns tell: plain texts stay in Arrow
-        train = chats.conversation_format(columns) and chats.read_conversations(ds["train"].to_list(),
+        train = conversations_chosen(cfg, columns) and chats.read_conversations(ds["train"].to_list(),
                                                                                  f"dataset {cfg.dataset}")
         validation = (chats.read_conversations(ds["validation"].to_list(), f"dataset {cfg.dataset} (validation)")
                       if train and "validation" in ds else None)

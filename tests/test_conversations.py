@@ -335,6 +335,21 @@ def test_prompt_completion_rows_learn_the_completion_by_default(smollm2_tokenize
     assert smollm2_tokenizer.decode(batch["labels"][0][batch["labels"][0] != IGNORE]) == "It is 4.<|im_end|>\n"
 
 
+def test_a_text_column_named_beside_messages_is_read_as_plain_text(tmp_path):
+    # records holding both a conversation and a text: --text-column naming the text is the user's choice
+    rows = [{**c, "body": f"plain text {i}"} for i, c in enumerate(conversations(10))]
+    path = write_jsonl(tmp_path / "both.jsonl", rows)
+    assert isinstance(load_sources(Config.for_task("clm", train_file=path))[0], Conversations)
+    train, validation = load_sources(Config.for_task("clm", train_file=path, text_column="body"))
+    assert sorted(train.texts + validation.texts) == sorted(r["body"] for r in rows)
+    (tmp_path / "hub").mkdir()
+    write_jsonl(tmp_path / "hub" / "train.jsonl", rows)
+    train, validation = load_sources(Config.for_task("clm", dataset=str(tmp_path / "hub"), text_column="body"))
+    assert sorted(train.texts + validation.texts) == sorted(r["body"] for r in rows)
+    # a column the records lack leaves them conversations (--text-column also reads --sample-prompts files)
+    assert isinstance(load_sources(Config.for_task("clm", train_file=path, text_column="prompt"))[0], Conversations)
+
+
 def test_a_dataset_with_a_messages_column_is_conversations_too(tmp_path):
     # a dataset directory loads as a Hub dataset does (datasets.load_dataset), offline
     write_jsonl(tmp_path / "train.jsonl", conversations(10))
