@@ -51,7 +51,16 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
         columns = sorted(rows[0]) if rows and isinstance(rows[0], dict) else []
         raise UsageError(f"{path}: no column {text_column!r} in every record (columns: {', '.join(columns) or 'none'}); "
                          "choose one with --text-column")
-    return [str(r[text_column]) for r in rows]
+    return checked_texts([r[text_column] for r in rows], f"{path}: column {text_column!r}")
+
+
+def checked_texts(texts: list, where: str) -> list[str]:
+    """`texts` if every one is a string; else a UsageError naming the first that is not. A null in JSON, an empty
+    Hub cell or a .csv row short of the column would otherwise be trained on as the word 'None'."""
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise UsageError(f"{where}: record {bad + 1} holds {texts[bad]!r}, not a text; fix or drop that record")
+    return texts
 
 
 def read_rows(path: str) -> str | list:
@@ -176,9 +185,10 @@ def load_hub_texts(name: str, config: str | None, text_column: str, pct: float) 
     if text_column not in ds["train"].column_names:
         raise UsageError(f"dataset {name!r} has no column {text_column!r} "
                          f"(columns: {', '.join(ds['train'].column_names)}); choose one with --text-column")
-    train = list(ds["train"][text_column])
+    train = checked_texts(list(ds["train"][text_column]), f"dataset {name!r}, column {text_column!r}")
     if "validation" in ds:
-        return train, list(ds["validation"][text_column])
+        return train, checked_texts(list(ds["validation"][text_column]),
+                                    f"dataset {name!r} (validation), column {text_column!r}")
     return hold_out(train, pct)
 
 

@@ -48,6 +48,17 @@ def test_csv_and_jsonl_records_split_only_on_newlines(tmp_path):
     assert read_texts(str(tmp_path / "t.jsonl")) == [odd, "plain"]
 
 
+@pytest.mark.parametrize("name, content", [
+    ("t.jsonl", '{"text": "a"}\n{"text": null}\n'),  # a null
+    ("t.json", json.dumps([{"text": "a"}, {"text": 3}])),  # not a string
+    ("t.csv", "id,text\n1,a\n2\n"),  # a row short of the column
+])
+def test_a_record_without_a_text_is_refused_not_read_as_none(tmp_path, name, content):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    with pytest.raises(UsageError, match="column 'text': record 2 holds .*, not a text"):
+        read_texts(str(tmp_path / name))
+
+
 @pytest.mark.parametrize("content, message", [(b"", "empty"), (b"caf\xe9\n", "not UTF-8")])
 def test_read_texts_rejects_bad_files(tmp_path, content, message):
     path = tmp_path / "bad.txt"
