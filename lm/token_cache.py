@@ -167,7 +167,11 @@ def prepare(source, tokenizer, root: Path, workers: int, split: str = "train", s
 
 def publish(tmp: Path, target: Path, meta: dict) -> None:
     """Write meta.json last into the finished `tmp` and rename it into place as `target`."""
+    from lm.output import umask  # here, not at the top: it brings torch, which workers never need
+
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    # mkdtemp makes it 0700: the umask's permissions instead, so that others sharing the cache can read it
+    os.chmod(tmp, 0o777 & ~umask())
     if target.exists() and _finished(target) is None:
         shutil.rmtree(target)  # a damaged copy, e.g. edited by hand
     try:

@@ -201,3 +201,16 @@ def test_document_boundaries_need_an_end_of_text_token(tmp_path, smollm2_tokeniz
     no_eos.eos_token = None
     with pytest.raises(UsageError, match="has none; drop --document-boundaries"):
         prepare(TextList(["a text\n"]), no_eos, tmp_path, 1, documents=True)
+
+
+def test_a_cache_entry_has_the_permissions_the_umask_gives(tmp_path, tokenizer, capsys):
+    # others sharing the cache directory (another user, a GPU machine) must be able to read it
+    texts = ["Hello world\n"] * 10
+    old = os.umask(0o022)
+    try:
+        entries = [prepare(TextList(texts), tokenizer, tmp_path, 1).path,
+                   prepare(TextFile(str(write_corpus(tmp_path / "c.txt", 20))), tokenizer, tmp_path, 1).path]
+    finally:
+        os.umask(old)
+    for entry in entries:
+        assert oct(entry.stat().st_mode & 0o777) == oct(0o755)
