@@ -67,10 +67,11 @@ def read_rows(path: str) -> str | list:
     """A .txt file's whole text, or the records of a .csv/.json/.jsonl file (dicts, unless the file is odd)."""
     p = check_text_file(path)
     try:
-        with open(p, encoding="utf-8", newline="") as f:
-            raw = f.read()
+        data = p.read_bytes()
+        skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # a byte-order mark is no text
+        raw = data[skip:].decode("utf-8")  # as read, '\r\n' too: the .txt convention and csv handle it
     except UnicodeDecodeError as e:
-        raise not_utf8(path, e.start) from None
+        raise not_utf8(path, skip + e.start) from None
     except OSError as e:  # os.access says yes to root, and some filesystems refuse reads it can't foresee
         raise UsageError(f"{path}: cannot be read ({e.strerror}); check the file and its permissions") from None
     if not raw.strip():
@@ -107,7 +108,7 @@ def check_text_file(path: str) -> Path:
 def first_record(path: str):
     """The first record of a .jsonl file (its first line that holds more than whitespace), or None."""
     check_text_file(path)
-    with open(path, encoding="utf-8", errors="replace", newline="\n") as f:  # records end at newlines only
+    with open(path, encoding="utf-8-sig", errors="replace", newline="\n") as f:  # records end at newlines only
         line = next((line for line in f if line.strip()), None)
     return _json(line.removesuffix("\n").removesuffix("\r"), path) if line is not None else None
 
@@ -412,8 +413,8 @@ def first_texts(source, n: int) -> list:
     found, (start, end) = [], source.byte_range()
     with open(source.path, "rb") as f:
         f.seek(start)
-        while len(found) < n and f.tell() < end:
-            line = f.readline().decode("utf-8", "replace")
+        while len(found) < n and (at := f.tell()) < end:
+            line = f.readline().decode("utf-8-sig" if at == 0 else "utf-8", "replace")
             if line.strip():
                 found.append(line)
     return found

@@ -15,6 +15,7 @@ leaves nothing that looks finished.
 
 from __future__ import annotations
 
+import codecs
 import collections
 import contextlib
 import hashlib
@@ -320,7 +321,7 @@ def _tokenize_task(task, encoder, dtype, separator: int | None,
     white space). `separator` ends every text."""
     if isinstance(task, tuple):
         raw = _read_range(*task)
-        texts, has_text = split_lines(raw), not raw.isspace()
+        texts, has_text = split_lines(raw), bool(raw.strip())
     else:
         texts, has_text = task, True
     pieces, lengths = [], []
@@ -339,10 +340,11 @@ def _read_range(path: str, lo: int, hi: int) -> str:
     with open(path, "rb") as f:
         f.seek(lo)
         data = f.read(hi - lo)
+    skip = len(codecs.BOM_UTF8) if lo == 0 and data.startswith(codecs.BOM_UTF8) else 0  # a byte-order mark is no text
     try:
-        return data.decode("utf-8")
+        return data[skip:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise not_utf8(path, lo + e.start) from None
+        raise not_utf8(path, lo + skip + e.start) from None
 
 
 # ---------------------------------------------------------------- streaming a .txt file

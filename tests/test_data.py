@@ -48,6 +48,15 @@ def test_csv_and_jsonl_records_split_only_on_newlines(tmp_path):
     assert read_texts(str(tmp_path / "t.jsonl")) == [odd, "plain"]
 
 
+def test_a_byte_order_mark_opening_a_file_is_no_text(tmp_path):
+    (tmp_path / "t.csv").write_text("\ufefftext,id\nhello,1\n", encoding="utf-8")  # as Excel saves UTF-8 .csv
+    (tmp_path / "t.jsonl").write_text('\ufeff{"text": "x"}\n', encoding="utf-8")
+    (tmp_path / "t.txt").write_text("\ufeffone\ntwo\n", encoding="utf-8")
+    assert read_texts(str(tmp_path / "t.csv")) == ["hello"]
+    assert read_texts(str(tmp_path / "t.jsonl")) == ["x"]
+    assert read_texts(str(tmp_path / "t.txt")) == ["one\n", "two\n"]
+
+
 @pytest.mark.parametrize("name, content", [
     ("t.jsonl", '{"text": "a"}\n{"text": null}\n'),  # a null
     ("t.json", json.dumps([{"text": "a"}, {"text": 3}])),  # not a string

@@ -1,5 +1,6 @@
 """The token cache: the blocks of texts tokenized one by one, reuse, invalidation, interrupted runs, --prepare-only."""
 
+import codecs
 import os
 import subprocess
 import sys
@@ -214,3 +215,15 @@ def test_a_cache_entry_has_the_permissions_the_umask_gives(tmp_path, tokenizer, 
         os.umask(old)
     for entry in entries:
         assert oct(entry.stat().st_mode & 0o777) == oct(0o755)
+
+
+@pytest.mark.parametrize("part", ["all", "train", "validation"])
+def test_a_byte_order_mark_opening_a_file_is_no_text(tmp_path, smollm2_tokenizer, part, capsys):
+    # Editors on Windows write one; byte-level BPE would otherwise train on its 3 bytes as tokens
+    body = "".join(f"line {i} of the file\n" for i in range(40)).encode()
+    (tmp_path / "bom.txt").write_bytes(codecs.BOM_UTF8 + body)
+    (tmp_path / "plain.txt").write_bytes(body)
+    with_bom, without = (prepare(TextFile(str(tmp_path / name), part, 5 if part != "all" else 0.0), smollm2_tokenizer,
+                                 tmp_path / "cache", 1, part).tokens().tolist() for name in ("bom.txt", "plain.txt"))
+    assert with_bom == without
+    assert read_texts(str(tmp_path / "bom.txt")) == read_texts(str(tmp_path / "plain.txt"))
