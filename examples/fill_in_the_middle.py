@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a chec
 import torch
 
 from lm.cli import main
-from lm.masking import example_generator
+from lm.masking import EVALUATION_SEED, example_generator
 from lm.data import CausalCollator
 from lm.objectives import CLM
 
@@ -55,7 +55,8 @@ class FimCollator(CausalCollator):
         super().__init__(tokenizer)
         vocab = tokenizer.get_vocab()  # after adapt: the sentinels are there
         self.sentinels = tuple(vocab[t] for t in FIM_TOKENS)
-        self.seed, self.stream = cfg.seed, 1 if evaluation else 0  # evaluation: the same blocks rearranged every time
+        # evaluation: the same blocks rearranged every time, in every run
+        self.seed, self.stream = (EVALUATION_SEED, 1) if evaluation else (cfg.seed, 0)
 
     def __call__(self, items, epoch: int = 0) -> dict:
         rearranged = []

@@ -29,11 +29,16 @@ def example_generator(seed: int, stream: int, epoch: int, index: int) -> torch.G
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+# Evaluation's masks are drawn from this seed whatever --seed is (the default --seed's): one validation set for every
+# run, so that perplexities of runs with other seeds, and --eval-only of their models, compare.
+EVALUATION_SEED = 42
+
+
 class MaskingCollator:
     """Pads a batch and masks it afresh for each (epoch, example): the same masks on every rerun.
 
-    Training draws from stream 0 with the current epoch; evaluation uses stream 1 and a fixed epoch,
-    so every evaluation sees identical masks and perplexities are comparable across steps and runs.
+    Training draws from stream 0 with the current epoch and `seed`; evaluation uses stream 1, a fixed epoch and
+    EVALUATION_SEED, so every evaluation sees identical masks and perplexities are comparable across steps and runs.
     Another masking scheme overrides `mask`, which sees one example's real tokens.
     """
 
@@ -42,7 +47,7 @@ class MaskingCollator:
         self.mask_id = tokenizer.mask_token_id
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         self.vocab_size = len(tokenizer)
-        self.mlm_prob, self.seed = mlm_prob, seed
+        self.mlm_prob, self.seed = mlm_prob, EVALUATION_SEED if evaluation else seed
         self.stream = 1 if evaluation else 0
 
     def __call__(self, items, epoch: int = 0) -> dict:

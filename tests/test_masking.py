@@ -44,6 +44,16 @@ def test_collator_masks_are_fresh_per_epoch_fixed_for_evaluation_and_independent
     assert not torch.equal(evaluation(items)["labels"], e0)
 
 
+def test_evaluation_masks_are_the_same_whatever_the_seed(tokenizer):
+    # one validation set for every run: the perplexities of runs with another --seed compare
+    items = [(i, torch.tensor(tokenizer("the quick brown fox jumps over the lazy dog " * 5)["input_ids"]))
+             for i in range(4)]
+    evaluation = [MaskingCollator(tokenizer, 0.15, seed=s, evaluation=True)(items)["labels"] for s in (1, 2)]
+    assert torch.equal(evaluation[0], evaluation[1])
+    train = [MaskingCollator(tokenizer, 0.15, seed=s)(items)["labels"] for s in (1, 2)]
+    assert not torch.equal(train[0], train[1])
+
+
 def test_collator_never_masks_special_tokens_or_padding(tokenizer):
     items = [(0, torch.tensor(tokenizer("a b c d e f g h " * 20)["input_ids"])), (1, torch.tensor([101, 2000, 102]))]
     collate = MaskingCollator(tokenizer, 0.9, seed=0)
