@@ -86,6 +86,8 @@ def tokenizer_identity(tokenizer) -> str:
     else:
         spec = json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = [type(tokenizer).__name__, str(tokenizer.special_tokens_map), len(tokenizer)]
+    if getattr(tokenizer, "split_special_tokens", False):  # a setting of transformers', not in the serialization;
+        extra.append("split_special_tokens")  # only when on: the keys of other tokenizers stay what they were
     return hashlib.sha256((spec + json.dumps(extra)).encode()).hexdigest()
 
 
@@ -264,6 +266,8 @@ def _worker_encoder(tokenizer, tasks):
     """What workers tokenize with: the bare `tokenizers` object when it gives the same ids (it loads in
     a fraction of a second in a fresh process, transformers takes seconds), else the tokenizer itself."""
     if getattr(tokenizer, "backend_tokenizer", None) is None or not tasks:
+        return tokenizer
+    if getattr(tokenizer, "split_special_tokens", False):  # a copy would lose it: special tokens' text is text
         return tokenizer
     from tokenizers import Tokenizer
 

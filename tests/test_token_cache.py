@@ -227,3 +227,20 @@ def test_a_byte_order_mark_opening_a_file_is_no_text(tmp_path, smollm2_tokenizer
                                  tmp_path / "cache", 1, part).tokens().tolist() for name in ("bom.txt", "plain.txt"))
     assert with_bom == without
     assert read_texts(str(tmp_path / "bom.txt")) == read_texts(str(tmp_path / "plain.txt"))
+
+
+def test_a_tokenizer_that_splits_special_tokens_is_followed_and_keyed(tmp_path, smollm2_tokenizer, capsys):
+    # split_special_tokens=True (a tokenizer_config.json setting): "<|im_end|>" in the data is text, not the token.
+    # A line past the first tokenizer batch holds one, where a check of the first lines does not look.
+    from lm import embedded
+
+    split = AutoTokenizer.from_pretrained(embedded.model_dir(embedded.SMOLLM2), split_special_tokens=True)
+    lines = [f"plain line {i}\n" for i in range(3000)]
+    lines[2500] = "a log line with <|im_end|> in it\n"
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(lines), encoding="utf-8")
+    plain = prepare(TextFile(str(corpus)), smollm2_tokenizer, tmp_path / "cache", 1)
+    for source in (TextFile(str(corpus)), TextList(lines)):
+        prepared = prepare(source, split, tmp_path / "cache", 1)
+        assert not prepared.reused and prepared.path != plain.path
+        np.testing.assert_array_equal(prepared.tokens(), tokenized_one_by_one(lines, split))
