@@ -80,12 +80,23 @@ def read_rows(path: str) -> str | list:
         return raw
     # Records end at newlines only: str.splitlines would also break on \x0c, \x85, U+2028 and others
     if p.suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(raw, newline="")))  # as csv wants a file opened with newline=""
-    elif p.suffix == ".jsonl":
-        rows = [_json(line.removesuffix("\r"), path) for line in raw.split("\n") if line.strip()]
-    else:
-        data = _json(raw, path)
-        rows = data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
+        return list(csv.DictReader(io.StringIO(raw, newline="")))  # as csv wants a file opened with newline=""
+    if p.suffix == ".json":
+        try:
+            data = json.loads(raw)
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":
+                raise invalid_json(path, e) from None
+            data = None  # one record a line, which datasets' json loader (run_clm.py's) reads in a .json file too
+        if data is not None:
+            return data if isinstance(data, list) else data.get("data", []) if isinstance(data, dict) else []
+    rows = []
+    for number, line in enumerate(raw.split("\n"), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line.removesuffix("\r")))
+            except json.JSONDecodeError as e:
+                raise invalid_json(path, e, number) from None
     return rows
 
 
@@ -117,7 +128,12 @@ def _json(text: str, path: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UsageError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        raise invalid_json(path, e) from None
+
+
+def invalid_json(path: str, e: json.JSONDecodeError, line: int | None = None) -> UsageError:
+    """The error of a file that is not JSON; `line`: the file's line that held the record (one a line)."""
+    return UsageError(f"{path}: invalid JSON ({e.msg} at line {line or e.lineno})")
 
 
 # ---------------------------------------------------------------- the hold-out split

@@ -48,6 +48,16 @@ def test_csv_and_jsonl_records_split_only_on_newlines(tmp_path):
     assert read_texts(str(tmp_path / "t.jsonl")) == [odd, "plain"]
 
 
+def test_a_json_file_of_one_record_a_line_reads_as_jsonl(tmp_path):
+    # datasets' json loader (run_clm.py's) reads both in a .json file
+    (tmp_path / "t.json").write_text('{"text": "x"}\n{"text": "y"}\n', encoding="utf-8")
+    assert read_texts(str(tmp_path / "t.json")) == ["x", "y"]
+    for name in ("t.json", "t.jsonl"):  # an error names the file's line, not the record's
+        (tmp_path / name).write_text('{"text": "x"}\n\n{"text": \n', encoding="utf-8")
+        with pytest.raises(UsageError, match="invalid JSON \\(Expecting value at line 3\\)"):
+            read_texts(str(tmp_path / name))
+
+
 def test_a_byte_order_mark_opening_a_file_is_no_text(tmp_path):
     (tmp_path / "t.csv").write_text("\ufefftext,id\nhello,1\n", encoding="utf-8")  # as Excel saves UTF-8 .csv
     (tmp_path / "t.jsonl").write_text('\ufeff{"text": "x"}\n', encoding="utf-8")
