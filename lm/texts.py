@@ -55,8 +55,8 @@ def read_texts(path: str, text_column: str = "text") -> list[str]:
 
 
 def checked_texts(texts: list, where: str) -> list[str]:
-    """`texts` if every one is a string; else a UsageError naming the first that is not. A null in JSON, an empty
-    Hub cell or a .csv row short of the column would otherwise be trained on as the word 'None'."""
+    """`texts` if every one is a string; else a UsageError naming the first that is not. A null in JSON or a .csv
+    row short of the column would otherwise be trained on as the word 'None' (an empty Hub cell: a traceback)."""
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise UsageError(f"{where}: record {bad + 1} holds {texts[bad]!r}, not a text; fix or drop that record")
