@@ -250,8 +250,11 @@ class TextFile:
     percentage: float = 0.0
 
     def identity(self) -> dict:
+        # The file's metadata, not its bytes (a big corpus is not read to be keyed). The change time too: a file
+        # edited and given its old modification time back (cp -p, rsync -t, tar x, touch -r) is another file.
         st = os.stat(self.path)
         return {"file": os.path.realpath(self.path), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "ctime_ns": st.st_ctime_ns, "inode": st.st_ino,
                 "part": self.part, "percentage": self.percentage if self.part != "all" else None}
 
     def byte_range(self) -> tuple[int, int]:

@@ -102,6 +102,13 @@ def test_reuse_and_invalidation(tmp_path, tokenizer, capsys):
     corpus.write_bytes(corpus.read_bytes().replace(b"plain", b"other"))
     changed = run(TextFile(str(corpus), "train", 5))
     assert not changed.reused and not np.array_equal(changed.tokens(), first.tokens())
+    # the same size and modification time, other bytes: edited, then its time put back (cp -p, rsync -t, tar x)
+    st = corpus.stat()
+    corpus.write_bytes(corpus.read_bytes().replace(b"other", b"third"))
+    os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert corpus.stat().st_size == st.st_size and corpus.stat().st_mtime_ns == st.st_mtime_ns
+    edited = run(TextFile(str(corpus), "train", 5))
+    assert not edited.reused and not np.array_equal(edited.tokens(), changed.tokens())
 
     texts = read_texts(str(corpus))
     assert not run(TextList(texts)).reused
