@@ -489,7 +489,9 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     cfg, world, device, optimizer = run.cfg, run.world, run.device, run.optimizer
     started = time.perf_counter()
     log_now = (progress.step + 1) % cfg.log_every == 0 or progress.step + 1 == run.total_steps
-    lr = set_lr(optimizer, lr_factor(progress.step, run.total_steps, run.warmup_steps, cfg.lr_scheduler, cfg.lr))
+    factor = lr_factor(progress.step, run.total_steps, run.warmup_steps, cfg.lr_scheduler, cfg.lr)
+    set_lr(optimizer, factor)
+    lr = cfg.lr * factor  # train/lr: --lr's, though the first group may be a fresh head's at --head-lr
     # Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks,
     # so every token weighs the same however the step is split into micro-batches and processes
     # (DDP averages gradients: hence * world.size).

@@ -124,3 +124,21 @@ def test_every_schedule_is_transformers_schedule_of_that_name(kind, warmup):
 def test_constant_has_no_warmup_and_constant_with_warmup_has():
     assert [lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [1.0, 1.0, 1.0, 1.0]
     assert [lr_factor(s, 10, 2, "constant_with_warmup") for s in (0, 1, 2, 9)] == [0.0, 0.5, 1.0, 1.0]
+
+
+def test_train_lr_is_the_schedule_of_lr_when_a_fresh_heads_group_comes_first(model_dirs, corpus, tmp_path):
+    """Under LoRA on a checkpoint without its MLM head, the first parameter group is the fresh head's biases and
+    norms (at --head-lr): TensorBoard's train/lr is still --lr's schedule."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from conftest import scalars
+
+    headless = tmp_path / "headless"
+    AutoModelForMaskedLM.from_pretrained(model_dirs["mlm"]).bert.save_pretrained(headless)
+    AutoTokenizer.from_pretrained(model_dirs["mlm"]).save_pretrained(headless)
+    out = tmp_path / "run"
+    train(Config.for_task("mlm", model=str(headless), train_file=str(corpus), block_size=16, batch_size=4,
+                          max_train_steps=4, warmup_steps=2, lora_rank=4, lr=1e-3, head_lr=1e-2, precision="fp32",
+                          compile="off", log_every=1, output_dir=str(out)))
+    assert [v for _, v in scalars(out, "train/lr")] == pytest.approx(
+        [1e-3 * lr_factor(step, 4, 2, "linear") for step in range(4)], rel=1e-6)
