@@ -189,8 +189,8 @@ def schedule_change(saved_config: dict, saved_processes: int, cfg, processes: in
             hint = (": its 'constant' schedule warmed up, as constant_with_warmup does now; pass --lr-scheduler "
                     "constant_with_warmup to keep that" if saved.lr_scheduler == "constant" and before[1] else "")
             return (f"resume: the checkpoint's step {step} ran at lr {ran * last['base_lr']:.3g}, where its settings "
-                    f"now give {gives * last['base_lr']:.3g}{hint}; lr at step {step} {new:.3g}")
+                    f"now give {gives * last['base_lr']:.3g}{hint}; lr at step {step + 1} {new:.3g}")
     if (*before, saved.lr_scheduler, saved.lr) == (*now, cfg.lr_scheduler, cfg.lr):
         return None
     return (f"resume: {cfg.lr_scheduler} schedule over {now[0]} steps ({now[1]} warmup), was {saved.lr_scheduler} "
-            f"over {before[0]} ({before[1]}): lr at step {step} {old:.3g} -> {new:.3g}")
+            f"over {before[0]} ({before[1]}): lr at step {step + 1} {old:.3g} -> {new:.3g}")

@@ -340,10 +340,11 @@ def test_resumed_run_applies_new_optimizer_settings_and_schedule(model_dirs, cor
     printed = capsys.readouterr().out
     for line in ("resume: --lr 0.001 -> 0.0005 from step 3", "resume: --weight-decay 0.01 -> 0.1 from step 3",
                  "resume: --adam-eps 1e-08 -> 1e-06 from step 3", "resume: --max-train-steps 6 -> 10 from step 3",
-                 "resume: linear schedule over 10 steps (0 warmup), was linear over 6 (0): lr at step 3 0.0005 -> 0.00035"):
+                 "resume: linear schedule over 10 steps (0 warmup), was linear over 6 (0): lr at step 4 0.0005 -> 0.00035"):
         assert line in printed, printed
     lrs = logged(out, "train/lr")
     assert [s for s, _ in lrs] == list(range(1, 11))
+    assert dict(lrs)[4] == pytest.approx(0.00035)  # the step the line names: the first resumed one
     expected = [1e-3 * (1 - s / 6) for s in range(3)] + [5e-4 * (1 - s / 10) for s in range(3, 10)]
     assert [v for _, v in lrs] == pytest.approx(expected, rel=1e-6)
     groups = checkpoint.load(out / "checkpoints" / "step-9").optimizer["param_groups"]
@@ -460,4 +461,4 @@ def test_a_checkpoint_whose_constant_schedule_warmed_up_says_so_on_resume(model_
     printed = capsys.readouterr().out
     assert ("resume: the checkpoint's step 3 ran at lr 0.0005, where its settings now give 0.001: its 'constant' "
             "schedule warmed up, as constant_with_warmup does now; pass --lr-scheduler constant_with_warmup to keep "
-            "that; lr at step 3 0.001") in printed, printed
+            "that; lr at step 4 0.001") in printed, printed
