@@ -490,7 +490,6 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     started = time.perf_counter()
     log_now = (progress.step + 1) % cfg.log_every == 0 or progress.step + 1 == run.total_steps
     factor = lr_factor(progress.step, run.total_steps, run.warmup_steps, cfg.lr_scheduler, cfg.lr)
-    set_lr(optimizer, factor)
     lr = cfg.lr * factor  # train/lr: --lr's, though the first group may be a fresh head's at --head-lr
     # Each micro-batch's summed loss is divided by the labelled tokens of the whole step on all ranks,
     # so every token weighs the same however the step is split into micro-batches and processes
@@ -527,6 +526,7 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
                                                            cfg.skip_spikes)):
         skip_step(run, progress, spike, int(examples))
         return step_loss, n_tokens, time.perf_counter() - started
+    set_lr(optimizer, factor)  # not before a spike is skipped: a checkpoint keeps the lr its last step ran at
     if run.scaler:
         run.scaler.step(optimizer)
         run.scaler.update()

@@ -142,3 +142,20 @@ def test_spikes_without_end_stop_the_run_in_one_line(no_dropout_models, same_blo
     with pytest.raises(UsageError, match="10 steps in a row were spikes .the last would have been step 12.: the loss "
                                          "or the gradient norm has left the range of the last 100 steps for good"):
         train(cfg, loss=Diverged)
+
+
+def test_a_spike_ending_an_epoch_leaves_the_checkpoint_at_the_lr_its_last_step_ran_at(no_dropout_models, same_blocks,
+                                                                                       tmp_path, capsys):
+    # 24 blocks of 2: an epoch is 12 steps; its 12th is a spike, so the epoch ends after 11 applied steps and its
+    # checkpoint is step 11. The optimizer keeps step 11's lr: a resumed run sees no changed schedule.
+    from lm.checkpoint import load
+    from lm.optim import lr_factor
+
+    model = no_dropout_models["clm"]
+    assert run(model, same_blocks, tmp_path / "whole", 12, skip_spikes=5.0, save_every=100)["skipped_steps"] == 1
+    group = load(tmp_path / "whole" / "checkpoints" / "step-11").optimizer["param_groups"][0]
+    assert group["lr"] == pytest.approx(1e-3 * lr_factor(10, STEPS, 0, "linear"), rel=1e-12)
+    shutil.copytree(tmp_path / "whole" / "checkpoints" / "step-11", tmp_path / "resumed" / "checkpoints" / "step-11")
+    capsys.readouterr()
+    run(model, same_blocks, tmp_path / "resumed", skip_spikes=5.0, save_every=100, resume_from="latest")
+    assert "ran at lr" not in capsys.readouterr().out
