@@ -513,15 +513,16 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
             logs[name] = logs.get(name, 0.0) + value.detach()
     step_loss, *sums = distributed.all_sum(world, step_loss.item(), *(float(v) for v in logs.values()), device=device)
     if not math.isfinite(step_loss) and not cfg.skip_spikes:  # --skip-spikes skips it as a spike
-        last = checkpoint.latest(run.out)
-        raise UsageError(f"the training loss became {step_loss} at step {progress.step + 1}; "
-                         + (f"the last good checkpoint is {last}; " if last else "")
-                         + "try a lower --lr or --precision fp32")
+        raise not_finite(run, progress, f"the training loss became {step_loss}")
     if run.scaler:
         run.scaler.unscale_(optimizer)
     before = layer_stats.before_step(run.parts) if run.parts and log_now else None
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm or float("inf"))
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP
+    # a finite loss can still have NaN or infinite gradients: applied, they would turn every weight NaN (fp16's
+    # scaler skips such a step itself; --skip-spikes skips it as a spike)
+    if not (run.scaler or cfg.skip_spikes or math.isfinite(float(grad_norm))):
+        raise not_finite(run, progress, f"the gradient norm became {float(grad_norm)} (the loss was {step_loss})")
     if cfg.skip_spikes and (spike := progress.spikes.judge(step_loss / max(n_tokens, 1), float(grad_norm),
                                                            cfg.skip_spikes)):
         skip_step(run, progress, spike, int(examples))
@@ -541,6 +542,13 @@ def train_step(run: Run, progress: Progress, micro: list[dict]) -> tuple[float, 
     if before is not None:
         log_layers(run, progress.step, layer_stats.after_step(run.parts, before, sharded=cfg.fsdp))
     return step_loss, n_tokens, seconds
+
+
+def not_finite(run: Run, progress: Progress, what: str) -> UsageError:
+    """The error of a step that went non-finite, raised before it is applied: the last checkpoint is good."""
+    last = checkpoint.latest(run.out)
+    return UsageError(f"{what} at step {progress.step + 1}; " + (f"the last good checkpoint is {last}; " if last else "")
+                      + "try a lower --lr or --precision fp32")
 
 
 def skip_step(run: Run, progress: Progress, scores: dict[str, float], examples: int) -> None:

@@ -244,6 +244,33 @@ def test_non_finite_loss_names_step_and_keeps_last_checkpoint(model_dirs, corpus
     assert checkpoint.load(out / "checkpoints" / "step-5").model
 
 
+class NaNGradientsFrom(TokenLoss):
+    """The real loss, with NaN gradients (its value unchanged) from the `step`-th training forward on."""
+
+    def __init__(self, model, step: int):
+        super().__init__(model)
+        self.step, self.calls = step, 0
+
+    def forward(self, input_ids, attention_mask, labels):
+        loss = super().forward(input_ids, attention_mask, labels)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.step:  # sqrt's slope at 0 is infinite: times 0, NaN; its value adds 0
+                return loss + torch.sqrt((next(self.model.parameters()) * 0).sum())
+        return loss
+
+
+def test_non_finite_gradients_of_a_finite_loss_stop_before_the_step_is_applied(model_dirs, corpus, tmp_path):
+    out = tmp_path / "run"
+    cfg = Config.for_task("mlm", **settings(model_dirs["mlm"], corpus, out), save_every=5)
+    with pytest.raises(UsageError, match=r"gradient norm became nan \(the loss was [0-9.]+\) at step 5; "
+                                         r"the last good checkpoint is .*step-4;"):
+        train(cfg, loss=lambda model: NaNGradientsFrom(model, 5))
+    # applied, the step would have made every weight NaN, and step-5 a checkpoint of them
+    saved = checkpoint.all_checkpoints(out)
+    assert saved and all(torch.isfinite(t).all() for p in saved for t in checkpoint.load(p).model.values())
+
+
 def test_failed_checkpoint_write_keeps_previous_one(model_dirs, corpus, reference, tmp_path):
     out = tmp_path / "run"
     args = cli_args(model_dirs["mlm"], corpus, out, save_every=5, save_total_limit=1)
