@@ -39,5 +39,8 @@ def fail(error: UsageError) -> int:
         # torchrun stops the other ranks with SIGTERM once one exits; this one is on its way out with the
         # error's own exit code, which the signal would replace
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    print(f"error: {error}", file=sys.stderr)
+    # one write: stderr writes through, so print's two (the text, then its newline) let another rank's error line
+    # land between them on the pipe torchrun's ranks share
+    sys.stderr.write(f"error: {error}\n")
+    sys.stderr.flush()
     return 2

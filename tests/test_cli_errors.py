@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import WORDS, run_script, tiny_model
+from conftest import ENV, ROOT, WORDS, run_script, tiny_model
 
 # (id, task, arguments, what the message must say). Placeholders: {model} the tiny model of the task,
 # {clm} / {mlm} either tiny model, {nomask} a model whose tokenizer has no mask token, {corpus} a good
@@ -209,3 +212,22 @@ def test_bad_input_is_one_line_exit_2(task, args, message, request, data, model_
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message.format(**values) in result.stderr
     assert snapshot(out) == before and sorted(os.listdir(out)) == sorted({p.split("/")[0] for p in before})
+
+
+def test_error_lines_of_ranks_writing_at_once_stay_whole():
+    # torchrun's ranks share one stderr, and an error every rank raises is said by each at the same moment; a line
+    # written in two pieces (print: the text, then its newline) let the other's land inside it, seen in a 2-rank run
+    code = ("import sys, time\nfrom lm.cli import fail\nfrom lm.errors import UsageError\n"
+            "error = UsageError('stopped: ' + sys.argv[1] * 60)\n"
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
+            "for _ in range(5000):\n    fail(error)\n")
+    read, write = os.pipe()
+    at = str(time.time() + 5)  # both writing at once, after their imports
+    ranks = [subprocess.Popen([sys.executable, "-c", code, rank, at], cwd=ROOT, env=ENV, stderr=write)
+             for rank in "01"]
+    os.close(write)
+    with open(read) as pipe:
+        lines = pipe.read().splitlines()
+    assert [p.wait() for p in ranks] == [0, 0]
+    assert len(lines) == 10000
+    assert set(lines) == {f"error: stopped: {rank * 60}" for rank in "01"}
