@@ -218,8 +218,8 @@ def test_second_sigint_quits_at_once(model_dirs, corpus, tmp_path):
     assert checkpoint.all_checkpoints(out) == []
 
 
-class NaNLossFrom(TokenLoss):
-    """The real loss, turned NaN from the `step`-th training forward on (one forward per step here)."""
+class SpoiledFrom(TokenLoss):
+    """The real loss, spoiled by `spoil` from the `step`-th training forward on (one forward per step here)."""
 
     def __init__(self, model, step: int):
         super().__init__(model)
@@ -230,8 +230,18 @@ class NaNLossFrom(TokenLoss):
         if self.training:
             self.calls += 1
             if self.calls >= self.step:
-                return loss * float("nan")
+                return self.spoil(loss)
         return loss
+
+
+class NaNLossFrom(SpoiledFrom):
+    def spoil(self, loss):
+        return loss * float("nan")
+
+
+class NaNGradientsFrom(SpoiledFrom):
+    def spoil(self, loss):  # NaN gradients, the value unchanged: sqrt's slope at 0 is infinite, times 0 NaN
+        return loss + torch.sqrt((next(self.model.parameters()) * 0).sum())
 
 
 def test_non_finite_loss_names_step_and_keeps_last_checkpoint(model_dirs, corpus, tmp_path):
@@ -242,22 +252,6 @@ def test_non_finite_loss_names_step_and_keeps_last_checkpoint(model_dirs, corpus
     assert [p.name for p in checkpoint.all_checkpoints(out)] == ["step-4", "step-5"]
     assert checkpoint.read_state(out / "checkpoints" / "step-5")["step"] == 5
     assert checkpoint.load(out / "checkpoints" / "step-5").model
-
-
-class NaNGradientsFrom(TokenLoss):
-    """The real loss, with NaN gradients (its value unchanged) from the `step`-th training forward on."""
-
-    def __init__(self, model, step: int):
-        super().__init__(model)
-        self.step, self.calls = step, 0
-
-    def forward(self, input_ids, attention_mask, labels):
-        loss = super().forward(input_ids, attention_mask, labels)
-        if self.training:
-            self.calls += 1
-            if self.calls >= self.step:  # sqrt's slope at 0 is infinite: times 0, NaN; its value adds 0
-                return loss + torch.sqrt((next(self.model.parameters()) * 0).sum())
-        return loss
 
 
 def test_non_finite_gradients_of_a_finite_loss_stop_before_the_step_is_applied(model_dirs, corpus, tmp_path):
