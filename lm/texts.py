@@ -36,6 +36,11 @@ def split_lines(raw: str) -> list[str]:
     return texts
 
 
+def bom_length(data: bytes) -> int:
+    """The length of the UTF-8 byte-order mark opening `data` (0 without one): an editor's marker, not text."""
+    return len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+
+
 def not_utf8(path: str, byte: int) -> UsageError:
     return UsageError(f"{path}: not UTF-8 text (byte {byte}); convert it, e.g. with iconv -t utf-8")
 
@@ -68,7 +73,7 @@ def read_rows(path: str) -> str | list:
     p = check_text_file(path)
     try:
         data = p.read_bytes()
-        skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # a byte-order mark is no text
+        skip = bom_length(data)
         raw = data[skip:].decode("utf-8")  # as read, '\r\n' too: the .txt convention and csv handle it
     except UnicodeDecodeError as e:
         raise not_utf8(path, skip + e.start) from None

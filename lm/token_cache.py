@@ -15,7 +15,6 @@ leaves nothing that looks finished.
 
 from __future__ import annotations
 
-import codecs
 import collections
 import contextlib
 import hashlib
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from lm.errors import UsageError
-from lm.texts import TextFile, not_utf8, split_lines
+from lm.texts import TextFile, bom_length, not_utf8, split_lines
 
 # No torch here, nor in lm.texts: it would add seconds to every worker's start.
 
@@ -344,7 +343,7 @@ def _read_range(path: str, lo: int, hi: int) -> str:
     with open(path, "rb") as f:
         f.seek(lo)
         data = f.read(hi - lo)
-    skip = len(codecs.BOM_UTF8) if lo == 0 and data.startswith(codecs.BOM_UTF8) else 0  # a byte-order mark is no text
+    skip = bom_length(data) if lo == 0 else 0
     try:
         return data[skip:].decode("utf-8")
     except UnicodeDecodeError as e:
